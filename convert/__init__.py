@@ -1,0 +1,1 @@
+"""Every remapping of PyTorch / diffusers / original-checkpoint weights into MLX arrays."""

@@ -1,0 +1,54 @@
+"""`python -m convert SOURCE OUTPUT`: any Stable Diffusion checkpoint -> a converted MLX folder."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ipadapter_mlx.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
+    p.add_argument("source", help="Hub repo id, diffusers folder, or single .safetensors/.ckpt file")
+    p.add_argument("output", help="the MLX folder to write (written to a temp folder, then renamed)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="store weights in this dtype (default: as in the source)")
+    p.add_argument("--tokenizer", default=None, help="single files: tokenizer folder or Hub repo")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    args = p.parse_args(argv)
+    try:
+        import mlx.core as mx
+
+        from ipadapter_mlx.hub import download_diffusers_repo, resolve_tokenizer, REPO_ID
+        from .stable_diffusion import DEFAULT_TOKENIZER, convert_diffusers_folder, convert_single_file
+
+        out = Path(args.output)
+        if out.exists() and not args.force:
+            raise UserError(f"{out} already exists (use --force to replace it)")
+        dtype = getattr(mx, args.dtype) if args.dtype else None
+        src = Path(args.source).expanduser()
+        if src.is_dir():
+            convert_diffusers_folder(src, out, dtype)
+        elif src.is_file():
+            convert_single_file(src, out, resolve_tokenizer(args.tokenizer or DEFAULT_TOKENIZER), dtype)
+        elif REPO_ID.match(args.source):
+            convert_diffusers_folder(download_diffusers_repo(args.source), out, dtype)
+        else:
+            raise UserError(f"model not found: {args.source} is neither an existing path nor a Hub repo id")
+        print(out)
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if os.environ.get("IPADAPTER_MLX_DEBUG"):
+            raise
+        print(f"error: {type(e).__name__}: {e} (set IPADAPTER_MLX_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

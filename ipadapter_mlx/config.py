@@ -1,0 +1,158 @@
+"""Small config dataclasses, each built from a checkpoint's own config.json (diffusers / transformers keys).
+
+Nothing here hard-codes one model's sizes: every field comes from the file, and the defaults are the
+ones diffusers/transformers use when a key is absent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import UserError
+
+
+def _per_block(value: Any, n: int, name: str) -> list[int]:
+    """diffusers allows an int (same for every block) or a list with one entry per block."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise UserError(f"config: {name} has {len(value)} entries for {n} blocks")
+        return [int(v) for v in value]
+    return [int(value)] * n
+
+
+@dataclass
+class CLIPTextConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    max_position_embeddings: int
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int | None = None  # set for CLIPTextModelWithProjection (SDXL's second encoder)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CLIPTextConfig":
+        d = d.get("text_config", d)
+        has_proj = any("WithProjection" in a for a in d.get("architectures", []) or [])
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            max_position_embeddings=d["max_position_embeddings"],
+            hidden_act=d.get("hidden_act", "quick_gelu"),
+            layer_norm_eps=d.get("layer_norm_eps", 1e-5),
+            projection_dim=d.get("projection_dim") if has_proj else None,
+        )
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int
+    out_channels: int
+    block_out_channels: list[int]
+    layers_per_block: list[int]
+    down_block_types: list[str]
+    up_block_types: list[str]
+    cross_attention_dim: list[int]
+    num_attention_heads: list[int]  # heads per down block (diffusers' legacy "attention_head_dim" means heads)
+    transformer_layers_per_block: list[int]
+    use_linear_projection: bool = False
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    sample_size: int = 64
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        for key, ok in [
+            ("addition_embed_type", (None,)),
+            ("class_embed_type", (None,)),
+            ("time_embedding_type", ("positional",)),
+            ("mid_block_type", ("UNetMidBlock2DCrossAttn",)),
+            ("resnet_time_scale_shift", ("default",)),
+            ("act_fn", ("silu",)),
+        ]:
+            if d.get(key, ok[0]) not in ok:
+                raise UserError(f"unsupported UNet config: {key}={d[key]!r} (supported: {ok[0]!r})")
+        n = len(d["block_out_channels"])
+        heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
+        return cls(
+            in_channels=d.get("in_channels", 4),
+            out_channels=d.get("out_channels", 4),
+            block_out_channels=list(d["block_out_channels"]),
+            layers_per_block=_per_block(d.get("layers_per_block", 2), n, "layers_per_block"),
+            down_block_types=list(d["down_block_types"]),
+            up_block_types=list(d["up_block_types"]),
+            cross_attention_dim=_per_block(d.get("cross_attention_dim", 1280), n, "cross_attention_dim"),
+            num_attention_heads=_per_block(heads, n, "attention heads"),
+            transformer_layers_per_block=_per_block(
+                d.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block"
+            ),
+            use_linear_projection=bool(d.get("use_linear_projection", False)),
+            norm_num_groups=d.get("norm_num_groups", 32),
+            norm_eps=d.get("norm_eps", 1e-5),
+            flip_sin_to_cos=d.get("flip_sin_to_cos", True),
+            freq_shift=d.get("freq_shift", 0),
+            sample_size=d.get("sample_size", 64),
+        )
+
+
+@dataclass
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: list[int] = field(default_factory=lambda: [64])
+    layers_per_block: int = 1
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    mid_block_add_attention: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VAEConfig":
+        names = cls.__dataclass_fields__
+        kw = {k: d[k] for k in names if k in d and d[k] is not None}
+        return cls(**kw)
+
+
+@dataclass
+class SchedulerConfig:
+    """The training noise schedule plus the raw keys a sampler may read (spacing, offsets, ...)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    prediction_type: str = "epsilon"
+    raw: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SchedulerConfig":
+        if d.get("trained_betas"):
+            raise UserError("scheduler config: trained_betas are not supported")
+        if d.get("beta_schedule", "linear") not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+            raise UserError(f"scheduler config: unsupported beta_schedule {d['beta_schedule']!r}")
+        return cls(
+            num_train_timesteps=d.get("num_train_timesteps", 1000),
+            beta_start=d.get("beta_start", 0.0001),
+            beta_end=d.get("beta_end", 0.02),
+            beta_schedule=d.get("beta_schedule", "linear"),
+            prediction_type=d.get("prediction_type", "epsilon"),
+            raw=dict(d),
+        )
+
+    def get(self, key: str, sampler_default: Any) -> Any:
+        """A key from the file, else the default of the sampler that asks (diffusers' from_config rule)."""
+        return self.raw.get(key, sampler_default)
+
+    def to_dict(self) -> dict:
+        return self.raw or {k: v for k, v in asdict(self).items() if k != "raw"}

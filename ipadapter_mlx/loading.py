@@ -1,0 +1,83 @@
+"""Converted MLX folder -> MLX modules, strictly: every parameter filled, no tensor left over.
+
+A converted folder mirrors a diffusers repo: `text_encoder/`, `unet/`, `vae/` each hold the checkpoint's
+own `config.json` and a `model.safetensors` in MLX layout; `tokenizer/` and `scheduler/` are copied as they
+are; `mlx_model.json` is written last and marks the folder complete.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import CLIPTextConfig, SchedulerConfig, UNetConfig, VAEConfig
+from .errors import UserError
+from .models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+
+MARKER = "mlx_model.json"
+FORMAT_VERSION = 1
+
+# component folder -> (config class, module class)
+COMPONENTS = {
+    "text_encoder": (CLIPTextConfig, CLIPTextModel),
+    "unet": (UNetConfig, UNet2DConditionModel),
+    "vae": (VAEConfig, AutoencoderKL),
+}
+
+
+def read_json(path: str | Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"config not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def build(component: str, config: dict) -> nn.Module:
+    """An MLX module with freshly initialised weights, sized by the checkpoint's config dict."""
+    config_cls, module_cls = COMPONENTS[component]
+    try:
+        return module_cls(config_cls.from_dict(config))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{component} config.json is incomplete or invalid ({type(e).__name__}: {e})") from None
+
+
+def is_mlx_folder(path: str | Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def load_component(folder: str | Path, component: str, dtype: mx.Dtype | None = None) -> nn.Module:
+    folder = Path(folder) / component
+    model = build(component, read_json(folder / "config.json"))
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        raise UserError(f"weights not found: {path}")
+    try:
+        weights = mx.load(str(path))
+    except Exception as e:
+        raise UserError(f"{path}: truncated or corrupt safetensors file ({e})") from None
+    params = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(params) - set(weights))
+    extra = sorted(set(weights) - set(params))
+    bad = [k for k in params if k in weights and weights[k].shape != params[k].shape]
+    if missing or extra or bad:
+        detail = "; ".join(
+            f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+            for label, names in (("missing", missing), ("unexpected", extra), ("wrong shape", bad))
+            if names
+        )
+        raise UserError(f"{path}: weights do not fit {component}/config.json ({detail})")
+    if dtype is not None:
+        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    model.load_weights(list(weights.items()))
+    model.eval()
+    return model
+
+
+def load_scheduler_config(folder: str | Path) -> SchedulerConfig:
+    return SchedulerConfig.from_dict(read_json(Path(folder) / "scheduler" / "scheduler_config.json"))

@@ -1,0 +1,7 @@
+"""MLX modules. Parameter names follow diffusers/transformers, so a diffusers checkpoint maps 1:1."""
+
+from .clip import CLIPTextModel
+from .unet import UNet2DConditionModel
+from .vae import AutoencoderKL
+
+__all__ = ["CLIPTextModel", "UNet2DConditionModel", "AutoencoderKL"]

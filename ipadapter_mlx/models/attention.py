@@ -1,0 +1,66 @@
+"""Attention, and the decoupled image attention of IP-Adapter: the paper's idea lives here and only here.
+
+`out = to_out( Attn(q, K_text, V_text) + sum_i scale_i * Attn(q, to_k_ip_i(c_i), to_v_ip_i(c_i)) )`
+Each image-token set has its own softmax. With no adapter loaded `self.ip` is empty and costs nothing.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
+    """Multi-head softmax(q k^T / sqrt(d)) v over (B, L, heads*d) inputs."""
+    B, Lq, D = q.shape
+    d = D // heads
+    q = q.reshape(B, Lq, heads, d).transpose(0, 2, 1, 3)
+    k = k.reshape(B, k.shape[1], heads, d).transpose(0, 2, 1, 3)
+    v = v.reshape(B, v.shape[1], heads, d).transpose(0, 2, 1, 3)
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=d**-0.5)
+    return out.transpose(0, 2, 1, 3).reshape(B, Lq, D)
+
+
+class IPAttention(nn.Module):
+    """One adapter's `to_k_ip` / `to_v_ip` for one cross-attention layer (bias-free, as in the checkpoints)."""
+
+    def __init__(self, context_dim: int, inner_dim: int):
+        super().__init__()
+        self.to_k_ip = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_v_ip = nn.Linear(context_dim, inner_dim, bias=False)
+
+
+class Attention(nn.Module):
+    """diffusers' `Attention` (to_q, to_k, to_v, to_out.0): self-attention when `context` is None."""
+
+    def __init__(
+        self,
+        query_dim: int,
+        heads: int,
+        dim_head: int,
+        context_dim: int | None = None,
+        qkv_bias: bool = False,
+    ):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
+        self.to_out = [nn.Linear(inner, query_dim)]
+        self.ip: list[IPAttention] = []  # filled by an IP-Adapter, one entry per loaded adapter
+
+    def __call__(
+        self,
+        x: mx.array,
+        context: mx.array | None = None,
+        ip_tokens: list[tuple[mx.array, float]] | None = None,
+    ) -> mx.array:
+        ctx = x if context is None else context
+        q = self.to_q(x)
+        out = attention(q, self.to_k(ctx), self.to_v(ctx), self.heads)
+        for layer, (tokens, scale) in zip(self.ip, ip_tokens or []):
+            if scale != 0:
+                ip_out = attention(q, layer.to_k_ip(tokens), layer.to_v_ip(tokens), self.heads)
+                out = out + scale * ip_out
+        return self.to_out[0](out)

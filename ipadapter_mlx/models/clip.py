@@ -1,0 +1,132 @@
+"""CLIP transformer (transformers' CLIPTextModel layout): text now, the vision tower reuses the encoder."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import CLIPTextConfig
+from ..errors import UserError
+
+
+def quick_gelu(x: mx.array) -> mx.array:
+    return x * mx.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": nn.gelu}
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
+        B, L, D = x.shape
+        d = D // self.heads
+
+        def split(t):
+            return t.reshape(B, L, self.heads, d).transpose(0, 2, 1, 3)
+
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=d**-0.5, mask=mask)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise UserError(f"unsupported CLIP hidden_act {act!r} (supported: {', '.join(ACTIVATIONS)})")
+        self.act = ACTIVATIONS[act]
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, hidden: int, act: str, eps: float):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
+        self.self_attn = CLIPAttention(dim, heads)
+        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = CLIPMLP(dim, hidden, act)
+
+    def __call__(self, x: mx.array, mask: mx.array | None = None) -> mx.array:
+        x = x + self.self_attn(self.layer_norm1(x), mask)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, dim: int, heads: int, hidden: int, layers: int, act: str, eps: float):
+        super().__init__()
+        self.layers = [CLIPEncoderLayer(dim, heads, hidden, act, eps) for _ in range(layers)]
+
+    def __call__(self, x: mx.array, mask: mx.array | None = None) -> list[mx.array]:
+        """All hidden states, transformers-style: [embeddings, after layer 1, ..., after layer N]."""
+        states = [x]
+        for layer in self.layers:
+            x = layer(x, mask)
+            states.append(x)
+        return states
+
+
+class CLIPTextEmbeddings(nn.Module):
+    def __init__(self, vocab: int, positions: int, dim: int):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab, dim)
+        self.position_embedding = nn.Embedding(positions, dim)
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return self.token_embedding(ids) + self.position_embedding(mx.arange(ids.shape[1]))[None]
+
+
+class CLIPTextTransformer(nn.Module):
+    def __init__(self, c: CLIPTextConfig):
+        super().__init__()
+        self.embeddings = CLIPTextEmbeddings(c.vocab_size, c.max_position_embeddings, c.hidden_size)
+        self.encoder = CLIPEncoder(
+            c.hidden_size, c.num_attention_heads, c.intermediate_size, c.num_hidden_layers, c.hidden_act,
+            c.layer_norm_eps,
+        )
+        self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+
+class CLIPTextOutput:
+    def __init__(self, last_hidden_state: mx.array, hidden_states: list[mx.array], pooled: mx.array):
+        self.last_hidden_state = last_hidden_state
+        self.hidden_states = hidden_states
+        self.pooler_output = pooled
+
+
+class CLIPTextModel(nn.Module):
+    """transformers' CLIPTextModel (and ...WithProjection when the config has a projection)."""
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.config = config
+        self.text_model = CLIPTextTransformer(config)
+        if config.projection_dim:
+            self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+
+    def __call__(self, input_ids: mx.array, eos_token_id: int | None = None) -> CLIPTextOutput:
+        L = input_ids.shape[1]
+        x = self.text_model.embeddings(input_ids)
+        mask = nn.MultiHeadAttention.create_additive_causal_mask(L).astype(x.dtype)
+        states = self.text_model.encoder(x, mask)
+        last = self.text_model.final_layer_norm(states[-1])
+        # pooled = the EOS position (the highest id in CLIP's vocab, unless the config says otherwise)
+        if eos_token_id is None:
+            pos = mx.argmax(input_ids, axis=-1)
+        else:
+            pos = mx.argmax((input_ids == eos_token_id).astype(mx.int32), axis=-1)
+        pooled = last[mx.arange(last.shape[0]), pos]
+        if "text_projection" in self:
+            pooled = self.text_projection(pooled)
+        return CLIPTextOutput(last, states, pooled)

@@ -1,0 +1,271 @@
+"""UNet2DConditionModel (diffusers layout, NHWC inside), sized entirely from its config.json.
+
+Per-block heads, transformer depth, cross-attention width and linear/conv proj_in are all config-driven,
+so SDXL's variant only adds the extra time/text embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import UNetConfig
+from ..errors import UserError
+from .attention import Attention
+
+
+def group_norm(groups: int, channels: int, eps: float) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=eps, pytorch_compatible=True)
+
+
+def upsample_nearest(x: mx.array) -> mx.array:
+    B, H, W, C = x.shape
+    x = mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C))
+    return x.reshape(B, H * 2, W * 2, C)
+
+
+def timestep_embedding(t: mx.array, dim: int, flip_sin_to_cos: bool, shift: float) -> mx.array:
+    """diffusers' `Timesteps`: sinusoidal features of the (float) timestep."""
+    half = dim // 2
+    freqs = mx.exp(-math.log(10000) * mx.arange(half, dtype=mx.float32) / (half - shift))
+    args = t.astype(mx.float32)[:, None] * freqs[None]
+    sin, cos = mx.sin(args), mx.cos(args)
+    return mx.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear_2(nn.silu(self.linear_1(x)))
+
+
+class ResnetBlock2D(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int | None, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = group_norm(groups, in_ch, eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        if temb_ch:
+            self.time_emb_proj = nn.Linear(temb_ch, out_ch)
+        self.norm2 = group_norm(groups, out_ch, eps)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        if in_ch != out_ch:
+            self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1)
+
+    def __call__(self, x: mx.array, temb: mx.array | None = None) -> mx.array:
+        h = self.conv1(nn.silu(self.norm1(x)))
+        if temb is not None:
+            h = h + self.time_emb_proj(nn.silu(temb))[:, None, None, :]
+        h = self.conv2(nn.silu(self.norm2(h)))
+        if "conv_shortcut" in self:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        h, gate = mx.split(self.proj(x), 2, axis=-1)
+        return h * nn.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = [GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)]  # index 1: dropout
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, dim // heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, dim // heads, context_dim=context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def __call__(self, x, context, ip_tokens=None):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context, ip_tokens)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Module):
+    """A 1x1-conv proj_in/out (SD 1.x) and a linear one (SD 2.x, SDXL) are the same map: both are Linear here."""
+
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, groups: int):
+        super().__init__()
+        self.norm = group_norm(groups, channels, 1e-6)
+        self.proj_in = nn.Linear(channels, channels)
+        self.transformer_blocks = [BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth)]
+        self.proj_out = nn.Linear(channels, channels)
+
+    def __call__(self, x, context, ip_tokens=None):
+        B, H, W, C = x.shape
+        h = self.proj_in(self.norm(x).reshape(B, H * W, C))
+        for block in self.transformer_blocks:
+            h = block(h, context, ip_tokens)
+        return x + self.proj_out(h).reshape(B, H, W, C)
+
+
+class Downsample2D(nn.Module):
+    def __init__(self, ch: int, padding: int = 1):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.padding == 0:  # the VAE pads right/bottom only
+            x = mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)])
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.conv(upsample_nearest(x))
+
+
+class UNetBlock2D(nn.Module):
+    """A down block (skip_channels None) or an up block; with attentions when `heads` is given."""
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        temb_ch: int,
+        num_layers: int,
+        groups: int,
+        eps: float,
+        heads: int | None = None,
+        depth: int = 1,
+        context_dim: int = 0,
+        prev_out_ch: int | None = None,
+        skip_channels: list[int] | None = None,
+        add_downsample: bool = False,
+        add_upsample: bool = False,
+    ):
+        super().__init__()
+        if skip_channels is None:  # down block
+            ins = [in_ch] + [out_ch] * (num_layers - 1)
+        else:
+            ins = [(prev_out_ch if j == 0 else out_ch) + skip_channels[j] for j in range(num_layers)]
+        self.resnets = [ResnetBlock2D(i, out_ch, temb_ch, groups, eps) for i in ins]
+        if heads:
+            self.attentions = [Transformer2DModel(out_ch, heads, depth, context_dim, groups) for _ in ins]
+        if add_downsample:
+            self.downsamplers = [Downsample2D(out_ch)]
+        if add_upsample:
+            self.upsamplers = [Upsample2D(out_ch)]
+
+    def __call__(self, x, temb, context, ip_tokens=None, skips: list[mx.array] | None = None):
+        outputs = []
+        for j, resnet in enumerate(self.resnets):
+            if skips is not None:
+                x = mx.concatenate([x, skips.pop()], axis=-1)
+            x = resnet(x, temb)
+            if "attentions" in self:
+                x = self.attentions[j](x, context, ip_tokens)
+            outputs.append(x)
+        if "downsamplers" in self:
+            x = self.downsamplers[0](x)
+            outputs.append(x)
+        if "upsamplers" in self:
+            x = self.upsamplers[0](x)
+        return x, outputs
+
+
+class UNetMidBlock2DCrossAttn(nn.Module):
+    def __init__(self, ch: int, temb_ch: int, groups: int, eps: float, heads: int, depth: int, context_dim: int):
+        super().__init__()
+        self.resnets = [ResnetBlock2D(ch, ch, temb_ch, groups, eps) for _ in range(2)]
+        self.attentions = [Transformer2DModel(ch, heads, depth, context_dim, groups)]
+
+    def __call__(self, x, temb, context, ip_tokens=None):
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, context, ip_tokens)
+        return self.resnets[1](x, temb)
+
+
+class UNet2DConditionModel(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        ch = c.block_out_channels
+        n = len(ch)
+        temb_ch = ch[0] * 4
+        g, eps = c.norm_num_groups, c.norm_eps
+        for t in c.down_block_types + c.up_block_types:
+            if t not in ("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"):
+                raise UserError(f"unsupported UNet block type {t!r}")
+
+        self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], temb_ch)
+
+        def attn_kw(i: int, kind: str) -> dict:
+            if not kind.startswith("CrossAttn"):
+                return {}
+            return dict(heads=c.num_attention_heads[i], depth=c.transformer_layers_per_block[i],
+                        context_dim=c.cross_attention_dim[i])
+
+        self.down_blocks = [
+            UNetBlock2D(ch[max(i - 1, 0)], ch[i], temb_ch, c.layers_per_block[i], g, eps,
+                        add_downsample=i < n - 1, **attn_kw(i, c.down_block_types[i]))
+            for i in range(n)
+        ]
+        self.mid_block = UNetMidBlock2DCrossAttn(
+            ch[-1], temb_ch, g, eps, c.num_attention_heads[-1], c.transformer_layers_per_block[-1],
+            c.cross_attention_dim[-1],
+        )
+        # Up blocks mirror the down blocks: block i of the way up reads the reversed per-block settings.
+        self.up_blocks = []
+        for i, kind in enumerate(c.up_block_types):
+            r = n - 1 - i
+            num_layers = c.layers_per_block[r] + 1
+            in_ch = ch[max(r - 1, 0)]
+            skips = [ch[r]] * (num_layers - 1) + [in_ch]
+            self.up_blocks.append(
+                UNetBlock2D(0, ch[r], temb_ch, num_layers, g, eps, prev_out_ch=ch[min(r + 1, n - 1)],
+                            skip_channels=skips, add_upsample=i < n - 1, **attn_kw(r, kind))
+            )
+        self.conv_norm_out = group_norm(g, ch[0], eps)
+        self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
+
+    def __call__(
+        self,
+        x: mx.array,
+        timestep: mx.array,
+        encoder_hidden_states: mx.array,
+        ip_tokens: list[tuple[mx.array, float]] | None = None,
+    ) -> mx.array:
+        """x: (B, H, W, C) latents; timestep: (B,) floats; encoder_hidden_states: (B, L, D) text tokens.
+
+        `ip_tokens`, one (tokens, scale) per loaded IP-Adapter, reaches every cross-attention layer.
+        """
+        c = self.config
+        temb = timestep_embedding(timestep, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
+        temb = self.time_embedding(temb.astype(x.dtype))
+        x = self.conv_in(x)
+        skips = [x]
+        for block in self.down_blocks:
+            x, out = block(x, temb, encoder_hidden_states, ip_tokens)
+            skips.extend(out)
+        x = self.mid_block(x, temb, encoder_hidden_states, ip_tokens)
+        for block in self.up_blocks:
+            x, _ = block(x, temb, encoder_hidden_states, ip_tokens, skips=skips)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))

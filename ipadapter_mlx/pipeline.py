@@ -1,0 +1,211 @@
+"""Text-to-image and image-to-image with classifier-free guidance; sampling is a generator over steps."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image
+
+from . import hub
+from .config import SchedulerConfig
+from .errors import UserError
+from .images import to_pil, to_pixels
+from .loading import load_component, load_scheduler_config
+from .samplers import NoiseFn, make_schedule, run_sampler
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_SCHEDULER = "dpmpp-2m-karras"
+
+
+def default_dtype() -> mx.Dtype:
+    """float16 where a GPU runs MLX (Metal/CUDA); float32 on the CPU, where half matmul is slow."""
+    return mx.float16 if mx.default_device() == mx.gpu else mx.float32
+
+
+@dataclass
+class Step:
+    """One sampling step: `latents` are the current (sigma-space) latents, NHWC."""
+
+    index: int
+    total: int
+    latents: mx.array
+
+
+def seeded_noise(seed: int | None) -> NoiseFn:
+    """A noise source: each call draws from its own split of the seed's key."""
+    key = mx.random.key(seed if seed is not None else np.random.randint(0, 2**31 - 1))
+
+    def draw(shape: tuple[int, ...]) -> mx.array:
+        nonlocal key
+        key, sub = mx.random.split(key)
+        return mx.random.normal(shape, key=sub)
+
+    return draw
+
+
+class StableDiffusion:
+    """A loaded SD 1.x/2.x pipeline: text encoder, UNet, VAE, tokenizer and the training noise schedule."""
+
+    def __init__(self, folder: str | Path, dtype: mx.Dtype | None = None):
+        from transformers import CLIPTokenizer  # tokenizer files only; heavy import, so here
+
+        self.folder = Path(folder)
+        self.dtype = dtype or default_dtype()
+        self.text_encoder = load_component(folder, "text_encoder", self.dtype)
+        self.unet = load_component(folder, "unet", self.dtype)
+        self.vae = load_component(folder, "vae", self.dtype)
+        self.scheduler_config: SchedulerConfig = load_scheduler_config(folder)
+        try:
+            self.tokenizer = CLIPTokenizer.from_pretrained(str(self.folder / "tokenizer"))
+        except Exception as e:
+            raise UserError(f"cannot load the tokenizer in {self.folder / 'tokenizer'}: {e}") from None
+        self.ip_adapters: list = []  # (adapter, tokens provider) pairs, filled by the IP-Adapter API
+
+    @classmethod
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, dtype: mx.Dtype | None = None, **resolve_kw) -> "StableDiffusion":
+        """`model`: a Hub repo id, a diffusers folder, a single .safetensors/.ckpt file, or a converted MLX folder."""
+        return cls(hub.resolve_model(model, **resolve_kw), dtype)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.scale_factor
+
+    @property
+    def default_size(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    # -- conditioning ---------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompts: list[str]) -> mx.array:
+        """Token embeddings (B, 77, D) from the text encoder's last layer, as diffusers' SD pipeline uses."""
+        ids = self.tokenizer(
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="np",
+        )["input_ids"]
+        return self.text_encoder(mx.array(ids)).last_hidden_state
+
+    def encode_image(self, pixels: mx.array, noise: NoiseFn) -> mx.array:
+        """(B, H, W, 3) in [-1, 1] -> scaled latents, sampled from the VAE's distribution."""
+        mean, std = self.vae.encode(pixels.astype(self.dtype))
+        return self.vae.to_latents(mean + std * noise(mean.shape).astype(mean.dtype))
+
+    def decode(self, latents: mx.array) -> mx.array:
+        """Scaled latents (NHWC) -> images (B, H, W, 3) in [0, 1]."""
+        x = self.vae.decode(self.vae.from_latents(latents.astype(self.dtype)))
+        return mx.clip(x.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
+
+    # -- sampling -------------------------------------------------------------------------------------
+
+    def generate_latents(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] = "",
+        steps: int = 25,
+        cfg: float = 7.5,
+        seed: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        scheduler: str = DEFAULT_SCHEDULER,
+        num_images: int = 1,
+        init_image: Image.Image | np.ndarray | None = None,
+        strength: float = 0.8,
+        latents: np.ndarray | mx.array | None = None,
+        noise: NoiseFn | None = None,
+        ip_tokens: Callable[[int, bool], list[tuple[mx.array, float]]] | None = None,
+    ) -> Iterator[Step]:
+        """Yield a Step after every sampling step; the last Step's latents are the final (scaled) latents.
+
+        `latents` is the starting noise in diffusers' layout (B, C, H/8, W/8), as its `latents=` takes it.
+        `noise` replaces the seeded noise source (it is called in diffusers' order: VAE sample, start noise,
+        then one draw per ancestral step), so a diffusers run can be reproduced exactly.
+        """
+        prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise UserError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+        batch = len(prompts)
+        noise = noise or seeded_noise(seed)
+        f = self.vae_scale_factor
+
+        if init_image is not None:
+            if not 0 < strength <= 1:
+                raise UserError(f"strength must be in (0, 1], got {strength}")
+            if isinstance(init_image, Image.Image):
+                w0, h0 = init_image.size
+            else:
+                h0, w0 = init_image.shape[:2]
+            width, height = width or w0 - w0 % f, height or h0 - h0 % f
+        height, width = height or self.default_size, width or self.default_size
+        for name, v in (("height", height), ("width", width)):
+            if v <= 0 or v % f:
+                raise UserError(f"{name} must be a positive multiple of {f}, got {v}")
+        shape = (batch, height // f, width // f, self.unet.config.in_channels)
+
+        schedule = make_schedule(scheduler, self.scheduler_config, steps)
+        timesteps, sigmas = schedule.timesteps, schedule.sigmas
+        if init_image is not None:
+            # diffusers' img2img: skip the first (1 - strength) of the schedule, noise the image to that level
+            start = steps - min(int(steps * strength), steps)
+            if start >= steps:
+                raise UserError(f"strength {strength} with {steps} steps leaves no step to run")
+            timesteps, sigmas = timesteps[start:], sigmas[start:]
+            pixels = to_pixels(init_image, (width, height))
+            x0 = self.encode_image(mx.concatenate([pixels] * batch), noise)
+            x = x0.astype(mx.float32) + noise(shape) * float(sigmas[0])
+        else:
+            if latents is not None:
+                start_noise = mx.array(np.asarray(latents, dtype=np.float32))
+                expected = (batch, shape[3], shape[1], shape[2])
+                if tuple(start_noise.shape) != expected:
+                    raise UserError(f"latents have shape {tuple(start_noise.shape)}, expected {expected} "
+                                    f"(batch, channels, height/{f}, width/{f})")
+                start_noise = start_noise.transpose(0, 2, 3, 1)
+            else:
+                start_noise = noise(shape)
+            x = start_noise * schedule.init_sigma
+
+        text = self.encode_prompt(prompts)
+        guided = cfg > 1.0
+        if guided:
+            text = mx.concatenate([self.encode_prompt(negatives), text])
+        ip = ip_tokens(batch, guided) if ip_tokens else None
+        mx.eval(text, x)
+        prediction = self.scheduler_config.prediction_type
+
+        def denoise(x: mx.array, i: int) -> mx.array:
+            sigma = float(sigmas[i])
+            scale = 1.0 / math.sqrt(sigma**2 + 1)
+            x_in = (x * scale).astype(self.dtype)
+            if guided:
+                x_in = mx.concatenate([x_in, x_in])
+            t = mx.full((x_in.shape[0],), float(timesteps[i]))
+            out = self.unet(x_in, t, text, ip).astype(mx.float32)
+            if guided:
+                uncond, cond = mx.split(out, 2)
+                out = uncond + cfg * (cond - uncond)
+            if prediction == "epsilon":
+                return x - sigma * out
+            if prediction == "v_prediction":
+                return x * scale**2 - out * sigma * scale
+            raise UserError(f"unsupported prediction_type {prediction!r}")
+
+        total = len(timesteps)
+        for i, x in enumerate(run_sampler(scheduler, self.scheduler_config, denoise, x, sigmas, noise)):
+            mx.eval(x)
+            if i == total - 1:
+                x = x / math.sqrt(float(sigmas[-1]) ** 2 + 1)  # back from sigma space to diffusers' latents
+            yield Step(i, total, x)
+
+    def generate(self, prompt: str | list[str], return_array: bool = False, **kw) -> list[Image.Image] | mx.array:
+        """Run all steps and decode: PIL images, or the (B, H, W, 3) array in [0, 1] with return_array=True."""
+        step = None
+        for step in self.generate_latents(prompt, **kw):
+            pass
+        images = self.decode(step.latents)
+        mx.eval(images)
+        return images if return_array else to_pil(images)

@@ -1,0 +1,215 @@
+"""Samplers that reproduce diffusers' schedulers, written k-diffusion style.
+
+Everything runs in the sigma parameterisation x = x0 + sigma * eps (diffusers' Euler space). The DDIM and
+DPM-Solver updates of diffusers, which live in the DDPM space sqrt(a) x0 + sqrt(1-a) eps, are the same
+updates after dividing by sqrt(a) = 1 / sqrt(1 + sigma^2); the final latents are x / sqrt(1 + sigma_last^2).
+
+A schedule gives the UNet timesteps and the sigmas (one more than steps). A sampler is a generator over
+steps: `denoise(x, i)` returns the model's x0 prediction at step i, `noise(shape)` draws fresh noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import mlx.core as mx
+import numpy as np
+
+from .config import SchedulerConfig
+from .errors import UserError
+
+Denoiser = Callable[[mx.array, int], mx.array]
+Sigmas = list[float]  # plain floats, so that MLX arrays keep their dtype when scaled by them
+NoiseFn = Callable[[tuple[int, ...]], mx.array]
+
+
+@dataclass
+class Schedule:
+    timesteps: np.ndarray  # (n,) what the UNet is given at each step
+    sigmas: np.ndarray  # (n + 1,) noise level before each step, then the final one
+    init_sigma: float  # the starting noise is scaled by this (diffusers' init_noise_sigma, in sigma space)
+
+
+def alphas_cumprod(c: SchedulerConfig) -> np.ndarray:
+    T = c.num_train_timesteps
+    if c.beta_schedule == "linear":
+        betas = np.linspace(c.beta_start, c.beta_end, T, dtype=np.float64)
+    elif c.beta_schedule == "scaled_linear":
+        betas = np.linspace(c.beta_start**0.5, c.beta_end**0.5, T, dtype=np.float64) ** 2
+    else:  # squaredcos_cap_v2
+        f = lambda t: np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
+        t = np.arange(T) / T
+        betas = np.minimum(1 - f(t + 1 / T) / f(t), 0.999)
+    return np.cumprod(1.0 - betas)
+
+
+def _sigmas(ac: np.ndarray) -> np.ndarray:
+    return np.sqrt((1 - ac) / ac)
+
+
+def _spacing(c: SchedulerConfig, default: str) -> str:
+    s = c.get("timestep_spacing", default)
+    if s not in ("leading", "trailing", "linspace"):
+        raise UserError(f"scheduler config: unsupported timestep_spacing {s!r}")
+    return s
+
+
+def karras_sigmas(sigma_max: float, sigma_min: float, n: int, rho: float = 7.0) -> np.ndarray:
+    ramp = np.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timestep of each sigma, by interpolating in log-sigma (diffusers' _sigma_to_t)."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, None]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(log_sigmas) - 2)
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def ddim_schedule(c: SchedulerConfig, n: int) -> Schedule:
+    T, ac = c.num_train_timesteps, alphas_cumprod(c)
+    spacing = _spacing(c, "leading")
+    if spacing == "leading":
+        ts = (np.arange(n) * (T // n)).round()[::-1] + c.get("steps_offset", 0)
+    elif spacing == "trailing":
+        ts = np.round(np.arange(T, 0, -T / n)) - 1
+    else:
+        ts = np.linspace(0, T - 1, n).round()[::-1]
+    ts = ts.astype(np.int64)
+    final_alpha = 1.0 if c.get("set_alpha_to_one", True) else ac[0]
+    sigmas = np.append(_sigmas(ac[ts]), _sigmas(np.array(final_alpha)))
+    return Schedule(ts, sigmas, float(np.sqrt(sigmas[0] ** 2 + 1)))
+
+
+def euler_schedule(c: SchedulerConfig, n: int, karras: bool = False) -> Schedule:
+    T, ac = c.num_train_timesteps, alphas_cumprod(c)
+    spacing = _spacing(c, "linspace")
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, n)[::-1].copy()
+    elif spacing == "leading":
+        ts = (np.arange(n) * (T // n)).round()[::-1] + c.get("steps_offset", 0)
+    else:
+        ts = np.arange(T, 0, -T / n).round() - 1
+    all_sigmas = _sigmas(ac)
+    sigmas = np.interp(ts, np.arange(T), all_sigmas)
+    if karras:
+        sigmas = karras_sigmas(sigmas[0], sigmas[-1], n)
+        ts = sigma_to_t(sigmas, np.log(all_sigmas))
+    last = all_sigmas[0] if c.get("final_sigmas_type", "zero") == "sigma_min" else 0.0
+    sigmas = np.append(sigmas, last)
+    init = sigmas.max() if spacing in ("linspace", "trailing") else np.sqrt(sigmas.max() ** 2 + 1)
+    return Schedule(ts.astype(np.float64), sigmas, float(init))
+
+
+def dpm_schedule(c: SchedulerConfig, n: int, karras: bool = False) -> Schedule:
+    T, ac = c.num_train_timesteps, alphas_cumprod(c)
+    spacing = _spacing(c, "linspace")
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
+    elif spacing == "leading":
+        ts = (np.arange(n + 1) * (T // (n + 1))).round()[::-1][:-1] + c.get("steps_offset", 0)
+    else:
+        ts = np.arange(T, 0, -T / n).round() - 1
+    all_sigmas = _sigmas(ac)
+    if karras:
+        sigmas = karras_sigmas(all_sigmas[-1], all_sigmas[0], n)
+        ts = sigma_to_t(sigmas, np.log(all_sigmas)).round()
+    else:
+        sigmas = np.interp(ts, np.arange(T), all_sigmas)
+    last = all_sigmas[0] if c.get("final_sigmas_type", "zero") == "sigma_min" else 0.0
+    sigmas = np.append(sigmas, last)
+    return Schedule(ts.astype(np.int64), sigmas, float(np.sqrt(sigmas[0] ** 2 + 1)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Samplers: each a short generator over the sigmas, yielding the latents after every step.
+
+
+def sample_euler(denoise: Denoiser, x: mx.array, sigmas: Sigmas, noise: NoiseFn) -> Iterator[mx.array]:
+    for i in range(len(sigmas) - 1):
+        d = (x - denoise(x, i)) / sigmas[i]
+        x = x + d * (sigmas[i + 1] - sigmas[i])
+        yield x
+
+
+def sample_ddim(
+    denoise: Denoiser, x: mx.array, sigmas: Sigmas, noise: NoiseFn, clip: float | None = None
+) -> Iterator[mx.array]:
+    """DDIM with eta = 0: Euler, except that x0 may be clipped (diffusers' clip_sample) while eps is not."""
+    for i in range(len(sigmas) - 1):
+        x0 = denoise(x, i)
+        eps = (x - x0) / sigmas[i]
+        if clip is not None:
+            x0 = mx.clip(x0, -clip, clip)
+        x = x0 + eps * sigmas[i + 1]
+        yield x
+
+
+def sample_euler_ancestral(denoise: Denoiser, x: mx.array, sigmas: Sigmas, noise: NoiseFn) -> Iterator[mx.array]:
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        sigma_up = math.sqrt(s_next**2 * (s**2 - s_next**2) / s**2)
+        sigma_down = math.sqrt(s_next**2 - sigma_up**2)
+        d = (x - denoise(x, i)) / s
+        x = x + d * (sigma_down - s)
+        x = x + noise(x.shape) * sigma_up  # drawn on every step, as diffusers does, to share its RNG stream
+        yield x
+
+
+def sample_dpmpp_2m(denoise: Denoiser, x: mx.array, sigmas: Sigmas, noise: NoiseFn) -> Iterator[mx.array]:
+    """DPM-Solver++(2M), midpoint form; first order on the first step and on the last (diffusers' defaults)."""
+    n = len(sigmas) - 1
+    old = None
+    for i in range(n):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = denoise(x, i)
+        if s_next == 0:  # the last step lands on x0
+            x = x0
+        else:
+            h = math.log(s) - math.log(s_next)
+            first_order = old is None or (i == n - 1 and n < 15)
+            if first_order:
+                d = x0
+            else:
+                r = (math.log(sigmas[i - 1]) - math.log(s)) / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old
+            x = (s_next / s) * x - math.expm1(-h) * d
+        old = x0
+        yield x
+
+
+@dataclass(frozen=True)
+class Sampler:
+    schedule: Callable[[SchedulerConfig, int], Schedule]
+    sample: Callable[..., Iterator[mx.array]]
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "ddim": Sampler(ddim_schedule, sample_ddim),
+    "euler": Sampler(euler_schedule, sample_euler),
+    "euler-a": Sampler(euler_schedule, sample_euler_ancestral),
+    "dpmpp-2m": Sampler(dpm_schedule, sample_dpmpp_2m),
+    "dpmpp-2m-karras": Sampler(lambda c, n: dpm_schedule(c, n, karras=True), sample_dpmpp_2m),
+}
+
+
+def make_schedule(name: str, config: SchedulerConfig, steps: int) -> Schedule:
+    if name not in SAMPLERS:
+        raise UserError(f"unknown scheduler {name!r} (choose from {', '.join(SAMPLERS)})")
+    if steps < 1:
+        raise UserError(f"steps must be at least 1, got {steps}")
+    return SAMPLERS[name].schedule(config, steps)
+
+
+def run_sampler(
+    name: str, config: SchedulerConfig, denoise: Denoiser, x: mx.array, sigmas: np.ndarray, noise: NoiseFn
+) -> Iterator[mx.array]:
+    sigmas = [float(s) for s in sigmas]  # numpy scalars would turn MLX arrays into numpy ones
+    if name == "ddim" and config.get("clip_sample", True):
+        return sample_ddim(denoise, x, sigmas, noise, clip=config.get("clip_sample_range", 1.0))
+    return SAMPLERS[name].sample(denoise, x, sigmas, noise)
