@@ -17,12 +17,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="store weights in this dtype (default: as in the source)")
     p.add_argument("--tokenizer", default=None, help="single files: tokenizer folder or Hub repo")
+    p.add_argument("--config", default=None,
+                   help="single files: a diffusers folder or Hub repo whose configs to use instead of inferring them")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)
     try:
         import mlx.core as mx
 
-        from ipadapter_mlx.hub import download_diffusers_repo, resolve_tokenizer, REPO_ID
+        from ipadapter_mlx.hub import REPO_ID, download_diffusers_repo, resolve_config, resolve_tokenizer
         from .stable_diffusion import DEFAULT_TOKENIZER, convert_diffusers_folder, convert_single_file
 
         out = Path(args.output)
@@ -33,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         if src.is_dir():
             convert_diffusers_folder(src, out, dtype)
         elif src.is_file():
-            convert_single_file(src, out, resolve_tokenizer(args.tokenizer or DEFAULT_TOKENIZER), dtype)
+            config_dir = resolve_config(args.config) if args.config else None
+            tokenizer = args.tokenizer or (str(config_dir / "tokenizer") if config_dir else DEFAULT_TOKENIZER)
+            convert_single_file(src, out, resolve_tokenizer(tokenizer), dtype, config_dir)
         elif REPO_ID.match(args.source):
             convert_diffusers_folder(download_diffusers_repo(args.source), out, dtype)
         else:

@@ -224,15 +224,26 @@ def convert_single_file(
     dst: str | Path,
     tokenizer_dir: str | Path,
     dtype: mx.Dtype | None = None,
-    scheduler: dict | None = None,
+    config_dir: str | Path | None = None,
 ) -> Path:
-    """An original `.safetensors` / `.ckpt` (model.diffusion_model.*, first_stage_model.*, cond_stage_model.*)."""
+    """An original `.safetensors` / `.ckpt` (model.diffusion_model.*, first_stage_model.*, cond_stage_model.*).
+
+    Configs are inferred from tensor shapes (SD 1.x/2.x conventions for what shapes cannot tell: head
+    counts, 32 norm groups, the SD 1 schedule). `config_dir`, a diffusers folder of the same architecture,
+    supplies all configs instead, as diffusers' `from_single_file(config=...)` does.
+    """
     path = Path(path)
     _log(f"reading {path} ...")
     parts = split_single_file(read_weights(path), str(path))
-    unet_cfg = infer_unet_config(parts["unet"])
-    vae_cfg = infer_vae_config(parts["vae"])
-    text_cfg = infer_text_config(parts["text_encoder"])
+    if config_dir is not None:
+        config_dir = Path(config_dir)
+        unet_cfg, vae_cfg, text_cfg = (read_json(config_dir / n / "config.json") for n in ("unet", "vae", "text_encoder"))
+        scheduler = read_json(config_dir / "scheduler" / "scheduler_config.json")
+    else:
+        unet_cfg = infer_unet_config(parts["unet"])
+        vae_cfg = infer_vae_config(parts["vae"])
+        text_cfg = infer_text_config(parts["text_encoder"])
+        scheduler = SD1_SCHEDULER
     unet_pairs = keymaps.unet_original_to_diffusers(UNetConfig.from_dict(unet_cfg))
     vae_pairs = keymaps.vae_original_to_diffusers(VAEConfig.from_dict(vae_cfg))
     components = {}
@@ -246,4 +257,4 @@ def convert_single_file(
         components[name] = (config, weights)
     if not (Path(tokenizer_dir) / "tokenizer_config.json").is_file() and not (Path(tokenizer_dir) / "vocab.json").is_file():
         raise UserError(f"{tokenizer_dir} is not a tokenizer folder")
-    return write_mlx_folder(Path(dst), components, scheduler or SD1_SCHEDULER, Path(tokenizer_dir), str(path))
+    return write_mlx_folder(Path(dst), components, scheduler, Path(tokenizer_dir), str(path))

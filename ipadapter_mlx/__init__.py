@@ -6,8 +6,8 @@
 """
 
 from .errors import UserError
-from .pipeline import DEFAULT_MODEL, StableDiffusion, Step, default_dtype
+from .pipeline import DEFAULT_MODEL, Sampling, StableDiffusion, Step, default_dtype
 from .samplers import SAMPLERS
 
-__all__ = ["StableDiffusion", "Step", "UserError", "DEFAULT_MODEL", "SAMPLERS", "default_dtype"]
+__all__ = ["StableDiffusion", "Sampling", "Step", "UserError", "DEFAULT_MODEL", "SAMPLERS", "default_dtype"]
 __version__ = "0.1.0"

@@ -35,6 +35,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="starting noise as a .npy, NCHW float32 exactly as diffusers' latents= takes it")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float32 on the CPU, float16 on a GPU")
     p.add_argument("--tokenizer", default=None, help="single-file models: tokenizer folder or Hub repo")
+    p.add_argument("--config", default=None,
+                   help="single-file models: diffusers folder or Hub repo whose configs to use instead of inferring")
     p.add_argument("--output", default="out.png",
                    help="PNG path; with several images, _1, _2, ... are added before the extension")
     p.add_argument("--verbose", action="store_true", help="print timings and peak memory")
@@ -71,7 +73,7 @@ def _generate(args: argparse.Namespace) -> int:
     dtype = getattr(mx, args.dtype) if args.dtype else default_dtype()
 
     t0 = time.perf_counter()
-    pipe = StableDiffusion.from_pretrained(args.model, dtype=dtype, tokenizer=args.tokenizer)
+    pipe = StableDiffusion.from_pretrained(args.model, dtype=dtype, tokenizer=args.tokenizer, config=args.config)
     t_load = time.perf_counter() - t0
     steps = pipe.generate_latents(
         args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg, seed=seed,
@@ -80,7 +82,7 @@ def _generate(args: argparse.Namespace) -> int:
     )
     t1 = time.perf_counter()
     step = None
-    for step in tqdm(steps, total=None, desc="sampling", unit="step", file=sys.stderr):
+    for step in tqdm(steps, desc="sampling", unit="step", file=sys.stderr):
         pass
     t_sample = time.perf_counter() - t1
     images = pipe.decode(step.latents)

@@ -80,13 +80,19 @@ def download_diffusers_repo(repo_id: str, revision: str | None = None) -> Path:
 
 
 def resolve_model(
-    model: str, dtype: mx.Dtype | None = None, tokenizer: str | None = None, revision: str | None = None
+    model: str,
+    dtype: mx.Dtype | None = None,
+    tokenizer: str | None = None,
+    config: str | None = None,
+    revision: str | None = None,
 ) -> Path:
     """Any model reference -> a converted MLX folder (converting once, then cached).
 
     `model`: a converted MLX folder, a diffusers folder, a single-file checkpoint, or a Hub repo id.
     `dtype`: store the converted weights in this dtype (None keeps the source's).
     `tokenizer`: for single files, which carry none: a tokenizer folder or Hub repo (default CLIP ViT-L/14).
+    `config`: for single files: a diffusers folder or Hub repo whose configs (and tokenizer) to use instead
+    of those inferred from the tensor shapes.
     """
     from convert.stable_diffusion import DEFAULT_TOKENIZER, convert_diffusers_folder, convert_single_file
 
@@ -101,7 +107,10 @@ def resolve_model(
             return convert_diffusers_folder(path, dst, dtype)
         if path.suffix not in SINGLE_FILE_SUFFIXES:
             raise UserError(f"{path}: not a model (expected a folder or one of {', '.join(SINGLE_FILE_SUFFIXES)})")
-        return convert_single_file(path, dst, resolve_tokenizer(tokenizer or DEFAULT_TOKENIZER), dtype)
+        config_dir = resolve_config(config) if config else None
+        if tokenizer is None and config_dir is not None:
+            tokenizer = str(config_dir / "tokenizer")
+        return convert_single_file(path, dst, resolve_tokenizer(tokenizer or DEFAULT_TOKENIZER), dtype, config_dir)
     if not REPO_ID.match(model):
         raise UserError(f"model not found: {model} is neither an existing path nor a Hub repo id (org/name)")
     folder = download_diffusers_repo(model, revision)
@@ -109,6 +118,16 @@ def resolve_model(
     if is_mlx_folder(dst):
         return dst
     return convert_diffusers_folder(folder, dst, dtype)
+
+
+def resolve_config(ref: str) -> Path:
+    """A diffusers folder or Hub repo, for its configs and tokenizer only (no weights are downloaded)."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path
+    if not REPO_ID.match(ref):
+        raise UserError(f"config not found: {ref} is neither a folder nor a Hub repo id")
+    return snapshot(ref, CONFIG_PATTERNS)
 
 
 def resolve_tokenizer(ref: str) -> Path:

@@ -36,6 +36,19 @@ class Step:
     latents: mx.array
 
 
+class Sampling:
+    """The steps of one generation: iterate for Steps (stop early by breaking), len() gives their count."""
+
+    def __init__(self, steps: Iterator[Step], total: int):
+        self._steps, self.total = steps, total
+
+    def __iter__(self) -> Iterator[Step]:
+        return self._steps
+
+    def __len__(self) -> int:
+        return self.total
+
+
 def seeded_noise(seed: int | None) -> NoiseFn:
     """A noise source: each call draws from its own split of the seed's key."""
     key = mx.random.key(seed if seed is not None else np.random.randint(0, 2**31 - 1))
@@ -117,8 +130,10 @@ class StableDiffusion:
         latents: np.ndarray | mx.array | None = None,
         noise: NoiseFn | None = None,
         ip_tokens: Callable[[int, bool], list[tuple[mx.array, float]]] | None = None,
-    ) -> Iterator[Step]:
-        """Yield a Step after every sampling step; the last Step's latents are the final (scaled) latents.
+    ) -> "Sampling":
+        """Iterate for a Step after every sampling step; the last Step's latents are the final (scaled) latents.
+
+        Inputs are checked and encoded here, before the first step; `len()` of the result is the step count.
 
         `latents` is the starting noise in diffusers' layout (B, C, H/8, W/8), as its `latents=` takes it.
         `noise` replaces the seeded noise source (it is called in diffusers' order: VAE sample, start noise,
@@ -195,11 +210,15 @@ class StableDiffusion:
             raise UserError(f"unsupported prediction_type {prediction!r}")
 
         total = len(timesteps)
-        for i, x in enumerate(run_sampler(scheduler, self.scheduler_config, denoise, x, sigmas, noise)):
-            mx.eval(x)
-            if i == total - 1:
-                x = x / math.sqrt(float(sigmas[-1]) ** 2 + 1)  # back from sigma space to diffusers' latents
-            yield Step(i, total, x)
+
+        def steps() -> Iterator[Step]:
+            for i, x_i in enumerate(run_sampler(scheduler, self.scheduler_config, denoise, x, sigmas, noise)):
+                mx.eval(x_i)
+                if i == total - 1:
+                    x_i = x_i / math.sqrt(float(sigmas[-1]) ** 2 + 1)  # from sigma space to diffusers' latents
+                yield Step(i, total, x_i)
+
+        return Sampling(steps(), total)
 
     def generate(self, prompt: str | list[str], return_array: bool = False, **kw) -> list[Image.Image] | mx.array:
         """Run all steps and decode: PIL images, or the (B, H, W, 3) array in [0, 1] with return_array=True."""

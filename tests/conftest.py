@@ -9,14 +9,14 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
-import pytest
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may touch the network (set before any HF import)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may touch the network
 
 # SD 1.5's scheduler_config.json, as published.
 SD15_SCHEDULER = {
