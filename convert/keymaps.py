@@ -103,6 +103,13 @@ def clip_text_key(key: str) -> str:
     return "text_model." + key
 
 
+def clip_vision_key(key: str) -> str:
+    """The same for CLIPVisionModelWithProjection (`vision_model.*`, `visual_projection.*`)."""
+    if key.startswith(("vision_model.", "visual_projection.")):
+        return key
+    return "vision_model." + key
+
+
 def rename(key: str, pairs: list[tuple[str, str]]) -> str:
     """Replace the longest matching prefix (whole dotted components only); unmatched keys stay as they are."""
     best = None

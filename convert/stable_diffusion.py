@@ -55,6 +55,8 @@ def component_weights(folder: Path) -> dict[str, mx.array]:
 def diffusers_rename(component: str) -> Callable[[str], str]:
     if component == "text_encoder":
         return keymaps.clip_text_key
+    if component == "image_encoder":
+        return keymaps.clip_vision_key
     if component != "vae":
         return lambda k: k
     pairs = []
@@ -67,23 +69,30 @@ def diffusers_rename(component: str) -> Callable[[str], str]:
 def write_mlx_folder(
     dst: Path,
     components: dict[str, tuple[dict, dict[str, mx.array]]],
-    scheduler: dict,
-    tokenizer_dir: Path,
     source: str,
+    kind: str = "stable-diffusion",
+    json_files: dict[str, dict] | None = None,
+    folders: dict[str, Path] | None = None,
 ) -> Path:
-    """Write into a temp folder beside `dst`, then rename it into place: never a half-written folder."""
+    """Write into a temp folder beside `dst`, then rename it into place: never a half-written folder.
+
+    `components`: sub-folder -> (config.json, MLX weights); `json_files`: relative path -> content;
+    `folders`: sub-folder -> a folder copied as it is (the tokenizer)."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
+        tmp.mkdir()
         for name, (config, weights) in components.items():
-            (tmp / name).mkdir(parents=True)
+            (tmp / name).mkdir(parents=True, exist_ok=True)
             (tmp / name / "config.json").write_text(json.dumps(config, indent=2))
             mx.save_safetensors(str(tmp / name / "model.safetensors"), weights)
-        (tmp / "scheduler").mkdir()
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-        shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-        marker = {"format": "ipadapter-mlx", "version": FORMAT_VERSION, "kind": "stable-diffusion", "source": source}
+        for rel, content in (json_files or {}).items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_text(json.dumps(content, indent=2))
+        for name, folder in (folders or {}).items():
+            shutil.copytree(folder, tmp / name)
+        marker = {"format": "ipadapter-mlx", "version": FORMAT_VERSION, "kind": kind, "source": source}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2))
         if dst.exists():
             shutil.rmtree(dst)
@@ -92,6 +101,11 @@ def write_mlx_folder(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return dst
+
+
+def _write_pipeline(dst: Path, components, scheduler: dict, tokenizer_dir: Path, source: str) -> Path:
+    return write_mlx_folder(dst, components, source, json_files={"scheduler/scheduler_config.json": scheduler},
+                            folders={"tokenizer": tokenizer_dir})
 
 
 def convert_diffusers_folder(src: str | Path, dst: str | Path, dtype: mx.Dtype | None = None) -> Path:
@@ -111,7 +125,7 @@ def convert_diffusers_folder(src: str | Path, dst: str | Path, dtype: mx.Dtype |
     scheduler = read_json(src / "scheduler" / "scheduler_config.json")
     if not (src / "tokenizer").is_dir():
         raise UserError(f"{src} has no tokenizer/ folder")
-    return write_mlx_folder(Path(dst), components, scheduler, src / "tokenizer", str(src))
+    return _write_pipeline(Path(dst), components, scheduler, src / "tokenizer", str(src))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,4 +271,4 @@ def convert_single_file(
         components[name] = (config, weights)
     if not (Path(tokenizer_dir) / "tokenizer_config.json").is_file() and not (Path(tokenizer_dir) / "vocab.json").is_file():
         raise UserError(f"{tokenizer_dir} is not a tokenizer folder")
-    return write_mlx_folder(Path(dst), components, scheduler, Path(tokenizer_dir), str(path))
+    return _write_pipeline(Path(dst), components, scheduler, Path(tokenizer_dir), str(path))

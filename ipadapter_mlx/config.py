@@ -51,6 +51,37 @@ class CLIPTextConfig:
 
 
 @dataclass
+class CLIPVisionConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    image_size: int = 224
+    patch_size: int = 14
+    num_channels: int = 3
+    projection_dim: int = 512
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CLIPVisionConfig":
+        top = d
+        d = d.get("vision_config", d)
+        return cls(
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            image_size=d.get("image_size", 224),
+            patch_size=d.get("patch_size", 32),
+            num_channels=d.get("num_channels", 3),
+            projection_dim=d.get("projection_dim", top.get("projection_dim", 512)),
+            hidden_act=d.get("hidden_act", "quick_gelu"),
+            layer_norm_eps=d.get("layer_norm_eps", 1e-5),
+        )
+
+
+@dataclass
 class UNetConfig:
     in_channels: int
     out_channels: int

@@ -139,3 +139,143 @@ def resolve_tokenizer(ref: str) -> Path:
     folder = snapshot(ref, ["tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                             "tokenizer.json"])
     return folder
+
+
+# ---------------------------------------------------------------------------------------------------
+# IP-Adapters and their image encoders
+
+IP_ADAPTER_REPO = "h94/IP-Adapter"
+PRESETS = {
+    "sd15": "h94/IP-Adapter:models/ip-adapter_sd15.safetensors",
+    "sd15-light": "h94/IP-Adapter:models/ip-adapter_sd15_light.safetensors",
+    "sd15-plus": "h94/IP-Adapter:models/ip-adapter-plus_sd15.safetensors",
+    "sd15-plus-face": "h94/IP-Adapter:models/ip-adapter-plus-face_sd15.safetensors",
+    "sd15-full-face": "h94/IP-Adapter:models/ip-adapter-full-face_sd15.safetensors",
+    "sd15-vit-g": "h94/IP-Adapter:models/ip-adapter_sd15_vit-G.safetensors",
+}
+# Where h94/IP-Adapter keeps its two encoders: ViT-H/14 and ViT-bigG/14.
+ENCODER_FOLDERS = ("models/image_encoder", "sdxl_models/image_encoder")
+ENCODER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def split_hub_path(ref: str) -> tuple[str, str] | None:
+    """`REPO:PATH` -> (repo, path), else None."""
+    repo, sep, path = ref.partition(":")
+    return (repo, path.strip("/")) if sep and REPO_ID.match(repo) and path else None
+
+
+def hub_file(repo: str, path: str) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo, path))
+    except RepositoryNotFoundError:
+        raise UserError(f"no Hub repo {repo!r}") from None
+    except EntryNotFoundError:
+        raise UserError(f"{repo} has no file {path}") from None
+    except LocalEntryNotFoundError:
+        raise UserError(f"{repo}:{path} is not in the local Hub cache and the Hub cannot be reached") from None
+    except HfHubHTTPError as e:
+        raise UserError(f"{repo}:{path}: download failed ({e})") from None
+
+
+def resolve_ip_adapter(ref: str) -> tuple[Path, tuple[str, str] | None]:
+    """A preset name, `REPO:PATH`, or a local file -> (local file, (repo, path) when it came from the Hub)."""
+    ref = PRESETS.get(ref, ref)
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return path, None
+    hub = split_hub_path(ref)
+    if hub is None:
+        raise UserError(f"IP-Adapter not found: {ref} is not a file, a REPO:PATH, or a preset "
+                        f"({', '.join(PRESETS)})")
+    return hub_file(*hub), hub
+
+
+def _encoder_candidates(adapter_file: Path, hub: tuple[str, str] | None) -> list[tuple[str, str | Path]]:
+    """Where the encoder may be: beside the adapter (as in the Hub repo), then h94's two encoders."""
+    local = [("local", adapter_file.parent / "image_encoder")]
+    local += [("local", adapter_file.parent.parent / f) for f in ENCODER_FOLDERS]
+    remote = []
+    if hub:
+        repo, path = hub
+        parent = path.rpartition("/")[0]
+        remote += [(repo, f"{parent}/image_encoder" if parent else "image_encoder")] + [(repo, f) for f in ENCODER_FOLDERS]
+    remote += [(IP_ADAPTER_REPO, f) for f in ENCODER_FOLDERS]
+    seen, out = set(), []
+    for c in local + remote:
+        if (c[0] == "local" and not Path(c[1]).is_dir()) or c in seen:
+            continue
+        seen.add(c)
+        out.append(c)
+    return out
+
+
+def _parse_encoder_ref(ref: str) -> tuple[str, str | Path]:
+    """`--image-encoder`: a local folder (transformers or converted), `REPO:PATH`, or a repo id."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return ("local", path)
+    if split_hub_path(ref):
+        return split_hub_path(ref)
+    if REPO_ID.match(ref):
+        return (ref, "")
+    raise UserError(f"image encoder not found: {ref}")
+
+
+def _encoder_config(where: str, sub: str | Path) -> dict:
+    from .loading import read_json
+
+    if where == "local":
+        sub = Path(sub)
+        return read_json(sub / "image_encoder" / "config.json" if is_mlx_folder(sub) else sub / "config.json")
+    cfg = f"{sub}/config.json" if sub else "config.json"
+    return read_json(snapshot(where, [cfg]) / cfg)
+
+
+def _converted_encoder(where: str, sub: str | Path, dtype: mx.Dtype | None) -> Path:
+    """The converted (cached) MLX folder of a transformers CLIP vision folder, local or on the Hub."""
+    from convert.ip_adapter import convert_image_encoder
+
+    if where == "local":
+        src = Path(sub)
+        if is_mlx_folder(src):
+            return src
+        identity = _local_fingerprint(src)
+    else:
+        prefix = f"{sub}/" if sub else ""
+        for name in ENCODER_WEIGHTS:
+            root = snapshot(where, [f"{prefix}config.json", f"{prefix}{name}"])
+            if (root / prefix / name).is_file():
+                break
+        else:
+            raise UserError(f"{where}:{sub} has no encoder weights ({' or '.join(ENCODER_WEIGHTS)})")
+        src, identity = root / prefix, _key(where, root.name, str(sub))  # root.name is the Hub commit
+    dst = cache_root() / "converted" / f"image-encoder-{identity}-{_dtype_name(dtype)}"
+    if is_mlx_folder(dst):
+        return dst
+    print(f"converting image encoder {src} ...", flush=True)
+    return convert_image_encoder(src, dst, dtype)
+
+
+def resolve_image_encoder(adapter, adapter_file: Path, hub: tuple[str, str] | None, override: str | None = None,
+                          dtype: mx.Dtype | None = None) -> Path:
+    """The converted MLX folder of the image encoder this adapter needs.
+
+    `override` wins; otherwise the first candidate (beside the adapter, then h94's two encoders) whose
+    config fits the adapter's shapes, so a ViT-H adapter never gets the bigG encoder or the reverse."""
+    from .config import CLIPVisionConfig
+
+    candidates = [_parse_encoder_ref(override)] if override else _encoder_candidates(adapter_file, hub)
+    errors = []
+    for where, sub in candidates:
+        try:
+            adapter.check_encoder(CLIPVisionConfig.from_dict(_encoder_config(where, sub)))
+        except UserError as e:
+            if override:
+                raise
+            errors.append(f"{sub if where == 'local' else f'{where}:{sub}'}: {e}")
+            continue
+        return _converted_encoder(where, sub, dtype)
+    raise UserError("no image encoder fits this adapter: " + "; ".join(errors))

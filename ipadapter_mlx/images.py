@@ -38,6 +38,37 @@ def to_pixels(image: Image.Image | np.ndarray, size: tuple[int, int] | None = No
     return mx.array(arr[None] * 2.0 - 1.0)
 
 
+# CLIPImageProcessor's defaults, which every IP-Adapter was trained with
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+FITS = ("crop", "pad")
+
+
+def clip_pixels(images: list[Image.Image], size: int, fit: str = "crop") -> np.ndarray:
+    """(n, size, size, 3) normalised pixels, equal to CLIPImageProcessor's defaults for fit="crop":
+    shortest side to `size` (bicubic), centre crop, rescale, normalise. fit="pad" first pads a non-square
+    image to a square with the CLIP mean colour (which normalises to zero), so no edge is cut away."""
+    if fit not in FITS:
+        raise UserError(f"unknown image fit {fit!r} (choose from {', '.join(FITS)})")
+    out = []
+    for im in images:
+        im = im.convert("RGB")
+        w, h = im.size
+        if fit == "pad" and w != h:
+            side = max(w, h)
+            canvas = Image.new("RGB", (side, side), tuple(int(round(c * 255)) for c in CLIP_MEAN))
+            canvas.paste(im, ((side - w) // 2, (side - h) // 2))
+            im, (w, h) = canvas, (side, side)
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(size * long / short)
+        im = im.resize((size, new_long) if w <= h else (new_long, size), Image.BICUBIC)
+        arr = np.asarray(im, dtype=np.float32)
+        top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+        arr = arr[top : top + size, left : left + size] / 255.0
+        out.append((arr - CLIP_MEAN) / CLIP_STD)
+    return np.stack(out)
+
+
 def to_pil(images: mx.array) -> list[Image.Image]:
     """(B, H, W, 3) in [0, 1] -> PIL images (rounded like diffusers' numpy_to_pil)."""
     arr = np.array(images.astype(mx.float32))

@@ -14,9 +14,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import CLIPTextConfig, SchedulerConfig, UNetConfig, VAEConfig
+from .config import CLIPTextConfig, CLIPVisionConfig, SchedulerConfig, UNetConfig, VAEConfig
 from .errors import UserError
-from .models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+from .models import AutoencoderKL, CLIPTextModel, CLIPVisionModel, UNet2DConditionModel
 
 MARKER = "mlx_model.json"
 FORMAT_VERSION = 1
@@ -26,6 +26,7 @@ COMPONENTS = {
     "text_encoder": (CLIPTextConfig, CLIPTextModel),
     "unet": (UNetConfig, UNet2DConditionModel),
     "vae": (VAEConfig, AutoencoderKL),
+    "image_encoder": (CLIPVisionConfig, CLIPVisionModel),
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -15,6 +15,7 @@ from . import hub
 from .config import SchedulerConfig
 from .errors import UserError
 from .images import to_pil, to_pixels
+from .ip_adapter import Features, ImagePrompt, IPAdapter, encode_images, image_tokens
 from .loading import load_component, load_scheduler_config
 from .samplers import NoiseFn, make_schedule, run_sampler
 
@@ -34,6 +35,17 @@ class Step:
     index: int
     total: int
     latents: mx.array
+
+
+@dataclass
+class LoadedAdapter:
+    ref: str
+    adapter: IPAdapter
+    file: Path
+    hub_ref: tuple[str, str] | None
+    encoder_ref: str | None  # the user's --image-encoder, if any
+    scale: float
+    encoder_folder: Path | None = None
 
 
 class Sampling:
@@ -77,7 +89,8 @@ class StableDiffusion:
             self.tokenizer = CLIPTokenizer.from_pretrained(str(self.folder / "tokenizer"))
         except Exception as e:
             raise UserError(f"cannot load the tokenizer in {self.folder / 'tokenizer'}: {e}") from None
-        self.ip_adapters: list = []  # (adapter, tokens provider) pairs, filled by the IP-Adapter API
+        self.adapters: list[LoadedAdapter] = []
+        self._encoders: dict[Path, "CLIPVisionModel"] = {}  # shared by the adapters that need the same one
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, dtype: mx.Dtype | None = None, **resolve_kw) -> "StableDiffusion":
@@ -91,6 +104,78 @@ class StableDiffusion:
     @property
     def default_size(self) -> int:
         return self.unet.config.sample_size * self.vae_scale_factor
+
+    # -- IP-Adapters ----------------------------------------------------------------------------------
+
+    def load_ip_adapter(self, ref: str, image_encoder: str | None = None, scale: float = 1.0) -> int:
+        """Add an IP-Adapter (preset name, `REPO:PATH`, or file); returns its index for image_prompts.
+
+        Fails before any work when the adapter was made for another UNet. The image encoder is found
+        (beside the adapter, or the one its shapes call for; `image_encoder` overrides) on first use."""
+        from convert.ip_adapter import read_ip_adapter
+
+        file, hub_ref = hub.resolve_ip_adapter(ref)
+        adapter = read_ip_adapter(file, self.dtype)
+        slots = adapter.check_unet(self.unet)
+        for index, layer in adapter.layers().items():
+            slots[index].ip.append(layer)
+        self.adapters.append(LoadedAdapter(ref, adapter, file, hub_ref, image_encoder, scale))
+        return len(self.adapters) - 1
+
+    def unload_ip_adapter(self, index: int | None = None) -> None:
+        """Remove one adapter (by index) or all; the UNet is then exactly the base model again."""
+        from .ip_adapter import cross_attention_slots
+
+        drop = list(range(len(self.adapters))) if index is None else [index]
+        slots = cross_attention_slots(self.unet)
+        for i in sorted(drop, reverse=True):
+            gone = self.adapters.pop(i).adapter
+            for key, layer in gone.layers().items():
+                slots[key].ip = [x for x in slots[key].ip if x is not layer]
+
+    def set_ip_adapter_scale(self, *scales: float) -> None:
+        if len(scales) != len(self.adapters):
+            raise UserError(f"{len(scales)} scales for {len(self.adapters)} loaded adapters")
+        for loaded, scale in zip(self.adapters, scales):
+            loaded.scale = scale
+
+    def image_encoder(self, index: int = 0):
+        """The CLIP vision tower adapter `index` reads (found, converted and loaded on first use)."""
+        from .loading import load_component
+
+        la = self.adapters[index]
+        if la.encoder_folder is None:
+            la.encoder_folder = hub.resolve_image_encoder(la.adapter, la.file, la.hub_ref, la.encoder_ref)
+            print(f"image encoder for {la.ref}: {la.encoder_folder}", flush=True)
+        if la.encoder_folder not in self._encoders:
+            self._encoders[la.encoder_folder] = load_component(la.encoder_folder, "image_encoder", self.dtype)
+        return self._encoders[la.encoder_folder]
+
+    def encode_reference(self, images: list[Image.Image], index: int = 0, fit: str = "crop",
+                         negative: Image.Image | None = None) -> Features:
+        """CLIP features of reference images, as adapter `index` reads them (embeds or hidden states)."""
+        if not images:
+            raise UserError("no reference image given")
+        hidden = self.adapters[index].adapter.config.image_proj.reads_hidden_states
+        return encode_images(self.image_encoder(index), images, hidden, fit, negative)
+
+    def _ip_tokens(self, prompts: list[ImagePrompt | None], batch: int, guided: bool) -> list:
+        if len(prompts) != len(self.adapters):
+            raise UserError(f"{len(prompts)} image prompts for {len(self.adapters)} loaded IP-Adapters")
+        out = []
+        for i, (la, p) in enumerate(zip(self.adapters, prompts)):
+            if p is None:
+                out.append((None, 0.0))
+                continue
+            feats = p.features or self.encode_reference(p.images, i, p.fit, p.negative)
+            want = la.adapter.config.image_proj
+            if feats.hidden_states != want.reads_hidden_states or feats.cond.shape[-1] != want.input_dim:
+                kind = lambda h: "hidden states" if h else "image embeds"  # noqa: E731
+                raise UserError(f"adapter {la.ref} reads {want.input_dim}-d {kind(want.reads_hidden_states)}, "
+                                f"the embeddings given are {feats.cond.shape[-1]}-d {kind(feats.hidden_states)}")
+            scale = la.scale if p.scale is None else p.scale
+            out.append((image_tokens(la.adapter, feats, p, batch, guided).astype(self.dtype), scale))
+        return out
 
     # -- conditioning ---------------------------------------------------------------------------------
 
@@ -129,7 +214,7 @@ class StableDiffusion:
         strength: float = 0.8,
         latents: np.ndarray | mx.array | None = None,
         noise: NoiseFn | None = None,
-        ip_tokens: Callable[[int, bool], list[tuple[mx.array, float]]] | None = None,
+        image_prompts: list[ImagePrompt | None] | None = None,
     ) -> "Sampling":
         """Iterate for a Step after every sampling step; the last Step's latents are the final (scaled) latents.
 
@@ -138,6 +223,7 @@ class StableDiffusion:
         `latents` is the starting noise in diffusers' layout (B, C, H/8, W/8), as its `latents=` takes it.
         `noise` replaces the seeded noise source (it is called in diffusers' order: VAE sample, start noise,
         then one draw per ancestral step), so a diffusers run can be reproduced exactly.
+        `image_prompts`: one ImagePrompt (or None to leave it out) per loaded IP-Adapter, in load order.
         """
         prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
@@ -188,7 +274,7 @@ class StableDiffusion:
         guided = cfg > 1.0
         if guided:
             text = mx.concatenate([self.encode_prompt(negatives), text])
-        ip = ip_tokens(batch, guided) if ip_tokens else None
+        ip = self._ip_tokens(image_prompts, batch, guided) if image_prompts else None
         mx.eval(text, x)
         prediction = self.scheduler_config.prediction_type
 

@@ -9,7 +9,10 @@ import json
 import os
 from pathlib import Path
 
+import tempfile  # noqa: E402
+
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may touch the network (set before any HF import)
+os.environ["IPADAPTER_MLX_CACHE"] = tempfile.mkdtemp(prefix="ipadapter-mlx-cache-")  # never the user's cache
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -1,7 +1,7 @@
 """MLX modules. Parameter names follow diffusers/transformers, so a diffusers checkpoint maps 1:1."""
 
-from .clip import CLIPTextModel
+from .clip import CLIPTextModel, CLIPVisionModel
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL
 
-__all__ = ["CLIPTextModel", "UNet2DConditionModel", "AutoencoderKL"]
+__all__ = ["CLIPTextModel", "CLIPVisionModel", "UNet2DConditionModel", "AutoencoderKL"]

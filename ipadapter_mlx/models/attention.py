@@ -60,7 +60,7 @@ class Attention(nn.Module):
         q = self.to_q(x)
         out = attention(q, self.to_k(ctx), self.to_v(ctx), self.heads)
         for layer, (tokens, scale) in zip(self.ip, ip_tokens or []):
-            if scale != 0:
+            if scale != 0 and tokens is not None:
                 ip_out = attention(q, layer.to_k_ip(tokens), layer.to_v_ip(tokens), self.heads)
                 out = out + scale * ip_out
         return self.to_out[0](out)

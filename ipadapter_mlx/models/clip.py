@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..config import CLIPTextConfig
+from ..config import CLIPTextConfig, CLIPVisionConfig
 from ..errors import UserError
 
 
@@ -68,10 +68,10 @@ class CLIPEncoder(nn.Module):
         super().__init__()
         self.layers = [CLIPEncoderLayer(dim, heads, hidden, act, eps) for _ in range(layers)]
 
-    def __call__(self, x: mx.array, mask: mx.array | None = None) -> list[mx.array]:
-        """All hidden states, transformers-style: [embeddings, after layer 1, ..., after layer N]."""
+    def __call__(self, x: mx.array, mask: mx.array | None = None, num_layers: int | None = None) -> list[mx.array]:
+        """Hidden states, transformers-style: [input, after layer 1, ..., after layer num_layers (default all)]."""
         states = [x]
-        for layer in self.layers:
+        for layer in self.layers[:num_layers]:
             x = layer(x, mask)
             states.append(x)
         return states
@@ -130,3 +130,58 @@ class CLIPTextModel(nn.Module):
         if "text_projection" in self:
             pooled = self.text_projection(pooled)
         return CLIPTextOutput(last, states, pooled)
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    def __init__(self, c: CLIPVisionConfig):
+        super().__init__()
+        self.class_embedding = mx.zeros((c.hidden_size,))
+        self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, stride=c.patch_size, bias=False)
+        self.position_embedding = nn.Embedding((c.image_size // c.patch_size) ** 2 + 1, c.hidden_size)
+
+    def __call__(self, pixels: mx.array) -> mx.array:
+        patches = self.patch_embedding(pixels)
+        B, _, _, D = patches.shape
+        cls = mx.broadcast_to(self.class_embedding.astype(patches.dtype), (B, 1, D))
+        x = mx.concatenate([cls, patches.reshape(B, -1, D)], axis=1)
+        return x + self.position_embedding.weight[None]
+
+
+class CLIPVisionTransformer(nn.Module):
+    def __init__(self, c: CLIPVisionConfig):
+        super().__init__()
+        self.embeddings = CLIPVisionEmbeddings(c)
+        self.pre_layrnorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)  # sic: transformers' name
+        self.encoder = CLIPEncoder(
+            c.hidden_size, c.num_attention_heads, c.intermediate_size, c.num_hidden_layers, c.hidden_act,
+            c.layer_norm_eps,
+        )
+        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+
+class CLIPVisionModel(nn.Module):
+    """transformers' CLIPVisionModelWithProjection: pixels (B, H, W, 3), normalised, -> features."""
+
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        self.config = config
+        self.vision_model = CLIPVisionTransformer(config)
+        self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+
+    def image_embeds(self, pixels: mx.array) -> mx.array:
+        """The projected pooled embedding (B, projection_dim): what base IP-Adapters read."""
+        states = self._states(pixels, self.config.num_hidden_layers)
+        return self.visual_projection(self.vision_model.post_layernorm(states[-1][:, 0]))
+
+    def penultimate(self, pixels: mx.array) -> mx.array:
+        """hidden_states[-2] (B, tokens, hidden), before post-layernorm: what plus/full-face adapters read.
+
+        The last layer is not run at all."""
+        return self._states(pixels, self.config.num_hidden_layers - 1)[-1]
+
+    def hidden_states(self, pixels: mx.array) -> list[mx.array]:
+        return self._states(pixels, self.config.num_hidden_layers)
+
+    def _states(self, pixels: mx.array, layers: int) -> list[mx.array]:
+        vm = self.vision_model
+        return vm.encoder(vm.pre_layrnorm(vm.embeddings(pixels)), num_layers=layers)

@@ -1,0 +1,82 @@
+"""IP-Adapter checkpoints (tencent format, .bin or .safetensors) and CLIP image encoders -> MLX."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+
+from ipadapter_mlx.errors import UserError
+from ipadapter_mlx.ip_adapter import IPAdapter, IPAdapterConfig
+from ipadapter_mlx.loading import build, read_json
+from ipadapter_mlx.models.image_proj import infer_image_proj_config
+
+from .stable_diffusion import component_weights, diffusers_rename, write_mlx_folder
+from .weights import fit_weights, read_weights
+
+IP_PREFIXES = ("image_proj.", "ip_adapter.")
+
+
+def flat_adapter_weights(path: str | Path) -> dict[str, mx.array]:
+    """`{"image_proj": {...}, "ip_adapter": {...}}` (.bin) or the flat `image_proj.*`/`ip_adapter.*` dict."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        weights = read_weights(path)
+    else:
+        from .torch_pickle import load_torch_file
+
+        if not path.is_file():
+            raise UserError(f"IP-Adapter not found: {path}")
+        obj = load_torch_file(str(path))
+        if not (isinstance(obj, dict) and isinstance(obj.get("image_proj"), dict) and isinstance(obj.get("ip_adapter"), dict)):
+            raise UserError(f"{path}: not an IP-Adapter checkpoint (expected 'image_proj' and 'ip_adapter' entries)")
+        weights = {f"{top}.{k}": v for top in ("image_proj", "ip_adapter") for k, v in obj[top].items()}
+    if not any(k.startswith("image_proj.") for k in weights) or not any(k.startswith("ip_adapter.") for k in weights):
+        raise UserError(f"{path}: not an IP-Adapter checkpoint (no image_proj.* / ip_adapter.* tensors)")
+    return weights
+
+
+def infer_ip_adapter_config(weights: dict[str, mx.array]) -> IPAdapterConfig:
+    proj = infer_image_proj_config({k[len("image_proj."):]: v for k, v in weights.items() if k.startswith("image_proj.")})
+    layers: dict[str, int] = {}
+    context = None
+    for k, v in weights.items():
+        if k.startswith("ip_adapter.") and k.endswith(".to_k_ip.weight"):
+            layers[k.split(".")[1]] = v.shape[0]
+            context = v.shape[1]
+    if not layers:
+        raise UserError("IP-Adapter checkpoint has no ip_adapter.N.to_k_ip weights")
+    if context != proj.output_dim:
+        raise UserError(f"IP-Adapter is inconsistent: its projection makes {proj.output_dim}-d tokens, "
+                        f"its attention layers read {context}-d")
+    return IPAdapterConfig(proj, context, dict(sorted(layers.items(), key=lambda kv: int(kv[0]))))
+
+
+def read_ip_adapter(path: str | Path, dtype: mx.Dtype | None = None) -> IPAdapter:
+    """An IP-Adapter file -> an MLX IPAdapter with its weights, checked strictly."""
+    weights = flat_adapter_weights(path)
+    if any(k.startswith("ip_adapter.") and "lora" in k for k in weights):
+        raise UserError(f"{path}: FaceID adapters with LoRA weights are not supported")
+    adapter = IPAdapter(infer_ip_adapter_config(weights))
+    fitted = fit_weights(adapter, weights, what=str(path), dtype=dtype)
+    adapter.load_weights(list(fitted.items()))
+    adapter.eval()
+    return adapter
+
+
+def save_ip_adapter(path: str | Path, dst: str | Path, dtype: mx.Dtype | None = None) -> Path:
+    """`python -m convert` for adapters: an MLX folder with config.json and model.safetensors."""
+    adapter = read_ip_adapter(path, dtype)
+    from mlx.utils import tree_flatten
+
+    return write_mlx_folder(Path(dst), {"ip_adapter": (adapter.config.to_dict(), dict(tree_flatten(adapter.parameters())))},
+                            str(path), kind="ip-adapter")
+
+
+def convert_image_encoder(src: str | Path, dst: str | Path, dtype: mx.Dtype | None = None) -> Path:
+    """A transformers CLIPVisionModelWithProjection folder -> an MLX folder (image_encoder/ inside)."""
+    src = Path(src)
+    config = read_json(src / "config.json")
+    weights = fit_weights(build("image_encoder", config), component_weights(src), diffusers_rename("image_encoder"),
+                          what=str(src), dtype=dtype)
+    return write_mlx_folder(Path(dst), {"image_encoder": (config, weights)}, str(src), kind="image-encoder")

@@ -1,0 +1,205 @@
+"""IP-Adapter: image features -> image tokens, and their hook-up to the UNet's cross-attention layers.
+
+The decoupled attention itself lives in `models/attention.py`; this module decides which `to_k_ip/to_v_ip`
+pair serves which layer, checks that an adapter fits the UNet and the image encoder, and turns reference
+images (or saved embeddings) into the per-adapter token sets the UNet receives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+from PIL import Image
+
+from .errors import UserError
+from .images import clip_pixels
+from .models.attention import Attention, IPAttention
+from .models.clip import CLIPVisionModel
+from .models.image_proj import ImageProjConfig, build_image_proj
+from .models.unet import UNet2DConditionModel
+
+COMBINE_MODES = ("concat", "average", "norm-average", "subtract")
+
+
+def encoder_name(width: int, hidden: bool) -> str:
+    """A readable name for a CLIP vision tower of this feature width, for error messages."""
+    names = ({1024: "ViT-L/14", 1280: "ViT-H/14", 1664: "ViT-bigG/14"} if hidden
+             else {768: "ViT-L/14", 1024: "ViT-H/14", 1280: "ViT-bigG/14"})
+    return f"{width}-d {names[width]}" if width in names else f"{width}-d"
+
+
+def attention_layers(unet: UNet2DConditionModel) -> list[tuple[str, Attention]]:
+    """Every attention layer as diffusers' `attn_processors` walks them: down, up, then mid; attn1 before attn2."""
+    layers = []
+    for block in [*unet.down_blocks, *unet.up_blocks, unet.mid_block]:
+        for transformer in getattr(block, "attentions", []):
+            for tb in transformer.transformer_blocks:
+                layers += [("attn1", tb.attn1), ("attn2", tb.attn2)]
+    return layers
+
+
+def cross_attention_slots(unet: UNet2DConditionModel) -> dict[str, Attention]:
+    """Checkpoint index -> cross-attention layer. The index is the layer's position among all attention
+    processors, so the image layers sit at odd numbers (1, 3, ..., 31 for SD 1.5)."""
+    return {str(i): layer for i, (kind, layer) in enumerate(attention_layers(unet)) if kind == "attn2"}
+
+
+@dataclass
+class IPAdapterConfig:
+    image_proj: ImageProjConfig
+    cross_attention_dim: int
+    layers: dict[str, int]  # checkpoint index -> inner width of that cross-attention layer
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "IPAdapterConfig":
+        return cls(ImageProjConfig(**d["image_proj"]), d["cross_attention_dim"], dict(d["layers"]))
+
+    def to_dict(self) -> dict:
+        return {"image_proj": self.image_proj.to_dict(), "cross_attention_dim": self.cross_attention_dim,
+                "layers": self.layers}
+
+
+class IPAdapter(nn.Module):
+    """`image_proj` and one `ip_adapter.<index>` (to_k_ip, to_v_ip) per cross-attention layer."""
+
+    def __init__(self, config: IPAdapterConfig):
+        super().__init__()
+        self.config = config
+        self.image_proj = build_image_proj(config.image_proj)
+        # a list indexed like the checkpoint; the even places (self-attention) hold no weights
+        last = max(int(i) for i in config.layers)
+        self.ip_adapter = [
+            IPAttention(config.cross_attention_dim, config.layers[str(i)]) if str(i) in config.layers else nn.Identity()
+            for i in range(last + 1)
+        ]
+
+    def layers(self) -> dict[str, IPAttention]:
+        return {i: self.ip_adapter[int(i)] for i in self.config.layers}
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return next(iter(self.layers().values())).to_k_ip.weight.dtype
+
+    def check_unet(self, unet: UNet2DConditionModel) -> dict[str, Attention]:
+        """The slots this adapter fills; fails naming both sides when it was made for another UNet."""
+        slots = cross_attention_slots(unet)
+        ctx = unet.config.cross_attention_dim[0]
+        mine = self.config
+        if mine.cross_attention_dim != ctx or set(mine.layers) != set(slots):
+            raise UserError(
+                f"adapter was made for a UNet with {len(mine.layers)} cross-attention layers of "
+                f"{mine.cross_attention_dim}-d text context ({model_family(mine.cross_attention_dim)}), "
+                f"this UNet has {len(slots)} of {ctx}-d ({model_family(ctx)})"
+            )
+        for i, layer in slots.items():
+            if layer.to_q.weight.shape[0] != mine.layers[i]:
+                raise UserError(f"adapter layer {i} is {mine.layers[i]} wide, the UNet's is {layer.to_q.weight.shape[0]}")
+        return slots
+
+    def check_encoder(self, encoder_config) -> None:
+        p = self.config.image_proj
+        hidden = p.reads_hidden_states
+        width = encoder_config.hidden_size if hidden else encoder_config.projection_dim
+        if width != p.input_dim:
+            raise UserError(f"adapter expects a {encoder_name(p.input_dim, hidden)} encoder, "
+                            f"got {encoder_name(width, hidden)}")
+
+
+def model_family(context_dim: int) -> str:
+    return {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}.get(context_dim, "unknown family")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reference images -> features -> tokens
+
+
+@dataclass
+class Features:
+    """CLIP features of reference images for one adapter: `cond` per image, `uncond` the CFG counterpart."""
+
+    cond: mx.array  # (n, D) image_embeds or (n, tokens, hidden) penultimate hidden states
+    uncond: mx.array  # same shape: the null image (or the negative image)
+    hidden_states: bool
+
+
+def encode_images(
+    encoder: CLIPVisionModel, images: list[Image.Image], hidden_states: bool, fit: str = "crop",
+    negative: Image.Image | None = None,
+) -> Features:
+    """CLIP features as diffusers' IP-Adapter pipeline computes them, null features included.
+
+    The null (unconditional) features are zero embeds for base adapters, and the encoding of an all-zero
+    *normalised* image (CLIP-mean grey) for hidden-state adapters, as in the reference implementation.
+    """
+    c = encoder.config
+    dtype = encoder.visual_projection.weight.dtype
+    pixels = mx.array(clip_pixels(images, c.image_size, fit)).astype(dtype)
+    run = encoder.penultimate if hidden_states else encoder.image_embeds
+    cond = run(pixels)
+    if negative is not None:
+        uncond = run(mx.array(clip_pixels([negative], c.image_size, fit)).astype(dtype))
+    elif hidden_states:
+        uncond = run(mx.zeros_like(pixels[:1]))
+    else:
+        uncond = mx.zeros_like(cond[:1])
+    uncond = mx.broadcast_to(uncond, cond.shape)
+    mx.eval(cond, uncond)
+    return Features(cond, uncond, hidden_states)
+
+
+def combine(x: mx.array, weights: list[float], mode: str) -> mx.array:
+    """Blend the features of several reference images (axis 0) before projection."""
+    w = mx.array(weights, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    if mode == "concat":  # kept apart: their tokens are joined; a weight scales an image's features
+        return x * w
+    if mode == "average":
+        return (x * w).sum(0, keepdims=True) / w.sum()
+    if mode == "norm-average":  # each image counts by direction alone, then the mean length is restored
+        norms = mx.linalg.norm(x, axis=-1, keepdims=True)
+        mean = ((x / norms) * w).sum(0, keepdims=True) / w.sum()
+        return mean * (norms * w).sum(0, keepdims=True) / w.sum()
+    if mode == "subtract":  # the first image minus (the weighted mean of) the others
+        if x.shape[0] < 2:
+            raise UserError("--combine subtract needs at least two images")
+        rest = (x[1:] * w[1:]).sum(0, keepdims=True) / w[1:].sum()
+        return x[:1] * w[:1] - rest
+    raise UserError(f"unknown combine mode {mode!r} (choose from {', '.join(COMBINE_MODES)})")
+
+
+@dataclass
+class ImagePrompt:
+    """What one loaded adapter is given: reference images (or saved features) and how to use them."""
+
+    images: list[Image.Image] = field(default_factory=list)
+    features: Features | None = None  # instead of images (saved embeddings: no vision tower needed)
+    weights: list[float] | None = None  # one per image (default 1)
+    negative: Image.Image | None = None  # replaces the null image in the unconditional branch
+    combine: str = "concat"
+    scale: float = 1.0
+    fit: str = "crop"  # "crop" (CLIPImageProcessor's centre crop) or "pad" (keep the whole image)
+
+
+def image_tokens(adapter: IPAdapter, features: Features, prompt: ImagePrompt, batch: int, guided: bool) -> mx.array:
+    """(batch or 2*batch, n_tokens, C) tokens, [uncond, cond] when guided, like the text embeddings."""
+    n = features.cond.shape[0]
+    weights = prompt.weights or [1.0] * n
+    if len(weights) != n:
+        raise UserError(f"{len(weights)} image weights for {n} images")
+    if prompt.combine not in COMBINE_MODES:
+        raise UserError(f"unknown combine mode {prompt.combine!r} (choose from {', '.join(COMBINE_MODES)})")
+    cond = combine(features.cond, weights, prompt.combine)
+    # the null image stays the null image whatever the blend; with concat it is repeated once per image
+    uncond = features.uncond[: cond.shape[0]]
+
+    def project(f: mx.array) -> mx.array:
+        tokens = adapter.image_proj(f.astype(adapter.dtype))
+        return tokens.reshape(1, -1, tokens.shape[-1])  # several images: their tokens joined in order
+
+    cond_t = project(cond)
+    cond_t = mx.broadcast_to(cond_t, (batch, *cond_t.shape[1:]))
+    if not guided:
+        return cond_t
+    uncond_t = mx.broadcast_to(project(uncond), cond_t.shape)
+    return mx.concatenate([uncond_t, cond_t])

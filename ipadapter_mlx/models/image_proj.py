@@ -1,0 +1,143 @@
+"""IP-Adapter projections: CLIP image features -> image tokens of the UNet's cross-attention width.
+
+Parameter names are those of the tencent-ailab checkpoints (`image_proj.*` without the prefix), so the
+files map 1:1. Which class, and every size, is read from the weights' keys and shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..errors import UserError
+from .attention import attention
+
+RESAMPLER_HEAD_DIM = 64  # the released Resamplers all use 64-wide heads; shapes give only heads * 64
+
+
+@dataclass
+class ImageProjConfig:
+    kind: str  # "linear" (ImageProjModel), "resampler" (plus), "mlp" (full-face)
+    input_dim: int  # width of the CLIP features it reads
+    output_dim: int  # cross-attention width of the UNet it serves
+    tokens: int  # image tokens per reference image
+    dim: int = 0  # resampler width
+    depth: int = 0
+    heads: int = 0
+    ff_mult: int = 4
+
+    @property
+    def reads_hidden_states(self) -> bool:
+        """Plus and full-face read the penultimate hidden states; base adapters the projected embedding."""
+        return self.kind != "linear"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def infer_image_proj_config(w: dict[str, mx.array]) -> ImageProjConfig:
+    """From an adapter's `image_proj.*` tensors (prefix removed)."""
+    if "proj.weight" in w and "norm.weight" in w:
+        out = w["norm.weight"].shape[0]
+        return ImageProjConfig("linear", w["proj.weight"].shape[1], out, w["proj.weight"].shape[0] // out)
+    if "proj.0.weight" in w and "proj.3.weight" in w:
+        hidden = w["proj.0.weight"].shape[1]
+        # full-face projects every token of the ViT's hidden states: 257 for a 224 px ViT-*/14
+        return ImageProjConfig("mlp", hidden, w["proj.3.weight"].shape[0], 0)
+    if "latents" in w:
+        _, queries, dim = w["latents"].shape
+        depth = len({k.split(".")[1] for k in w if k.startswith("layers.")})
+        return ImageProjConfig(
+            "resampler", w["proj_in.weight"].shape[1], w["proj_out.weight"].shape[0], queries, dim=dim, depth=depth,
+            heads=w["layers.0.0.to_q.weight"].shape[0] // RESAMPLER_HEAD_DIM,
+            ff_mult=w["layers.0.1.1.weight"].shape[0] // dim,
+        )
+    if any(k.startswith("perceiver_resampler.") for k in w) or "proj.2.weight" in w:
+        raise UserError("FaceID adapters (InsightFace embeddings) are not supported")
+    raise UserError(f"unknown IP-Adapter projection (keys: {', '.join(sorted(w)[:6])} ...)")
+
+
+class ImageProjModel(nn.Module):
+    """Base / light / vit-G: one Linear to `tokens` tokens, then LayerNorm."""
+
+    def __init__(self, c: ImageProjConfig):
+        super().__init__()
+        self.tokens = c.tokens
+        self.proj = nn.Linear(c.input_dim, c.tokens * c.output_dim)
+        self.norm = nn.LayerNorm(c.output_dim)
+
+    def __call__(self, embeds: mx.array) -> mx.array:
+        return self.norm(self.proj(embeds).reshape(embeds.shape[0], self.tokens, -1))
+
+
+class MLPProjModel(nn.Module):
+    """Full-face: Linear-GELU-Linear-LayerNorm on every hidden-state token."""
+
+    def __init__(self, c: ImageProjConfig):
+        super().__init__()
+        self.proj = [nn.Linear(c.input_dim, c.input_dim), nn.GELU(), nn.Linear(c.input_dim, c.output_dim),
+                     nn.LayerNorm(c.output_dim)]
+
+    def __call__(self, hidden: mx.array) -> mx.array:
+        for layer in self.proj:
+            hidden = layer(hidden)
+        return hidden
+
+
+class PerceiverAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        inner = heads * RESAMPLER_HEAD_DIM
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def __call__(self, x: mx.array, latents: mx.array) -> mx.array:
+        x, latents = self.norm1(x), self.norm2(latents)
+        # keys and values over the image tokens and the latents together
+        k, v = mx.split(self.to_kv(mx.concatenate([x, latents], axis=1)), 2, axis=-1)
+        q = self.to_q(latents)
+        dtype = q.dtype
+        out = attention(q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32), self.heads)
+        return self.to_out(out.astype(dtype))
+
+
+class Resampler(nn.Module):
+    """Plus / plus-face: learned queries attend to the ViT's hidden states (a Perceiver)."""
+
+    def __init__(self, c: ImageProjConfig):
+        super().__init__()
+        self.latents = mx.zeros((1, c.tokens, c.dim))
+        self.proj_in = nn.Linear(c.input_dim, c.dim)
+        self.proj_out = nn.Linear(c.dim, c.output_dim)
+        self.norm_out = nn.LayerNorm(c.output_dim)
+        inner = c.dim * c.ff_mult
+        # names as in the checkpoints: layers.i.0 = attention, layers.i.1.{0,1,3} = LN, Linear, (GELU), Linear
+        self.layers = [
+            [PerceiverAttention(c.dim, c.heads),
+             [nn.LayerNorm(c.dim), nn.Linear(c.dim, inner, bias=False), nn.GELU(), nn.Linear(inner, c.dim, bias=False)]]
+            for _ in range(c.depth)
+        ]
+
+    def __call__(self, hidden: mx.array) -> mx.array:
+        latents = mx.broadcast_to(self.latents, (hidden.shape[0], *self.latents.shape[1:])).astype(hidden.dtype)
+        x = self.proj_in(hidden)
+        for attn, ff in self.layers:
+            latents = attn(x, latents) + latents
+            h = latents
+            for layer in ff:
+                h = layer(h)
+            latents = h + latents
+        return self.norm_out(self.proj_out(latents))
+
+
+PROJECTIONS = {"linear": ImageProjModel, "mlp": MLPProjModel, "resampler": Resampler}
+
+
+def build_image_proj(c: ImageProjConfig) -> nn.Module:
+    return PROJECTIONS[c.kind](c)
