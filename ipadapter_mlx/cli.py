@@ -13,6 +13,134 @@ from .errors import UserError
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+IP_OPTIONS = ("image", "image_weight", "scale", "negative_image", "image_embeds", "combine", "image_encoder",
+              "image_fit")
+
+
+class _IPOption(argparse.Action):
+    """Keeps IP-Adapter options in command-line order, so each belongs to the --ip-adapter before it."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.ip_args = (getattr(namespace, "ip_args", None) or []) + [(self.dest, value)]
+
+
+def ip_groups(pairs: list[tuple[str, str]]) -> list[dict]:
+    """[('ip_adapter', A), ('image', x), ('scale', s), ('ip_adapter', B), ...] -> one dict per adapter.
+    Options given before the first --ip-adapter belong to the first."""
+    groups: list[dict] = []
+    pending: list[tuple[str, str]] = []
+    for key, value in pairs:
+        if key == "ip_adapter":
+            groups.append({"ip_adapter": value, "image": [], "image_weight": [], "image_embeds": []})
+            for k, v in pending:
+                _put(groups[-1], k, v)
+            pending = []
+        elif groups:
+            _put(groups[-1], key, value)
+        else:
+            pending.append((key, value))
+    if pending:
+        raise UserError(f"--{pending[0][0].replace('_', '-')} needs an --ip-adapter")
+    return groups
+
+
+def _put(group: dict, key: str, value) -> None:
+    if key in ("image", "image_weight", "image_embeds"):
+        group[key].append(value)
+    elif key in group:
+        raise UserError(f"--{key.replace('_', '-')} given twice for IP-Adapter {group['ip_adapter']}")
+    else:
+        group[key] = value
+
+
+def _add_ip_options(p: argparse.ArgumentParser, embed: bool = False) -> None:
+    from .hub import PRESETS
+    from .images import FITS
+    from .ip_adapter import COMBINE_MODES
+
+    g = p.add_argument_group("IP-Adapter (repeat --ip-adapter for several; options apply to the one before them)")
+    g.add_argument("--ip-adapter", action=_IPOption, dest="ip_adapter",
+                   help=f"preset ({', '.join(PRESETS)}), REPO:PATH on the Hub, or a local .bin/.safetensors")
+    g.add_argument("--image", action=_IPOption, dest="image", help="a reference image (repeatable)")
+    g.add_argument("--image-encoder", action=_IPOption, dest="image_encoder",
+                   help="override the CLIP vision tower: folder, REPO:PATH, or repo id")
+    g.add_argument("--image-fit", action=_IPOption, dest="image_fit", choices=FITS,
+                   help="crop: CLIP's centre crop (default); pad: keep a non-square image whole")
+    g.add_argument("--negative-image", action=_IPOption, dest="negative_image",
+                   help="replaces the null image in the unconditional branch")
+    if not embed:
+        g.add_argument("--image-weight", action=_IPOption, dest="image_weight", type=float,
+                       help="weight of each --image, in order (repeatable; default 1)")
+        g.add_argument("--scale", action=_IPOption, dest="scale", type=float, help="adapter strength (default 1.0)")
+        g.add_argument("--image-embeds", action=_IPOption, dest="image_embeds",
+                       help="embeddings from `embed`, instead of --image (no vision tower is loaded)")
+        g.add_argument("--combine", action=_IPOption, dest="combine", choices=COMBINE_MODES,
+                       help="several images: concat tokens (default, as diffusers), average, norm-average, subtract")
+
+
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("embed", help="write reference images' CLIP features to a file, for generate --image-embeds")
+    _add_ip_options(p, embed=True)
+    p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.add_argument("--output", required=True, help=".safetensors path")
+
+
+def _embed(args: argparse.Namespace) -> int:
+    import mlx.core as mx
+
+    from convert.ip_adapter import read_ip_adapter
+
+    from . import hub
+    from .images import open_image
+    from .ip_adapter import encode_images, save_features
+    from .loading import load_component
+    from .pipeline import default_dtype
+
+    groups = ip_groups(getattr(args, "ip_args", None) or [])
+    if len(groups) != 1:
+        raise UserError("embed takes exactly one --ip-adapter (its shapes say which features to compute)")
+    g = groups[0]
+    if not g["image"]:
+        raise UserError("give at least one --image")
+    if not args.output.endswith(".safetensors"):
+        raise UserError(f"--output must be a .safetensors path, got {args.output}")
+    images = [open_image(p) for p in g["image"]]
+    negative = open_image(g["negative_image"]) if g.get("negative_image") else None
+    dtype = getattr(mx, args.dtype) if args.dtype else default_dtype()
+    file, hub_ref = hub.resolve_ip_adapter(g["ip_adapter"])
+    adapter = read_ip_adapter(file, dtype)
+    folder = hub.resolve_image_encoder(adapter, file, hub_ref, g.get("image_encoder"))
+    encoder = load_component(folder, "image_encoder", dtype)
+    hidden = adapter.config.image_proj.reads_hidden_states
+    features = encode_images(encoder, images, hidden, g.get("image_fit", "crop"), negative)
+    save_features(args.output, features, {"ip_adapter": g["ip_adapter"], "images": g["image"],
+                                          "image_encoder": str(folder)})
+    print(args.output)
+    return 0
+
+
+def _image_prompts(pipe, groups: list[dict]) -> list:
+    from .images import open_image
+    from .ip_adapter import ImagePrompt, join_features, load_features
+
+    prompts = []
+    for g in groups:
+        if bool(g["image"]) == bool(g["image_embeds"]):
+            raise UserError(f"IP-Adapter {g['ip_adapter']}: give --image or --image-embeds (one of them)")
+        images = [open_image(p) for p in g["image"]]
+        features = join_features([load_features(p) for p in g["image_embeds"]]) if g["image_embeds"] else None
+        n = len(images) if images else features.cond.shape[0]
+        if g["image_weight"] and len(g["image_weight"]) != n:
+            raise UserError(f"IP-Adapter {g['ip_adapter']}: {len(g['image_weight'])} --image-weight for {n} images")
+        pipe.load_ip_adapter(g["ip_adapter"], image_encoder=g.get("image_encoder"), scale=g.get("scale", 1.0))
+        prompts.append(ImagePrompt(
+            images=images, features=features, weights=g["image_weight"] or None,
+            negative=open_image(g["negative_image"]) if g.get("negative_image") else None,
+            combine=g.get("combine", "concat"), fit=g.get("image_fit", "crop"),
+        ))
+    return prompts
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     from .pipeline import DEFAULT_MODEL, DEFAULT_SCHEDULER
     from .samplers import SAMPLERS
@@ -40,6 +168,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default="out.png",
                    help="PNG path; with several images, _1, _2, ... are added before the extension")
     p.add_argument("--verbose", action="store_true", help="print timings and peak memory")
+    _add_ip_options(p)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -69,16 +198,21 @@ def _generate(args: argparse.Namespace) -> int:
             raise UserError(f"cannot read --latents {args.latents}: {e}") from None
         if init is not None:
             raise UserError("--latents is the text-to-image starting noise; it does not combine with --init-image")
+    groups = ip_groups(getattr(args, "ip_args", None) or [])
+    for g in groups:  # check the files before loading anything big
+        for path in g["image"] + ([g["negative_image"]] if g.get("negative_image") else []):
+            open_image(path)
     seed = args.seed if args.seed is not None else int(np.random.randint(0, 2**31 - 1))
     dtype = getattr(mx, args.dtype) if args.dtype else default_dtype()
 
     t0 = time.perf_counter()
     pipe = StableDiffusion.from_pretrained(args.model, dtype=dtype, tokenizer=args.tokenizer, config=args.config)
+    prompts = _image_prompts(pipe, groups) if groups else None
     t_load = time.perf_counter() - t0
     steps = pipe.generate_latents(
         args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg, seed=seed,
         height=args.height, width=args.width, scheduler=args.scheduler, num_images=args.num_images,
-        init_image=init, strength=args.strength, latents=latents,
+        init_image=init, strength=args.strength, latents=latents, image_prompts=prompts,
     )
     t1 = time.perf_counter()
     step = None
@@ -97,6 +231,11 @@ def _generate(args: argparse.Namespace) -> int:
         params.update(init_image=str(args.init_image), strength=args.strength)
     if latents is not None:
         params["latents"] = str(args.latents)
+    if groups:
+        params["ip_adapters"] = [
+            {k: v for k, v in g.items() if v not in ([], None)} | {"scale": pipe.adapters[i].scale}
+            for i, g in enumerate(groups)
+        ]
     out = Path(args.output)
     for i, image in enumerate(to_pil(images)):
         path = out if len(images) == 1 else out.with_name(f"{out.stem}_{i + 1}{out.suffix}")
@@ -112,13 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ipadapter_mlx", description="Stable Diffusion + IP-Adapter in MLX")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_embed(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": _generate}[args.command](args)
+        return {"generate": _generate, "embed": _embed}[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

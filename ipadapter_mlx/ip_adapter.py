@@ -177,7 +177,7 @@ class ImagePrompt:
     weights: list[float] | None = None  # one per image (default 1)
     negative: Image.Image | None = None  # replaces the null image in the unconditional branch
     combine: str = "concat"
-    scale: float = 1.0
+    scale: float | None = None  # None: the adapter's own scale (load_ip_adapter / set_ip_adapter_scale)
     fit: str = "crop"  # "crop" (CLIPImageProcessor's centre crop) or "pad" (keep the whole image)
 
 
@@ -203,3 +203,52 @@ def image_tokens(adapter: IPAdapter, features: Features, prompt: ImagePrompt, ba
         return cond_t
     uncond_t = mx.broadcast_to(project(uncond), cond_t.shape)
     return mx.concatenate([uncond_t, cond_t])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Saved embeddings: encode once, generate many times without the vision tower
+
+EMBEDS_FORMAT = "ipadapter-mlx-embeds"
+
+
+def save_features(path: str, features: Features, info: dict | None = None) -> None:
+    """A safetensors file with `cond` and `uncond` features; written to a temp file, then renamed."""
+    import json
+    import os
+    import tempfile
+    from pathlib import Path
+
+    meta = {"format": EMBEDS_FORMAT, "hidden_states": json.dumps(features.hidden_states),
+            "info": json.dumps(info or {})}
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".safetensors")
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, {"cond": features.cond, "uncond": features.uncond}, metadata=meta)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_features(path: str) -> Features:
+    import json
+
+    try:
+        arrays, meta = mx.load(str(path), return_metadata=True)
+    except FileNotFoundError:
+        raise UserError(f"embeddings file not found: {path}") from None
+    except Exception as e:
+        raise UserError(f"{path}: not a readable embeddings file ({e})") from None
+    if meta.get("format") != EMBEDS_FORMAT or "cond" not in arrays or "uncond" not in arrays:
+        raise UserError(f"{path}: not an embeddings file written by `python -m ipadapter_mlx embed`")
+    return Features(arrays["cond"], arrays["uncond"], json.loads(meta["hidden_states"]))
+
+
+def join_features(parts: list[Features]) -> Features:
+    """Several embeddings files for one adapter: their images in order."""
+    if len({p.hidden_states for p in parts}) > 1 or len({p.cond.shape[1:] for p in parts}) > 1:
+        raise UserError("the embeddings files given to one adapter were made for different encoders")
+    return Features(mx.concatenate([p.cond for p in parts]), mx.concatenate([p.uncond for p in parts]),
+                    parts[0].hidden_states)

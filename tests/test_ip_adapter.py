@@ -129,3 +129,23 @@ def test_projection_matches_diffusers(variant, diffusers_dir, adapter_repo):
     with torch.no_grad():
         ref = proj_ref(x)
     assert np.abs(to_np(adapter.image_proj(mx.array(x.numpy()))) - to_np(ref)).max() < 1e-4
+
+
+def test_image_to_image_with_image_prompt(diffusers_dir, mlx_dir, adapter_repo):
+    init = reference_image(9, (W, H))
+    ref_pipe = diffusers_pipe(diffusers_dir, adapter_repo, ["plus"], [0.7])
+    ref_pipe = diffusers.StableDiffusionImg2ImgPipeline(**ref_pipe.components)
+    ref = ref_pipe("a cat", image=init, strength=0.7, ip_adapter_image=reference_image(1),
+                   num_inference_steps=STEPS, guidance_scale=6.0, generator=torch.Generator().manual_seed(2),
+                   output_type="np").images
+    ours = StableDiffusion(mlx_dir, dtype=mx.float32)
+    ours.load_ip_adapter(str(adapter_repo / "models" / VARIANTS["plus"][0]), scale=0.7)
+    g = torch.Generator().manual_seed(2)
+
+    def noise(shape):
+        b, h, w, c = shape
+        return mx.array(torch.randn((b, c, h, w), generator=g).permute(0, 2, 3, 1).numpy())
+
+    got = ours.generate("a cat", steps=STEPS, cfg=6.0, scheduler="euler", init_image=init, strength=0.7,
+                        noise=noise, image_prompts=[ImagePrompt(images=[reference_image(1)])], return_array=True)
+    assert psnr(np.array(got), ref) >= 40
