@@ -6,8 +6,9 @@
 """
 
 from .errors import UserError
+from .ip_adapter import Features, ImagePrompt, load_features, save_features
 from .pipeline import DEFAULT_MODEL, Sampling, StableDiffusion, Step, default_dtype
 from .samplers import SAMPLERS
 
-__all__ = ["StableDiffusion", "Sampling", "Step", "UserError", "DEFAULT_MODEL", "SAMPLERS", "default_dtype"]
+__all__ = ["ImagePrompt", "Features", "load_features", "save_features", "StableDiffusion", "Sampling", "Step", "UserError", "DEFAULT_MODEL", "SAMPLERS", "default_dtype"]
 __version__ = "0.1.0"
