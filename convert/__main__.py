@@ -1,4 +1,7 @@
-"""`python -m convert SOURCE OUTPUT`: any Stable Diffusion checkpoint -> a converted MLX folder."""
+"""`python -m convert SOURCE OUTPUT`: any Stable Diffusion checkpoint or IP-Adapter -> a converted MLX folder.
+
+SOURCE: a Hub repo id, a diffusers folder, an original single file, or an IP-Adapter (preset name,
+REPO:PATH, or a tencent-format .bin/.safetensors file)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,19 @@ import sys
 from pathlib import Path
 
 from ipadapter_mlx.errors import UserError
+
+
+def is_ip_adapter_file(path: Path) -> bool:
+    """Tell an IP-Adapter from a model checkpoint by its tensor names, without reading a big file whole."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                return any(k.startswith("ip_adapter.") for k in f.keys())
+        except Exception:
+            return False  # not readable: the model converter reports it
+    return path.suffix == ".bin" and path.stat().st_size < 2**31 and path.name.startswith("ip-adapter")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import mlx.core as mx
 
-        from ipadapter_mlx.hub import REPO_ID, download_diffusers_repo, resolve_config, resolve_tokenizer
+        from ipadapter_mlx.hub import (
+            PRESETS, REPO_ID, download_diffusers_repo, resolve_config, resolve_ip_adapter, resolve_tokenizer,
+            split_hub_path,
+        )
+
+        from .ip_adapter import save_ip_adapter
         from .stable_diffusion import DEFAULT_TOKENIZER, convert_diffusers_folder, convert_single_file
 
         out = Path(args.output)
@@ -32,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{out} already exists (use --force to replace it)")
         dtype = getattr(mx, args.dtype) if args.dtype else None
         src = Path(args.source).expanduser()
-        if src.is_dir():
+        if args.source in PRESETS or split_hub_path(args.source) or (src.is_file() and is_ip_adapter_file(src)):
+            save_ip_adapter(resolve_ip_adapter(args.source)[0], out, dtype)
+        elif src.is_dir():
             convert_diffusers_folder(src, out, dtype)
         elif src.is_file():
             config_dir = resolve_config(args.config) if args.config else None

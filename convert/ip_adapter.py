@@ -53,7 +53,14 @@ def infer_ip_adapter_config(weights: dict[str, mx.array]) -> IPAdapterConfig:
 
 
 def read_ip_adapter(path: str | Path, dtype: mx.Dtype | None = None) -> IPAdapter:
-    """An IP-Adapter file -> an MLX IPAdapter with its weights, checked strictly."""
+    """An IP-Adapter file (or a folder written by `python -m convert`) -> an MLX IPAdapter, checked strictly."""
+    if Path(path).is_dir():
+        folder = Path(path) / "ip_adapter"
+        adapter = IPAdapter(IPAdapterConfig.from_dict(read_json(folder / "config.json")))
+        weights = read_weights(folder / "model.safetensors")
+        fitted = fit_weights(adapter, weights, what=str(folder), dtype=dtype)
+        adapter.load_weights(list(fitted.items()))
+        return adapter
     weights = flat_adapter_weights(path)
     if any(k.startswith("ip_adapter.") and "lora" in k for k in weights):
         raise UserError(f"{path}: FaceID adapters with LoRA weights are not supported")

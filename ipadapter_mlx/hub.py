@@ -184,7 +184,7 @@ def resolve_ip_adapter(ref: str) -> tuple[Path, tuple[str, str] | None]:
     """A preset name, `REPO:PATH`, or a local file -> (local file, (repo, path) when it came from the Hub)."""
     ref = PRESETS.get(ref, ref)
     path = Path(ref).expanduser()
-    if path.is_file():
+    if path.is_file() or (path.is_dir() and is_mlx_folder(path)):
         return path, None
     hub = split_hub_path(ref)
     if hub is None:

@@ -189,3 +189,21 @@ def test_plain_pickle_and_garbage_are_refused(tmp_path):
     (tmp_path / "old.bin").write_bytes(pickle.dumps({"a": 1}))
     with pytest.raises(UserError, match="not a readable PyTorch zip"):
         load_torch_file(str(tmp_path / "old.bin"))
+
+
+def test_convert_cli_ip_adapter(torch_pipe, tmp_path, capsys):
+    from convert.__main__ import main
+    from convert.ip_adapter import read_ip_adapter
+    from ip_fixtures import VARIANTS, make_adapter_repo
+    from ipadapter_mlx.ip_adapter import IPAdapter, IPAdapterConfig
+    from ipadapter_mlx.loading import read_json
+
+    repo = make_adapter_repo(tmp_path / "h94", torch_pipe.unet)
+    for variant in ("plus", "vit-g"):
+        out = tmp_path / f"{variant}-mlx"
+        assert main([str(repo / "models" / VARIANTS[variant][0]), str(out)]) == 0
+        adapter = IPAdapter(IPAdapterConfig.from_dict(read_json(out / "ip_adapter" / "config.json")))
+        adapter.load_weights(str(out / "ip_adapter" / "model.safetensors"))  # strict: every parameter filled
+        assert read_ip_adapter(out).config == read_ip_adapter(repo / "models" / VARIANTS[variant][0]).config
+    assert main([str(repo / "models" / VARIANTS["plus"][0]), str(tmp_path / "plus-mlx")]) == 2
+    assert "already exists" in capsys.readouterr().err
