@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None, help="single files: tokenizer folder or Hub repo")
     p.add_argument("--config", default=None,
                    help="single files: a diffusers folder or Hub repo whose configs to use instead of inferring them")
+    p.add_argument("--quantize", type=int, choices=(4, 8), default=None,
+                   help="store the Linear layers of the text encoder, UNet and image encoder quantized")
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64)
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)
     try:
@@ -52,17 +55,18 @@ def main(argv: list[str] | None = None) -> int:
         if out.exists() and not args.force:
             raise UserError(f"{out} already exists (use --force to replace it)")
         dtype = getattr(mx, args.dtype) if args.dtype else None
+        q = (args.quantize, args.group_size) if args.quantize else None
         src = Path(args.source).expanduser()
         if args.source in PRESETS or split_hub_path(args.source) or (src.is_file() and is_ip_adapter_file(src)):
             save_ip_adapter(resolve_ip_adapter(args.source)[0], out, dtype)
         elif src.is_dir():
-            convert_diffusers_folder(src, out, dtype)
+            convert_diffusers_folder(src, out, dtype, q)
         elif src.is_file():
             config_dir = resolve_config(args.config) if args.config else None
             tokenizer = args.tokenizer or (str(config_dir / "tokenizer") if config_dir else DEFAULT_TOKENIZER)
-            convert_single_file(src, out, resolve_tokenizer(tokenizer), dtype, config_dir)
+            convert_single_file(src, out, resolve_tokenizer(tokenizer), dtype, config_dir, q)
         elif REPO_ID.match(args.source):
-            convert_diffusers_folder(download_diffusers_repo(args.source), out, dtype)
+            convert_diffusers_folder(download_diffusers_repo(args.source), out, dtype, q)
         else:
             raise UserError(f"model not found: {args.source} is neither an existing path nor a Hub repo id")
         print(out)

@@ -11,7 +11,7 @@ from ipadapter_mlx.ip_adapter import IPAdapter, IPAdapterConfig
 from ipadapter_mlx.loading import build, read_json
 from ipadapter_mlx.models.image_proj import infer_image_proj_config
 
-from .stable_diffusion import component_weights, diffusers_rename, write_mlx_folder
+from .stable_diffusion import component_weights, diffusers_rename, quantized, write_mlx_folder
 from .weights import fit_weights, read_weights
 
 IP_PREFIXES = ("image_proj.", "ip_adapter.")
@@ -80,10 +80,13 @@ def save_ip_adapter(path: str | Path, dst: str | Path, dtype: mx.Dtype | None = 
                             str(path), kind="ip-adapter")
 
 
-def convert_image_encoder(src: str | Path, dst: str | Path, dtype: mx.Dtype | None = None) -> Path:
+def convert_image_encoder(
+    src: str | Path, dst: str | Path, dtype: mx.Dtype | None = None, quantize: tuple[int, int] | None = None
+) -> Path:
     """A transformers CLIPVisionModelWithProjection folder -> an MLX folder (image_encoder/ inside)."""
     src = Path(src)
     config = read_json(src / "config.json")
     weights = fit_weights(build("image_encoder", config), component_weights(src), diffusers_rename("image_encoder"),
                           what=str(src), dtype=dtype)
-    return write_mlx_folder(Path(dst), {"image_encoder": (config, weights)}, str(src), kind="image-encoder")
+    return write_mlx_folder(Path(dst), {"image_encoder": quantized("image_encoder", config, weights, quantize)},
+                            str(src), kind="image-encoder")

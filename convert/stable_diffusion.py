@@ -66,6 +66,21 @@ def diffusers_rename(component: str) -> Callable[[str], str]:
     return lambda k: keymaps.rename(k, pairs)
 
 
+def quantized(component: str, config: dict, weights: dict[str, mx.array], quantize: tuple[int, int] | None):
+    """Quantize a component's Linear layers for storage; the config records how, so loading needs no redo."""
+    from mlx.utils import tree_flatten
+
+    from ipadapter_mlx.loading import QUANTIZABLE
+    from ipadapter_mlx.quantize import quantize_model
+
+    if not quantize or component not in QUANTIZABLE:
+        return config, weights
+    model = build(component, config)
+    model.load_weights(list(weights.items()))
+    quantize_model(model, *quantize)
+    return {**config, "quantization": {"bits": quantize[0], "group_size": quantize[1]}}, dict(tree_flatten(model.parameters()))
+
+
 def write_mlx_folder(
     dst: Path,
     components: dict[str, tuple[dict, dict[str, mx.array]]],
@@ -108,7 +123,9 @@ def _write_pipeline(dst: Path, components, scheduler: dict, tokenizer_dir: Path,
                             folders={"tokenizer": tokenizer_dir})
 
 
-def convert_diffusers_folder(src: str | Path, dst: str | Path, dtype: mx.Dtype | None = None) -> Path:
+def convert_diffusers_folder(
+    src: str | Path, dst: str | Path, dtype: mx.Dtype | None = None, quantize: tuple[int, int] | None = None
+) -> Path:
     """A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
     src = Path(src)
     if not (src / "model_index.json").is_file():
@@ -121,7 +138,7 @@ def convert_diffusers_folder(src: str | Path, dst: str | Path, dtype: mx.Dtype |
         _log(f"converting {name} ...")
         weights = fit_weights(build(name, config), component_weights(src / name), diffusers_rename(name),
                               what=f"{src / name}", dtype=dtype)
-        components[name] = (config, weights)
+        components[name] = quantized(name, config, weights, quantize)
     scheduler = read_json(src / "scheduler" / "scheduler_config.json")
     if not (src / "tokenizer").is_dir():
         raise UserError(f"{src} has no tokenizer/ folder")
@@ -239,6 +256,7 @@ def convert_single_file(
     tokenizer_dir: str | Path,
     dtype: mx.Dtype | None = None,
     config_dir: str | Path | None = None,
+    quantize: tuple[int, int] | None = None,
 ) -> Path:
     """An original `.safetensors` / `.ckpt` (model.diffusion_model.*, first_stage_model.*, cond_stage_model.*).
 
@@ -268,7 +286,7 @@ def convert_single_file(
     ):
         _log(f"converting {name} ...")
         weights = fit_weights(build(name, config), parts[name], rename, what=f"{path} ({name})", dtype=dtype)
-        components[name] = (config, weights)
+        components[name] = quantized(name, config, weights, quantize)
     if not (Path(tokenizer_dir) / "tokenizer_config.json").is_file() and not (Path(tokenizer_dir) / "vocab.json").is_file():
         raise UserError(f"{tokenizer_dir} is not a tokenizer folder")
     return _write_pipeline(Path(dst), components, scheduler, Path(tokenizer_dir), str(path))

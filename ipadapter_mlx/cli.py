@@ -167,6 +167,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="single-file models: diffusers folder or Hub repo whose configs to use instead of inferring")
     p.add_argument("--output", default="out.png",
                    help="PNG path; with several images, _1, _2, ... are added before the extension")
+    p.add_argument("--quantize", type=int, choices=(4, 8), default=None,
+                   help="quantize the Linear layers of the text encoder, UNet and image encoder on load")
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64)
+    p.add_argument("--low-memory", action="store_true",
+                   help="free the text and image encoders after encoding; decode the VAE in tiles")
     p.add_argument("--verbose", action="store_true", help="print timings and peak memory")
     _add_ip_options(p)
 
@@ -206,7 +211,9 @@ def _generate(args: argparse.Namespace) -> int:
     dtype = getattr(mx, args.dtype) if args.dtype else default_dtype()
 
     t0 = time.perf_counter()
-    pipe = StableDiffusion.from_pretrained(args.model, dtype=dtype, tokenizer=args.tokenizer, config=args.config)
+    quantize = (args.quantize, args.group_size) if args.quantize else None
+    pipe = StableDiffusion.from_pretrained(args.model, dtype=dtype, quantize=quantize, low_memory=args.low_memory,
+                                           tokenizer=args.tokenizer, config=args.config)
     prompts = _image_prompts(pipe, groups) if groups else None
     t_load = time.perf_counter() - t0
     steps = pipe.generate_latents(
@@ -227,6 +234,8 @@ def _generate(args: argparse.Namespace) -> int:
         "sampler": args.scheduler, "cfg_scale": args.cfg, "seed": seed, "size": f"{w}x{h}",
         "model": args.model, "dtype": str(dtype).rpartition(".")[2],
     }
+    if quantize:
+        params["quantize"] = f"{args.quantize}-bit, group {args.group_size}"
     if init is not None:
         params.update(init_image=str(args.init_image), strength=args.strength)
     if latents is not None:
@@ -252,13 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_embed(sub)
+    from .bench import add_parser
+
+    add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": _generate, "embed": _embed}[args.command](args)
+        from .bench import main_bench
+
+        return {"generate": _generate, "embed": _embed, "bench": main_bench}[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

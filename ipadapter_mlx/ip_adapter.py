@@ -134,7 +134,7 @@ def encode_images(
     *normalised* image (CLIP-mean grey) for hidden-state adapters, as in the reference implementation.
     """
     c = encoder.config
-    dtype = encoder.visual_projection.weight.dtype
+    dtype = encoder.vision_model.pre_layrnorm.weight.dtype  # a float weight even when quantized
     pixels = mx.array(clip_pixels(images, c.image_size, fit)).astype(dtype)
     run = encoder.penultimate if hidden_states else encoder.image_embeds
     cond = run(pixels)

@@ -52,9 +52,22 @@ def is_mlx_folder(path: str | Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
-def load_component(folder: str | Path, component: str, dtype: mx.Dtype | None = None) -> nn.Module:
+QUANTIZABLE = ("text_encoder", "unet", "image_encoder")  # the VAE is convolutions; adapters are small
+
+
+def load_component(
+    folder: str | Path, component: str, dtype: mx.Dtype | None = None, quantize: tuple[int, int] | None = None
+) -> nn.Module:
+    """One model of a converted folder. `quantize` = (bits, group_size) quantizes its Linear layers on load;
+    a folder converted with --quantize is loaded quantized as it is, without quantizing again."""
+    from .quantize import quantize_model
+
     folder = Path(folder) / component
-    model = build(component, read_json(folder / "config.json"))
+    config = read_json(folder / "config.json")
+    model = build(component, config)
+    stored = config.get("quantization")
+    if stored:
+        quantize_model(model, stored["bits"], stored["group_size"])
     path = folder / "model.safetensors"
     if not path.is_file():
         raise UserError(f"weights not found: {path}")
@@ -76,6 +89,9 @@ def load_component(folder: str | Path, component: str, dtype: mx.Dtype | None = 
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()))
+    if quantize and not stored and component in QUANTIZABLE:
+        quantize_model(model, *quantize)
+    mx.eval(model.parameters())
     model.eval()
     return model
 

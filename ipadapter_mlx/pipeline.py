@@ -48,6 +48,29 @@ class LoadedAdapter:
     encoder_folder: Path | None = None
 
 
+def decode_tiled(vae, z: mx.array, tile: int, overlap: int = 8) -> mx.array:
+    """Decode (B, h, w, C) latents tile by tile; overlaps are blended with linear ramps so no seam shows."""
+    B, h, w, _ = z.shape
+    if h <= tile and w <= tile:
+        return vae.decode(z)
+    f = vae.scale_factor
+    stride = tile - overlap
+    out = mx.zeros((B, h * f, w * f, vae.config.out_channels))
+    weight = mx.zeros((1, h * f, w * f, 1))
+    for y in range(0, max(h - overlap, 1), stride):
+        for x in range(0, max(w - overlap, 1), stride):
+            y0, x0 = min(y, max(h - tile, 0)), min(x, max(w - tile, 0))
+            part = vae.decode(z[:, y0 : y0 + tile, x0 : x0 + tile]).astype(mx.float32)
+            th, tw = part.shape[1:3]
+            ramp_y = mx.minimum(mx.minimum(mx.arange(th) + 1, th - mx.arange(th)), overlap * f) / (overlap * f)
+            ramp_x = mx.minimum(mx.minimum(mx.arange(tw) + 1, tw - mx.arange(tw)), overlap * f) / (overlap * f)
+            m = (ramp_y[:, None] * ramp_x[None, :])[None, :, :, None]
+            out[:, y0 * f : y0 * f + th, x0 * f : x0 * f + tw] += part * m
+            weight[:, y0 * f : y0 * f + th, x0 * f : x0 * f + tw] += m
+            mx.eval(out, weight)
+    return out / weight
+
+
 class Sampling:
     """The steps of one generation: iterate for Steps (stop early by breaking), len() gives their count."""
 
@@ -76,14 +99,20 @@ def seeded_noise(seed: int | None) -> NoiseFn:
 class StableDiffusion:
     """A loaded SD 1.x/2.x pipeline: text encoder, UNet, VAE, tokenizer and the training noise schedule."""
 
-    def __init__(self, folder: str | Path, dtype: mx.Dtype | None = None):
+    def __init__(self, folder: str | Path, dtype: mx.Dtype | None = None, quantize: tuple[int, int] | None = None,
+                 low_memory: bool = False):
+        """`quantize` = (bits, group_size) quantizes the Linear layers of the text encoder, UNet and image
+        encoder on load. `low_memory` frees the text and image encoders after use and decodes in tiles."""
         from transformers import CLIPTokenizer  # tokenizer files only; heavy import, so here
 
         self.folder = Path(folder)
         self.dtype = dtype or default_dtype()
-        self.text_encoder = load_component(folder, "text_encoder", self.dtype)
-        self.unet = load_component(folder, "unet", self.dtype)
-        self.vae = load_component(folder, "vae", self.dtype)
+        self.quantize = quantize
+        self.low_memory = low_memory
+        self._text_encoder = None
+        self.unet = load_component(folder, "unet", self.dtype, quantize)
+        # the VAE stays float32 under half precision: one decode per image, and no black/NaN pictures
+        self.vae = load_component(folder, "vae", mx.float32 if self.dtype != mx.float32 else self.dtype)
         self.scheduler_config: SchedulerConfig = load_scheduler_config(folder)
         try:
             self.tokenizer = CLIPTokenizer.from_pretrained(str(self.folder / "tokenizer"))
@@ -93,9 +122,18 @@ class StableDiffusion:
         self._encoders: dict[Path, "CLIPVisionModel"] = {}  # shared by the adapters that need the same one
 
     @classmethod
-    def from_pretrained(cls, model: str = DEFAULT_MODEL, dtype: mx.Dtype | None = None, **resolve_kw) -> "StableDiffusion":
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, dtype: mx.Dtype | None = None,
+                        quantize: tuple[int, int] | None = None, low_memory: bool = False,
+                        **resolve_kw) -> "StableDiffusion":
         """`model`: a Hub repo id, a diffusers folder, a single .safetensors/.ckpt file, or a converted MLX folder."""
-        return cls(hub.resolve_model(model, **resolve_kw), dtype)
+        return cls(hub.resolve_model(model, **resolve_kw), dtype, quantize, low_memory)
+
+    @property
+    def text_encoder(self):
+        """Loaded on first use (and again after a low-memory run freed it)."""
+        if self._text_encoder is None:
+            self._text_encoder = load_component(self.folder, "text_encoder", self.dtype, self.quantize)
+        return self._text_encoder
 
     @property
     def vae_scale_factor(self) -> int:
@@ -148,7 +186,8 @@ class StableDiffusion:
             la.encoder_folder = hub.resolve_image_encoder(la.adapter, la.file, la.hub_ref, la.encoder_ref)
             print(f"image encoder for {la.ref}: {la.encoder_folder}", flush=True)
         if la.encoder_folder not in self._encoders:
-            self._encoders[la.encoder_folder] = load_component(la.encoder_folder, "image_encoder", self.dtype)
+            self._encoders[la.encoder_folder] = load_component(la.encoder_folder, "image_encoder", self.dtype,
+                                                               self.quantize)
         return self._encoders[la.encoder_folder]
 
     def encode_reference(self, images: list[Image.Image], index: int = 0, fit: str = "crop",
@@ -189,12 +228,15 @@ class StableDiffusion:
 
     def encode_image(self, pixels: mx.array, noise: NoiseFn) -> mx.array:
         """(B, H, W, 3) in [-1, 1] -> scaled latents, sampled from the VAE's distribution."""
-        mean, std = self.vae.encode(pixels.astype(self.dtype))
+        mean, std = self.vae.encode(pixels.astype(self.vae.decoder.conv_in.weight.dtype))
         return self.vae.to_latents(mean + std * noise(mean.shape).astype(mean.dtype))
 
-    def decode(self, latents: mx.array) -> mx.array:
-        """Scaled latents (NHWC) -> images (B, H, W, 3) in [0, 1]."""
-        x = self.vae.decode(self.vae.from_latents(latents.astype(self.dtype)))
+    def decode(self, latents: mx.array, tile: int | None = None) -> mx.array:
+        """Scaled latents (NHWC) -> images (B, H, W, 3) in [0, 1]. `tile` (latent pixels; default in low-memory
+        mode: 32) decodes overlapping tiles and blends them, bounding the decoder's memory."""
+        z = self.vae.from_latents(latents.astype(self.vae.decoder.conv_in.weight.dtype))
+        tile = tile or (32 if self.low_memory else None)
+        x = decode_tiled(self.vae, z, tile) if tile else self.vae.decode(z)
         return mx.clip(x.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
 
     # -- sampling -------------------------------------------------------------------------------------
@@ -275,7 +317,11 @@ class StableDiffusion:
         if guided:
             text = mx.concatenate([self.encode_prompt(negatives), text])
         ip = self._ip_tokens(image_prompts, batch, guided) if image_prompts else None
-        mx.eval(text, x)
+        mx.eval(text, x, [t for t, _ in ip or [] if t is not None])
+        if self.low_memory:  # the encoders' work is done: give their memory to the UNet and the VAE
+            self._text_encoder = None
+            self._encoders.clear()
+            mx.clear_cache()
         prediction = self.scheduler_config.prediction_type
 
         def denoise(x: mx.array, i: int) -> mx.array:

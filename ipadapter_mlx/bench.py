@@ -1,0 +1,359 @@
+"""`python -m ipadapter_mlx bench`: seconds per UNet step, encoder and VAE times, whole generation and peak
+memory, for MLX and (with --compare diffusers) diffusers on the same shapes, each in its own process.
+
+Random weights at real SD 1.5 + ViT-H/14 + IP-Adapter-plus shapes by default (timing does not depend on the
+values); `--model` measures a real converted model instead. Speed targets live here, never in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# The shapes measured: SD 1.5's published configs, the ViT-H/14 image encoder, IP-Adapter plus.
+SD15 = {
+    "unet": dict(in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
+                 down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                 up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, cross_attention_dim=768,
+                 attention_head_dim=8, sample_size=64),
+    "text_encoder": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu"),
+    "vae": dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
+                layers_per_block=2, down_block_types=["DownEncoderBlock2D"] * 4,
+                up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=32, scaling_factor=0.18215),
+    "image_encoder": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                          image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu"),
+    "resampler": dict(dim=768, depth=4, heads=12, queries=16),
+}
+# A miniature of the same layout, for the smoke test and quick checks of the benchmark itself.
+TINY = {
+    "unet": dict(SD15["unet"], block_out_channels=[32, 64, 64, 64], cross_attention_dim=32, attention_head_dim=4,
+                 norm_num_groups=8),
+    "text_encoder": dict(SD15["text_encoder"], vocab_size=1000, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4),
+    "vae": dict(SD15["vae"], block_out_channels=[16, 32, 32, 32], norm_num_groups=8),
+    "image_encoder": dict(SD15["image_encoder"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, projection_dim=32),
+    "resampler": dict(dim=32, depth=4, heads=1, queries=16),
+}
+
+
+def blas_in_use() -> str:
+    """Which BLAS the process loaded (Linux: from the memory map; macOS: Accelerate)."""
+    if sys.platform == "darwin":
+        return "Accelerate"
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown"
+    for name, label in (("openblas", "OpenBLAS"), ("mkl", "MKL"), ("blis", "BLIS")):
+        if name in maps.lower():
+            return label
+    return "reference BLAS (slow: preload OpenBLAS, see README)" if "libblas" in maps else "unknown"
+
+
+def peak_rss_gib() -> float:
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return kib / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def _timed(fn, repeat: int) -> float:
+    """Median seconds of `repeat` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def ip_adapter_weights(shapes: dict, unet_cross_dims: dict[str, int], rng) -> dict:
+    """Random tencent-format IP-Adapter-plus weights for these shapes (numpy, flat keys)."""
+    import numpy as np
+
+    r, enc = shapes["resampler"], shapes["image_encoder"]
+    ctx = shapes["unet"]["cross_attention_dim"]
+    dim, inner = r["dim"], r["heads"] * 64
+
+    def w(*s):
+        return (rng.standard_normal(s) * 0.02).astype(np.float32)
+
+    out = {"image_proj.latents": w(1, r["queries"], dim), "image_proj.proj_in.weight": w(dim, enc["hidden_size"]),
+           "image_proj.proj_in.bias": w(dim), "image_proj.proj_out.weight": w(ctx, dim),
+           "image_proj.proj_out.bias": w(ctx), "image_proj.norm_out.weight": 1 + w(ctx),
+           "image_proj.norm_out.bias": w(ctx)}
+    for i in range(r["depth"]):
+        p = f"image_proj.layers.{i}."
+        out.update({p + "0.norm1.weight": 1 + w(dim), p + "0.norm1.bias": w(dim), p + "0.norm2.weight": 1 + w(dim),
+                    p + "0.norm2.bias": w(dim), p + "0.to_q.weight": w(inner, dim),
+                    p + "0.to_kv.weight": w(2 * inner, dim), p + "0.to_out.weight": w(dim, inner),
+                    p + "1.0.weight": 1 + w(dim), p + "1.0.bias": w(dim), p + "1.1.weight": w(4 * dim, dim),
+                    p + "1.3.weight": w(dim, 4 * dim)})
+    for i, width in unet_cross_dims.items():
+        out[f"ip_adapter.{i}.to_k_ip.weight"] = w(width, ctx)
+        out[f"ip_adapter.{i}.to_v_ip.weight"] = w(width, ctx)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Workers: one framework, one setting, in a fresh process
+
+
+def mlx_worker(shapes: dict, size: int, steps: int, dtype_name: str, quantize: int | None, repeat: int) -> dict:
+    import mlx.core as mx
+    import numpy as np
+
+    from .config import CLIPTextConfig, CLIPVisionConfig, UNetConfig, VAEConfig
+    from .ip_adapter import IPAdapter, ImagePrompt, cross_attention_slots, encode_images, image_tokens
+    from .models import AutoencoderKL, CLIPTextModel, CLIPVisionModel, UNet2DConditionModel
+    from .quantize import quantize_model
+    from convert.ip_adapter import infer_ip_adapter_config
+
+    dtype = getattr(mx, dtype_name)
+    t_build = time.perf_counter()
+    unet = UNet2DConditionModel(UNetConfig.from_dict(shapes["unet"]))
+    text = CLIPTextModel(CLIPTextConfig.from_dict(shapes["text_encoder"]))
+    vae = AutoencoderKL(VAEConfig.from_dict(shapes["vae"]))
+    enc = CLIPVisionModel(CLIPVisionConfig.from_dict(shapes["image_encoder"]))
+    slots = cross_attention_slots(unet)
+    weights = ip_adapter_weights(shapes, {i: a.to_q.weight.shape[0] for i, a in slots.items()},
+                                 np.random.default_rng(0))
+    adapter = IPAdapter(infer_ip_adapter_config({k: mx.array(v) for k, v in weights.items()}))
+    for m in (unet, text, vae, enc, adapter):
+        m.set_dtype(dtype)
+    if quantize:
+        for m in (unet, text, enc):
+            quantize_model(m, bits=quantize)
+    mx.eval(unet.parameters(), text.parameters(), vae.parameters(), enc.parameters(), adapter.parameters())
+    t_build = time.perf_counter() - t_build
+
+    for i, layer in adapter.layers().items():
+        slots[i].ip.append(layer)
+    lat = size // 8
+    x = mx.random.normal((2, lat, lat, 4)).astype(dtype)
+    t = mx.array([500.0, 500.0])
+    ids = mx.zeros((2, 77), dtype=mx.int32)
+    ctx = text(ids).last_hidden_state
+    from PIL import Image
+
+    ref = Image.fromarray(np.random.default_rng(1).integers(0, 256, (256, 256, 3), dtype=np.uint8))
+    feats = encode_images(enc, [ref], hidden_states=True)
+    tokens = image_tokens(adapter, feats, ImagePrompt(), 1, guided=True).astype(dtype)
+    mx.eval(ctx, tokens)
+
+    def step(ip):
+        mx.eval(unet(x, t, ctx, ip))
+
+    results = {
+        "build_s": t_build,
+        "unet_step_s": _timed(lambda: step([(tokens, 1.0)]), repeat),
+        "unet_step_plain_s": _timed(lambda: step(None), repeat),
+        "image_encoder_s": _timed(lambda: mx.eval(encode_images(enc, [ref], hidden_states=True).cond), repeat),
+        "vae_decode_s": _timed(lambda: mx.eval(vae.decode(x[:1])), max(1, repeat // 2)),
+    }
+    results["ip_overhead"] = results["unet_step_s"] / results["unet_step_plain_s"] - 1
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    ctx = text(mx.zeros((2, 77), dtype=mx.int32)).last_hidden_state
+    feats = encode_images(enc, [ref], hidden_states=True)
+    tokens = image_tokens(adapter, feats, ImagePrompt(), 1, guided=True).astype(dtype)
+    y = x
+    for _ in range(steps):
+        y = unet(y, t, ctx, [(tokens, 1.0)])
+        mx.eval(y)
+    mx.eval(vae.decode(y[:1]))
+    results["generation_s"] = time.perf_counter() - t0
+    results["peak_mlx_gib"] = mx.get_peak_memory() / 2**30
+    results["peak_rss_gib"] = peak_rss_gib()
+    results["device"] = str(mx.default_device())
+    results["blas"] = blas_in_use()
+    return results
+
+
+def diffusers_worker(shapes: dict, size: int, steps: int, dtype_name: str, repeat: int) -> dict:
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    dtype = getattr(torch, dtype_name)
+    t_build = time.perf_counter()
+    unet = UNet2DConditionModel(**shapes["unet"]).eval()
+    text = CLIPTextModel(CLIPTextConfig(**shapes["text_encoder"])).eval()
+    vae = AutoencoderKL(**{k: v for k, v in shapes["vae"].items() if k != "scaling_factor"}).eval()
+    enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**shapes["image_encoder"])).eval()
+    cross = {}
+    for i, name in enumerate(unet.attn_processors):
+        if name.endswith("attn2.processor"):
+            cross[str(i)] = dict(unet.named_modules())[name[: -len(".processor")]].to_q.weight.shape[0]
+    flat = ip_adapter_weights(shapes, cross, np.random.default_rng(0))
+    sd = {"image_proj": {}, "ip_adapter": {}}
+    for k, v in flat.items():
+        top, _, rest = k.partition(".")
+        sd[top][rest] = torch.from_numpy(v)
+    unet._load_ip_adapter_weights([sd])
+    for m in (unet, text, vae, enc):
+        m.to(dtype)
+    t_build = time.perf_counter() - t_build
+    lat = size // 8
+    x = torch.randn(2, 4, lat, lat, dtype=dtype)
+    t = torch.tensor([500.0, 500.0])
+    pixels = torch.randn(1, 3, 224, 224, dtype=dtype)
+    with torch.no_grad():
+        ctx = text(torch.zeros(2, 77, dtype=torch.long))[0]
+        hidden = torch.cat([enc(torch.zeros_like(pixels), output_hidden_states=True).hidden_states[-2],
+                            enc(pixels, output_hidden_states=True).hidden_states[-2]])
+
+        def step(scale):
+            for p in unet.attn_processors.values():
+                if hasattr(p, "scale"):
+                    p.scale = [scale]
+            unet(x, t, ctx, added_cond_kwargs={"image_embeds": [hidden[:, None]]})
+
+        def encode():
+            enc(torch.zeros_like(pixels), output_hidden_states=True)
+            enc(pixels, output_hidden_states=True)
+
+        results = {
+            "build_s": t_build,
+            "unet_step_s": _timed(lambda: step(1.0), repeat),
+            "image_encoder_s": _timed(encode, repeat),
+            "vae_decode_s": _timed(lambda: vae.decode(x[:1]), max(1, repeat // 2)),
+        }
+        t0 = time.perf_counter()
+        ctx = text(torch.zeros(2, 77, dtype=torch.long))[0]
+        encode()
+        y = x
+        for _ in range(steps):
+            y = unet(y, t, ctx, added_cond_kwargs={"image_embeds": [hidden[:, None]]}).sample
+        vae.decode(y[:1])
+        results["generation_s"] = time.perf_counter() - t0
+    results["peak_rss_gib"] = peak_rss_gib()
+    results["torch_threads"] = torch.get_num_threads()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def _run_worker(spec: dict, timeout: int) -> dict:
+    cmd = [sys.executable, "-m", "ipadapter_mlx.bench", "--worker", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(args: argparse.Namespace) -> dict:
+    shapes = TINY if args.tiny else SD15
+    report = {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                          "cpus": os.cpu_count(), "python": platform.python_version()},
+              "shapes": "tiny" if args.tiny else "sd15+vit-h+ip-adapter-plus", "steps": args.steps, "runs": []}
+    for size in args.sizes:
+        for dtype in args.dtype:
+            for q in args.quantize:
+                spec = {"framework": "mlx", "size": size, "dtype": dtype, "quantize": q, "steps": args.steps,
+                        "repeat": args.repeat, "tiny": args.tiny}
+                print(f"mlx {size}px {dtype} q={q or 'none'} ...", file=sys.stderr, flush=True)
+                report["runs"].append({**spec, **_run_worker(spec, args.timeout)})
+        if "diffusers" in (args.compare or []):
+            spec = {"framework": "diffusers", "size": size, "dtype": "float32", "quantize": None,
+                    "steps": args.steps, "repeat": args.repeat, "tiny": args.tiny}
+            print(f"diffusers {size}px float32 ...", file=sys.stderr, flush=True)
+            report["runs"].append({**spec, **_run_worker(spec, args.timeout)})
+    _ratios(report)
+    return report
+
+
+def _ratios(report: dict) -> None:
+    """Each MLX run against the diffusers run of the same size (float32 reference)."""
+    ref = {r["size"]: r for r in report["runs"] if r["framework"] == "diffusers" and "error" not in r}
+    for r in report["runs"]:
+        if r["framework"] == "mlx" and r["size"] in ref and "error" not in r:
+            d = ref[r["size"]]
+            r["vs_diffusers"] = {k: r[k] / d[k] for k in ("unet_step_s", "image_encoder_s", "vae_decode_s",
+                                                          "generation_s", "peak_rss_gib") if d.get(k)}
+
+
+def format_table(report: dict) -> str:
+    cols = ["framework", "size", "dtype", "quantize", "unet_step_s", "unet_step_plain_s", "ip_overhead",
+            "image_encoder_s", "vae_decode_s", "generation_s", "peak_rss_gib"]
+    lines = [" | ".join(cols + ["step vs diffusers", "memory vs diffusers"])]
+    for r in report["runs"]:
+        if "error" in r:
+            lines.append(f"{r['framework']} | {r['size']} | {r['dtype']} | error: {r['error']}")
+            continue
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append(f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v)))
+        vs = r.get("vs_diffusers", {})
+        cells += [f"{vs['unet_step_s']:.2f}x" if "unet_step_s" in vs else "-",
+                  f"{vs['peak_rss_gib']:.2f}x" if "peak_rss_gib" in vs else "-"]
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> None:
+    """A bar chart of seconds per step, MLX settings against diffusers, drawn with PIL alone."""
+    from PIL import Image, ImageDraw
+
+    runs = [r for r in report["runs"] if "unet_step_s" in r]
+    w, bar, gap = 900, 26, 10
+    img = Image.new("RGB", (w, 60 + len(runs) * (bar + gap)), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 10), "seconds per UNet step (CFG batch 2, with IP-Adapter) - shorter is faster", fill="black")
+    top = max(r["unet_step_s"] for r in runs)
+    for i, r in enumerate(runs):
+        y = 40 + i * (bar + gap)
+        label = f"{r['framework']} {r['size']}px {r['dtype']} q{r['quantize'] or '-'}"
+        d.text((10, y + 7), label, fill="black")
+        length = int((w - 330) * r["unet_step_s"] / top)
+        d.rectangle([260, y, 260 + length, y + bar], fill="#d9534f" if r["framework"] == "diffusers" else "#337ab7")
+        d.text((265 + length, y + 7), f"{r['unet_step_s']:.2f}s", fill="black")
+    img.save(path)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="speed and memory at real SD 1.5 + ViT-H + IP-Adapter shapes")
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--quantize", type=lambda v: None if v == "none" else int(v), nargs="+", default=[None],
+                   help="none, 8 and/or 4")
+    p.add_argument("--steps", type=int, default=2, help="steps in the whole-generation timing")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (median)")
+    p.add_argument("--compare", nargs="*", choices=["diffusers"], help="also run diffusers (needs torch)")
+    p.add_argument("--tiny", action="store_true", help="miniature shapes: checks the benchmark itself, quickly")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per measured setting")
+    p.add_argument("--output", default="bench.json", help="JSON report")
+    p.add_argument("--plot", default=None, help="also draw the comparison as a PNG")
+
+
+def main_bench(args: argparse.Namespace) -> int:
+    report = run(args)
+    Path(args.output).write_text(json.dumps(report, indent=2))
+    print(f"device: {next((r.get('device') for r in report['runs'] if r.get('device')), '?')}, "
+          f"BLAS: {next((r.get('blas') for r in report['runs'] if r.get('blas')), '?')}")
+    print(format_table(report))
+    if args.plot:
+        plot(report, args.plot)
+    print(args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    spec = json.loads(sys.argv[sys.argv.index("--worker") + 1])
+    shapes = TINY if spec["tiny"] else SD15
+    if spec["framework"] == "mlx":
+        out = mlx_worker(shapes, spec["size"], spec["steps"], spec["dtype"], spec["quantize"], spec["repeat"])
+    else:
+        out = diffusers_worker(shapes, spec["size"], spec["steps"], spec["dtype"], spec["repeat"])
+    print(json.dumps(out))
