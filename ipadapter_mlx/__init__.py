@@ -1,14 +1,20 @@
-"""ipadapter-mlx: Stable Diffusion (and, next, IP-Adapter image prompts) in MLX.
+"""ipadapter-mlx: Stable Diffusion with IP-Adapter image prompts, in MLX.
 
-    from ipadapter_mlx import StableDiffusion
+    from ipadapter_mlx import ImagePrompt, StableDiffusion
     pipe = StableDiffusion.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
-    images = pipe.generate("a lighthouse at dusk", steps=25, seed=1)
+    pipe.load_ip_adapter("sd15-plus", scale=0.6)
+    images = pipe.generate("a lighthouse at dusk", seed=1, image_prompts=[ImagePrompt(images=[reference])])
 """
 
-from .errors import UserError
-from .ip_adapter import Features, ImagePrompt, load_features, save_features
-from .pipeline import DEFAULT_MODEL, Sampling, StableDiffusion, Step, default_dtype
-from .samplers import SAMPLERS
+from ._blas import preload_openblas
 
-__all__ = ["ImagePrompt", "Features", "load_features", "save_features", "StableDiffusion", "Sampling", "Step", "UserError", "DEFAULT_MODEL", "SAMPLERS", "default_dtype"]
+preload_openblas()  # before anything imports mlx
+
+from .errors import UserError  # noqa: E402
+from .ip_adapter import Features, ImagePrompt, load_features, save_features  # noqa: E402
+from .pipeline import DEFAULT_MODEL, Sampling, StableDiffusion, Step, default_dtype  # noqa: E402
+from .samplers import SAMPLERS  # noqa: E402
+
+__all__ = ["StableDiffusion", "ImagePrompt", "Features", "load_features", "save_features", "Sampling", "Step",
+           "UserError", "DEFAULT_MODEL", "SAMPLERS", "default_dtype"]
 __version__ = "0.1.0"

@@ -49,14 +49,17 @@ def blas_in_use() -> str:
     """Which BLAS the process loaded (Linux: from the memory map; macOS: Accelerate)."""
     if sys.platform == "darwin":
         return "Accelerate"
+    import re
+
     try:
-        maps = Path("/proc/self/maps").read_text()
+        libs = {line.rsplit("/", 1)[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "/" in line}
     except OSError:
         return "unknown"
-    for name, label in (("openblas", "OpenBLAS"), ("mkl", "MKL"), ("blis", "BLIS")):
-        if name in maps.lower():
+    # numpy's bundled libscipy_openblas has renamed symbols and serves numpy only; MLX needs a plain one
+    for pattern, label in ((r"^libopenblas.*\.so", "OpenBLAS"), (r"^libmkl_rt", "MKL"), (r"^libblis", "BLIS")):
+        if any(re.match(pattern, lib) for lib in libs):
             return label
-    return "reference BLAS (slow: preload OpenBLAS, see README)" if "libblas" in maps else "unknown"
+    return "reference BLAS (slow: install OpenBLAS, see README)" if any(l.startswith("libblas") for l in libs) else "unknown"
 
 
 def peak_rss_gib() -> float:
@@ -107,72 +110,112 @@ def ip_adapter_weights(shapes: dict, unet_cross_dims: dict[str, int], rng) -> di
 # Workers: one framework, one setting, in a fresh process
 
 
-def mlx_worker(shapes: dict, size: int, steps: int, dtype_name: str, quantize: int | None, repeat: int) -> dict:
+def mlx_worker(shapes: dict, size: int, steps: int, dtype_name: str, quantize: int | None, repeat: int,
+               low_memory: bool = False) -> dict:
+    """One whole generation first (its peak memory is the one reported), then per-component timings.
+
+    low_memory follows the pipeline's low-memory order: each encoder is built, used and freed before the
+    UNet is built, so they never share memory with it."""
+    import gc
+
     import mlx.core as mx
     import numpy as np
+    from PIL import Image
 
-    from .config import CLIPTextConfig, CLIPVisionConfig, UNetConfig, VAEConfig
-    from .ip_adapter import IPAdapter, ImagePrompt, cross_attention_slots, encode_images, image_tokens
-    from .models import AutoencoderKL, CLIPTextModel, CLIPVisionModel, UNet2DConditionModel
-    from .quantize import quantize_model
     from convert.ip_adapter import infer_ip_adapter_config
 
-    dtype = getattr(mx, dtype_name)
-    t_build = time.perf_counter()
-    unet = UNet2DConditionModel(UNetConfig.from_dict(shapes["unet"]))
-    text = CLIPTextModel(CLIPTextConfig.from_dict(shapes["text_encoder"]))
-    vae = AutoencoderKL(VAEConfig.from_dict(shapes["vae"]))
-    enc = CLIPVisionModel(CLIPVisionConfig.from_dict(shapes["image_encoder"]))
-    slots = cross_attention_slots(unet)
-    weights = ip_adapter_weights(shapes, {i: a.to_q.weight.shape[0] for i, a in slots.items()},
-                                 np.random.default_rng(0))
-    adapter = IPAdapter(infer_ip_adapter_config({k: mx.array(v) for k, v in weights.items()}))
-    for m in (unet, text, vae, enc, adapter):
-        m.set_dtype(dtype)
-    if quantize:
-        for m in (unet, text, enc):
-            quantize_model(m, bits=quantize)
-    mx.eval(unet.parameters(), text.parameters(), vae.parameters(), enc.parameters(), adapter.parameters())
-    t_build = time.perf_counter() - t_build
+    from .config import CLIPTextConfig, CLIPVisionConfig, UNetConfig, VAEConfig
+    from .ip_adapter import ImagePrompt, IPAdapter, cross_attention_slots, encode_images, image_tokens
+    from .models import AutoencoderKL, CLIPTextModel, CLIPVisionModel, UNet2DConditionModel
+    from .quantize import quantize_model
 
-    for i, layer in adapter.layers().items():
-        slots[i].ip.append(layer)
+    dtype = getattr(mx, dtype_name)
+
+    def make(cls, config, quantizable=True):
+        m = cls(config)
+        m.set_dtype(dtype)
+        if quantize and quantizable:
+            quantize_model(m, bits=quantize)
+        mx.eval(m.parameters())
+        return m
+
     lat = size // 8
     x = mx.random.normal((2, lat, lat, 4)).astype(dtype)
     t = mx.array([500.0, 500.0])
-    ids = mx.zeros((2, 77), dtype=mx.int32)
-    ctx = text(ids).last_hidden_state
-    from PIL import Image
-
     ref = Image.fromarray(np.random.default_rng(1).integers(0, 256, (256, 256, 3), dtype=np.uint8))
-    feats = encode_images(enc, [ref], hidden_states=True)
-    tokens = image_tokens(adapter, feats, ImagePrompt(), 1, guided=True).astype(dtype)
-    mx.eval(ctx, tokens)
+    models = {}
+    t0 = time.perf_counter()
 
-    def step(ip):
-        mx.eval(unet(x, t, ctx, ip))
+    def text_encoder():
+        if "text" not in models:
+            models["text"] = make(CLIPTextModel, CLIPTextConfig.from_dict(shapes["text_encoder"]))
+        return models["text"]
 
-    results = {
-        "build_s": t_build,
-        "unet_step_s": _timed(lambda: step([(tokens, 1.0)]), repeat),
-        "unet_step_plain_s": _timed(lambda: step(None), repeat),
-        "image_encoder_s": _timed(lambda: mx.eval(encode_images(enc, [ref], hidden_states=True).cond), repeat),
-        "vae_decode_s": _timed(lambda: mx.eval(vae.decode(x[:1])), max(1, repeat // 2)),
-    }
-    results["ip_overhead"] = results["unet_step_s"] / results["unet_step_plain_s"] - 1
+    def image_encoder():
+        if "enc" not in models:
+            models["enc"] = make(CLIPVisionModel, CLIPVisionConfig.from_dict(shapes["image_encoder"]))
+        return models["enc"]
+
+    def unet_and_adapter():
+        if "unet" not in models:
+            unet = make(UNet2DConditionModel, UNetConfig.from_dict(shapes["unet"]))
+            slots = cross_attention_slots(unet)
+            weights = ip_adapter_weights(shapes, {i: a.to_q.weight.shape[0] for i, a in slots.items()},
+                                         np.random.default_rng(0))
+            adapter = IPAdapter(infer_ip_adapter_config({k: mx.array(v) for k, v in weights.items()}))
+            adapter.load_weights([(k, mx.array(v)) for k, v in weights.items()])
+            adapter.set_dtype(dtype)
+            for i, layer in adapter.layers().items():
+                slots[i].ip.append(layer)
+            models["unet"], models["adapter"] = unet, adapter
+        return models["unet"], models["adapter"]
+
+    def vae():
+        if "vae" not in models:
+            models["vae"] = make(AutoencoderKL, VAEConfig.from_dict(shapes["vae"]), quantizable=False)
+        return models["vae"]
+
+    def free(*names):
+        for n in names:
+            models.pop(n, None)
+        gc.collect()
+        mx.clear_cache()
+
+    if not low_memory:
+        text_encoder(), image_encoder(), unet_and_adapter(), vae()
+    results = {"build_s": time.perf_counter() - t0}
+
+    # -- the whole generation, in the pipeline's order
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    ctx = text(mx.zeros((2, 77), dtype=mx.int32)).last_hidden_state
-    feats = encode_images(enc, [ref], hidden_states=True)
+    ctx = text_encoder()(mx.zeros((2, 77), dtype=mx.int32)).last_hidden_state
+    mx.eval(ctx)
+    feats = encode_images(image_encoder(), [ref], hidden_states=True)
+    if low_memory:
+        free("text", "enc")
+    unet, adapter = unet_and_adapter()
     tokens = image_tokens(adapter, feats, ImagePrompt(), 1, guided=True).astype(dtype)
     y = x
     for _ in range(steps):
         y = unet(y, t, ctx, [(tokens, 1.0)])
         mx.eval(y)
-    mx.eval(vae.decode(y[:1]))
+    mx.eval(vae().decode(y[:1].astype(mx.float32 if dtype != mx.float32 else dtype)))
     results["generation_s"] = time.perf_counter() - t0
     results["peak_mlx_gib"] = mx.get_peak_memory() / 2**30
     results["peak_rss_gib"] = peak_rss_gib()
+
+    # -- per component
+    def step(ip):
+        mx.eval(unet(x, t, ctx, ip))
+
+    results["unet_step_s"] = _timed(lambda: step([(tokens, 1.0)]), repeat)
+    results["unet_step_plain_s"] = _timed(lambda: step(None), repeat)
+    results["ip_overhead"] = results["unet_step_s"] / results["unet_step_plain_s"] - 1
+    results["vae_decode_s"] = _timed(lambda: mx.eval(vae().decode(x[:1].astype(mx.float32))), max(1, repeat // 2))
+    if low_memory:
+        free("unet", "adapter")
+    results["image_encoder_s"] = _timed(
+        lambda: mx.eval(encode_images(image_encoder(), [ref], hidden_states=True).cond), repeat)
     results["device"] = str(mx.default_device())
     results["blas"] = blas_in_use()
     return results
@@ -260,13 +303,14 @@ def run(args: argparse.Namespace) -> dict:
     for size in args.sizes:
         for dtype in args.dtype:
             for q in args.quantize:
-                spec = {"framework": "mlx", "size": size, "dtype": dtype, "quantize": q, "steps": args.steps,
-                        "repeat": args.repeat, "tiny": args.tiny}
-                print(f"mlx {size}px {dtype} q={q or 'none'} ...", file=sys.stderr, flush=True)
-                report["runs"].append({**spec, **_run_worker(spec, args.timeout)})
+                for low in ([False, True] if args.low_memory == "both" else [args.low_memory == "on"]):
+                    spec = {"framework": "mlx", "size": size, "dtype": dtype, "quantize": q, "low_memory": low,
+                            "steps": args.steps, "repeat": args.repeat, "tiny": args.tiny}
+                    print(f"mlx {size}px {dtype} q={q or 'none'} low-memory={low} ...", file=sys.stderr, flush=True)
+                    report["runs"].append({**spec, **_run_worker(spec, args.timeout)})
         if "diffusers" in (args.compare or []):
             spec = {"framework": "diffusers", "size": size, "dtype": "float32", "quantize": None,
-                    "steps": args.steps, "repeat": args.repeat, "tiny": args.tiny}
+                    "low_memory": False, "steps": args.steps, "repeat": args.repeat, "tiny": args.tiny}
             print(f"diffusers {size}px float32 ...", file=sys.stderr, flush=True)
             report["runs"].append({**spec, **_run_worker(spec, args.timeout)})
     _ratios(report)
@@ -284,7 +328,7 @@ def _ratios(report: dict) -> None:
 
 
 def format_table(report: dict) -> str:
-    cols = ["framework", "size", "dtype", "quantize", "unet_step_s", "unet_step_plain_s", "ip_overhead",
+    cols = ["framework", "size", "dtype", "quantize", "low_memory", "unet_step_s", "unet_step_plain_s", "ip_overhead",
             "image_encoder_s", "vae_decode_s", "generation_s", "peak_rss_gib"]
     lines = [" | ".join(cols + ["step vs diffusers", "memory vs diffusers"])]
     for r in report["runs"]:
@@ -314,7 +358,7 @@ def plot(report: dict, path: str) -> None:
     top = max(r["unet_step_s"] for r in runs)
     for i, r in enumerate(runs):
         y = 40 + i * (bar + gap)
-        label = f"{r['framework']} {r['size']}px {r['dtype']} q{r['quantize'] or '-'}"
+        label = f"{r['framework']} {r['size']}px {r['dtype']} q{r['quantize'] or '-'}{' low' if r.get('low_memory') else ''}"
         d.text((10, y + 7), label, fill="black")
         length = int((w - 330) * r["unet_step_s"] / top)
         d.rectangle([260, y, 260 + length, y + bar], fill="#d9534f" if r["framework"] == "diffusers" else "#337ab7")
@@ -328,6 +372,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float16", "bfloat16"])
     p.add_argument("--quantize", type=lambda v: None if v == "none" else int(v), nargs="+", default=[None],
                    help="none, 8 and/or 4")
+    p.add_argument("--low-memory", choices=["off", "on", "both"], default="both",
+                   help="measure the low-memory order (encoders freed before the UNet) too")
     p.add_argument("--steps", type=int, default=2, help="steps in the whole-generation timing")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (median)")
     p.add_argument("--compare", nargs="*", choices=["diffusers"], help="also run diffusers (needs torch)")
@@ -353,7 +399,8 @@ if __name__ == "__main__":
     spec = json.loads(sys.argv[sys.argv.index("--worker") + 1])
     shapes = TINY if spec["tiny"] else SD15
     if spec["framework"] == "mlx":
-        out = mlx_worker(shapes, spec["size"], spec["steps"], spec["dtype"], spec["quantize"], spec["repeat"])
+        out = mlx_worker(shapes, spec["size"], spec["steps"], spec["dtype"], spec["quantize"], spec["repeat"],
+                         spec["low_memory"])
     else:
         out = diffusers_worker(shapes, spec["size"], spec["steps"], spec["dtype"], spec["repeat"])
     print(json.dumps(out))

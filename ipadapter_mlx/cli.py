@@ -269,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from ._blas import slow_blas_warning
+
+    if args.command in ("generate", "bench") and (note := slow_blas_warning()):
+        print(note, file=sys.stderr)
     try:
         from .bench import main_bench
 

@@ -16,7 +16,8 @@ from .config import SchedulerConfig
 from .errors import UserError
 from .images import to_pil, to_pixels
 from .ip_adapter import Features, ImagePrompt, IPAdapter, encode_images, image_tokens
-from .loading import load_component, load_scheduler_config
+from .config import UNetConfig
+from .loading import build, load_component, load_scheduler_config, read_json
 from .samplers import NoiseFn, make_schedule, run_sampler
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -110,7 +111,10 @@ class StableDiffusion:
         self.quantize = quantize
         self.low_memory = low_memory
         self._text_encoder = None
-        self.unet = load_component(folder, "unet", self.dtype, quantize)
+        self._unet = None
+        self.unet_config = UNetConfig.from_dict(read_json(self.folder / "unet" / "config.json"))
+        if not low_memory:  # low-memory mode loads it after the encoders have run and been freed
+            self._unet = load_component(folder, "unet", self.dtype, quantize)
         # the VAE stays float32 under half precision: one decode per image, and no black/NaN pictures
         self.vae = load_component(folder, "vae", mx.float32 if self.dtype != mx.float32 else self.dtype)
         self.scheduler_config: SchedulerConfig = load_scheduler_config(folder)
@@ -129,6 +133,19 @@ class StableDiffusion:
         return cls(hub.resolve_model(model, **resolve_kw), dtype, quantize, low_memory)
 
     @property
+    def unet(self):
+        if self._unet is None:
+            self._unet = load_component(self.folder, "unet", self.dtype, self.quantize)
+            for la in self.adapters:
+                self._attach(la.adapter)
+        return self._unet
+
+    def _attach(self, adapter: IPAdapter) -> None:
+        slots = adapter.check_unet(self._unet)
+        for index, layer in adapter.layers().items():
+            slots[index].ip.append(layer)
+
+    @property
     def text_encoder(self):
         """Loaded on first use (and again after a low-memory run freed it)."""
         if self._text_encoder is None:
@@ -141,7 +158,7 @@ class StableDiffusion:
 
     @property
     def default_size(self) -> int:
-        return self.unet.config.sample_size * self.vae_scale_factor
+        return self.unet_config.sample_size * self.vae_scale_factor
 
     # -- IP-Adapters ----------------------------------------------------------------------------------
 
@@ -154,9 +171,10 @@ class StableDiffusion:
 
         file, hub_ref = hub.resolve_ip_adapter(ref)
         adapter = read_ip_adapter(file, self.dtype)
-        slots = adapter.check_unet(self.unet)
-        for index, layer in adapter.layers().items():
-            slots[index].ip.append(layer)
+        if self._unet is None:  # check against the UNet's structure alone (MLX arrays are lazy: no memory)
+            adapter.check_unet(build("unet", read_json(self.folder / "unet" / "config.json")))
+        else:
+            self._attach(adapter)
         self.adapters.append(LoadedAdapter(ref, adapter, file, hub_ref, image_encoder, scale))
         return len(self.adapters) - 1
 
@@ -165,10 +183,10 @@ class StableDiffusion:
         from .ip_adapter import cross_attention_slots
 
         drop = list(range(len(self.adapters))) if index is None else [index]
-        slots = cross_attention_slots(self.unet)
+        slots = cross_attention_slots(self._unet) if self._unet is not None else {}
         for i in sorted(drop, reverse=True):
             gone = self.adapters.pop(i).adapter
-            for key, layer in gone.layers().items():
+            for key, layer in gone.layers().items() if slots else []:
                 slots[key].ip = [x for x in slots[key].ip if x is not layer]
 
     def set_ip_adapter_scale(self, *scales: float) -> None:
@@ -287,7 +305,7 @@ class StableDiffusion:
         for name, v in (("height", height), ("width", width)):
             if v <= 0 or v % f:
                 raise UserError(f"{name} must be a positive multiple of {f}, got {v}")
-        shape = (batch, height // f, width // f, self.unet.config.in_channels)
+        shape = (batch, height // f, width // f, self.unet_config.in_channels)
 
         schedule = make_schedule(scheduler, self.scheduler_config, steps)
         timesteps, sigmas = schedule.timesteps, schedule.sigmas

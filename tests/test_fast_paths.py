@@ -73,6 +73,7 @@ def test_low_memory_mode(mlx_dir):
     kw = dict(steps=2, cfg=5.0, height=96, width=80, scheduler="euler", seed=0, return_array=True)
     ref = np.array(StableDiffusion(mlx_dir, mx.float32).generate("a fox", **kw))
     low = StableDiffusion(mlx_dir, mx.float32, low_memory=True)
+    assert low._unet is None  # loaded only once the encoders are done
     got = np.array(low.generate("a fox", **kw))  # 48x40 latents: decoded as overlapping 32x32 tiles
     assert low._text_encoder is None  # freed after encoding
     assert psnr(got, ref) > 25  # tiles see less context in the VAE's attention: close, not identical
@@ -85,9 +86,10 @@ def test_bench_smoke(tmp_path):
     from ipadapter_mlx.bench import format_table, run
 
     args = argparse.Namespace(tiny=True, sizes=[64], dtype=["float32"], quantize=[None, 8], steps=1, repeat=1,
-                              compare=None, timeout=600)
+                              compare=None, timeout=600, low_memory="both")
     report = run(args)
-    assert [r["quantize"] for r in report["runs"]] == [None, 8]
+    assert [(r["quantize"], r["low_memory"]) for r in report["runs"]] == [(None, False), (None, True), (8, False),
+                                                                          (8, True)]
     for r in report["runs"]:
         assert "error" not in r, r
         for key in ("unet_step_s", "unet_step_plain_s", "ip_overhead", "image_encoder_s", "vae_decode_s",

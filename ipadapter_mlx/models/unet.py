@@ -14,10 +14,11 @@ import mlx.nn as nn
 from ..config import UNetConfig
 from ..errors import UserError
 from .attention import Attention
+from .ops import GroupNorm
 
 
-def group_norm(groups: int, channels: int, eps: float) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, channels, eps=eps, pytorch_compatible=True)
+def group_norm(groups: int, channels: int, eps: float) -> GroupNorm:
+    return GroupNorm(groups, channels, eps)
 
 
 def upsample_nearest(x: mx.array) -> mx.array:
