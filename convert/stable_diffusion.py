@@ -22,7 +22,8 @@ from .weights import fit_weights, read_weights
 # Weight file names a diffusers/transformers component folder may use, in order of preference.
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
                 "diffusion_pytorch_model.bin", "pytorch_model.bin")
-MODEL_COMPONENTS = ("text_encoder", "unet", "vae")
+MODEL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")  # text_encoder_2: SDXL only
+TOKENIZERS = ("tokenizer", "tokenizer_2")
 
 # The SD 1.x training schedule (the original v1-inference.yaml), for single files that carry none.
 SD1_SCHEDULER = {
@@ -53,7 +54,7 @@ def component_weights(folder: Path) -> dict[str, mx.array]:
 
 
 def diffusers_rename(component: str) -> Callable[[str], str]:
-    if component == "text_encoder":
+    if component in ("text_encoder", "text_encoder_2"):
         return keymaps.clip_text_key
     if component == "image_encoder":
         return keymaps.clip_vision_key
@@ -118,9 +119,13 @@ def write_mlx_folder(
     return dst
 
 
-def _write_pipeline(dst: Path, components, scheduler: dict, tokenizer_dir: Path, source: str) -> Path:
-    return write_mlx_folder(dst, components, source, json_files={"scheduler/scheduler_config.json": scheduler},
-                            folders={"tokenizer": tokenizer_dir})
+def _write_pipeline(dst: Path, components, scheduler: dict, tokenizers: dict[str, Path], source: str,
+                    model_index: dict | None = None) -> Path:
+    files = {"scheduler/scheduler_config.json": scheduler}
+    if model_index:
+        files["model_index.json"] = model_index
+    kind = "stable-diffusion-xl" if "text_encoder_2" in components else "stable-diffusion"
+    return write_mlx_folder(dst, components, source, kind=kind, json_files=files, folders=tokenizers)
 
 
 def convert_diffusers_folder(
@@ -133,6 +138,8 @@ def convert_diffusers_folder(
     components = {}
     for name in MODEL_COMPONENTS:
         if not (src / name).is_dir():
+            if name == "text_encoder_2":
+                continue
             raise UserError(f"{src} has no {name}/ folder")
         config = read_json(src / name / "config.json")
         _log(f"converting {name} ...")
@@ -140,9 +147,11 @@ def convert_diffusers_folder(
                               what=f"{src / name}", dtype=dtype)
         components[name] = quantized(name, config, weights, quantize)
     scheduler = read_json(src / "scheduler" / "scheduler_config.json")
-    if not (src / "tokenizer").is_dir():
-        raise UserError(f"{src} has no tokenizer/ folder")
-    return _write_pipeline(Path(dst), components, scheduler, src / "tokenizer", str(src))
+    tokenizers = {t: src / t for t in TOKENIZERS[: 2 if "text_encoder_2" in components else 1]}
+    for t, folder in tokenizers.items():
+        if not folder.is_dir():
+            raise UserError(f"{src} has no {t}/ folder")
+    return _write_pipeline(Path(dst), components, scheduler, tokenizers, str(src), read_json(src / "model_index.json"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,4 +298,4 @@ def convert_single_file(
         components[name] = quantized(name, config, weights, quantize)
     if not (Path(tokenizer_dir) / "tokenizer_config.json").is_file() and not (Path(tokenizer_dir) / "vocab.json").is_file():
         raise UserError(f"{tokenizer_dir} is not a tokenizer folder")
-    return _write_pipeline(Path(dst), components, scheduler, Path(tokenizer_dir), str(path))
+    return _write_pipeline(Path(dst), components, scheduler, {"tokenizer": Path(tokenizer_dir)}, str(path))

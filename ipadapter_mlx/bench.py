@@ -78,6 +78,20 @@ def _timed(fn, repeat: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _paired(with_ip, without, repeat: int) -> tuple[float, float]:
+    """Medians of alternating runs, so that a slow moment of the machine hits both sides alike."""
+    with_ip(), without()
+    a, b = [], []
+    for _ in range(max(repeat, 3)):
+        t = time.perf_counter()
+        with_ip()
+        a.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        without()
+        b.append(time.perf_counter() - t)
+    return sorted(a)[len(a) // 2], sorted(b)[len(b) // 2]
+
+
 def ip_adapter_weights(shapes: dict, unet_cross_dims: dict[str, int], rng) -> dict:
     """Random tencent-format IP-Adapter-plus weights for these shapes (numpy, flat keys)."""
     import numpy as np
@@ -120,6 +134,7 @@ def mlx_worker(shapes: dict, size: int, steps: int, dtype_name: str, quantize: i
 
     import mlx.core as mx
     import numpy as np
+    from mlx.utils import tree_flatten
     from PIL import Image
 
     from convert.ip_adapter import infer_ip_adapter_config
@@ -203,13 +218,16 @@ def mlx_worker(shapes: dict, size: int, steps: int, dtype_name: str, quantize: i
     results["generation_s"] = time.perf_counter() - t0
     results["peak_mlx_gib"] = mx.get_peak_memory() / 2**30
     results["peak_rss_gib"] = peak_rss_gib()
+    text_encoder(), image_encoder(), vae()
+    results["weights_gib"] = sum(  # what a converted folder of this setting holds on disk
+        v.nbytes for m in models.values() for _, v in tree_flatten(m.parameters())) / 2**30
 
     # -- per component
     def step(ip):
         mx.eval(unet(x, t, ctx, ip))
 
-    results["unet_step_s"] = _timed(lambda: step([(tokens, 1.0)]), repeat)
-    results["unet_step_plain_s"] = _timed(lambda: step(None), repeat)
+    results["unet_step_s"], results["unet_step_plain_s"] = _paired(lambda: step([(tokens, 1.0)]),
+                                                                   lambda: step(None), repeat)
     results["ip_overhead"] = results["unet_step_s"] / results["unet_step_plain_s"] - 1
     results["vae_decode_s"] = _timed(lambda: mx.eval(vae().decode(x[:1].astype(mx.float32))), max(1, repeat // 2))
     if low_memory:
@@ -329,7 +347,7 @@ def _ratios(report: dict) -> None:
 
 def format_table(report: dict) -> str:
     cols = ["framework", "size", "dtype", "quantize", "low_memory", "unet_step_s", "unet_step_plain_s", "ip_overhead",
-            "image_encoder_s", "vae_decode_s", "generation_s", "peak_rss_gib"]
+            "image_encoder_s", "vae_decode_s", "generation_s", "peak_rss_gib", "weights_gib"]
     lines = [" | ".join(cols + ["step vs diffusers", "memory vs diffusers"])]
     for r in report["runs"]:
         if "error" in r:

@@ -149,7 +149,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="Hub repo id, diffusers folder, single .safetensors/.ckpt file, or converted MLX folder")
     p.add_argument("--prompt", default="", help="text prompt")
-    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--negative-prompt", default=None,
+                   help="default: none (SD 1.x: the empty prompt; SDXL: zero embeddings, as diffusers)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (<= 1 turns it off)")
     p.add_argument("--seed", type=int, default=None)
@@ -230,7 +231,7 @@ def _generate(args: argparse.Namespace) -> int:
     mx.eval(images)
     h, w = images.shape[1:3]
     params = {
-        "prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
+        "prompt": args.prompt, "negative_prompt": args.negative_prompt or "", "steps": args.steps,
         "sampler": args.scheduler, "cfg_scale": args.cfg, "seed": seed, "size": f"{w}x{h}",
         "model": args.model, "dtype": str(dtype).rpartition(".")[2],
     }

@@ -32,6 +32,7 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     projection_dim: int | None = None  # set for CLIPTextModelWithProjection (SDXL's second encoder)
+    eos_token_id: int | None = None  # None: pool at the highest token id (transformers' legacy rule for id 2)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPTextConfig":
@@ -47,6 +48,7 @@ class CLIPTextConfig:
             hidden_act=d.get("hidden_act", "quick_gelu"),
             layer_norm_eps=d.get("layer_norm_eps", 1e-5),
             projection_dim=d.get("projection_dim") if has_proj else None,
+            eos_token_id=None if d.get("eos_token_id", 2) == 2 else d["eos_token_id"],
         )
 
 
@@ -98,11 +100,15 @@ class UNetConfig:
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
     sample_size: int = 64
+    # SDXL: time ids and the pooled text embedding, added to the time embedding
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int = 256
+    projection_class_embeddings_input_dim: int = 0
 
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
         for key, ok in [
-            ("addition_embed_type", (None,)),
+            ("addition_embed_type", (None, "text_time")),
             ("class_embed_type", (None,)),
             ("time_embedding_type", ("positional",)),
             ("mid_block_type", ("UNetMidBlock2DCrossAttn",)),
@@ -131,6 +137,9 @@ class UNetConfig:
             flip_sin_to_cos=d.get("flip_sin_to_cos", True),
             freq_shift=d.get("freq_shift", 0),
             sample_size=d.get("sample_size", 64),
+            addition_embed_type=d.get("addition_embed_type"),
+            addition_time_embed_dim=d.get("addition_time_embed_dim") or 256,
+            projection_class_embeddings_input_dim=d.get("projection_class_embeddings_input_dim") or 0,
         )
 
 

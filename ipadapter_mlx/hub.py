@@ -22,11 +22,12 @@ REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
 
 # A diffusers SD repo: configs first, then per component one weights format (safetensors preferred).
-CONFIG_PATTERNS = ["model_index.json", "scheduler/*.json", "tokenizer/*", "*/config.json"]
-WEIGHT_PATTERNS = {
-    "safetensors": ["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
-                    "vae/diffusion_pytorch_model.safetensors"],
-    "bin": ["text_encoder/pytorch_model.bin", "unet/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.bin"],
+CONFIG_PATTERNS = ["model_index.json", "scheduler/*.json", "tokenizer/*", "tokenizer_2/*", "*/config.json"]
+WEIGHT_PATTERNS = {  # text_encoder_2: SDXL only
+    "safetensors": ["text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
+                    "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"],
+    "bin": ["text_encoder/pytorch_model.bin", "text_encoder_2/pytorch_model.bin", "unet/diffusion_pytorch_model.bin",
+            "vae/diffusion_pytorch_model.bin"],
 }
 
 
@@ -72,7 +73,8 @@ def download_diffusers_repo(repo_id: str, revision: str | None = None) -> Path:
     if not (folder / "model_index.json").is_file():
         raise UserError(f"{repo_id} is not a diffusers pipeline repo (no model_index.json)")
     folder = snapshot(repo_id, CONFIG_PATTERNS + WEIGHT_PATTERNS["safetensors"], revision)
-    missing = [p for p in WEIGHT_PATTERNS["safetensors"] if not (folder / p).is_file()]
+    missing = [p for p in WEIGHT_PATTERNS["safetensors"]
+               if (folder / p).parent.joinpath("config.json").is_file() and not (folder / p).is_file()]
     if missing:  # older repos: fall back to the .bin pickles for the components without safetensors
         bins = [WEIGHT_PATTERNS["bin"][WEIGHT_PATTERNS["safetensors"].index(p)] for p in missing]
         folder = snapshot(repo_id, CONFIG_PATTERNS + WEIGHT_PATTERNS["safetensors"] + bins, revision)
@@ -146,6 +148,10 @@ def resolve_tokenizer(ref: str) -> Path:
 
 IP_ADAPTER_REPO = "h94/IP-Adapter"
 PRESETS = {
+    "sdxl": "h94/IP-Adapter:sdxl_models/ip-adapter_sdxl.safetensors",
+    "sdxl-vit-h": "h94/IP-Adapter:sdxl_models/ip-adapter_sdxl_vit-h.safetensors",
+    "sdxl-plus-vit-h": "h94/IP-Adapter:sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors",
+    "sdxl-plus-face-vit-h": "h94/IP-Adapter:sdxl_models/ip-adapter-plus-face_sdxl_vit-h.safetensors",
     "sd15": "h94/IP-Adapter:models/ip-adapter_sd15.safetensors",
     "sd15-light": "h94/IP-Adapter:models/ip-adapter_sd15_light.safetensors",
     "sd15-plus": "h94/IP-Adapter:models/ip-adapter-plus_sd15.safetensors",

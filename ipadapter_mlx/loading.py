@@ -24,6 +24,7 @@ FORMAT_VERSION = 1
 # component folder -> (config class, module class)
 COMPONENTS = {
     "text_encoder": (CLIPTextConfig, CLIPTextModel),
+    "text_encoder_2": (CLIPTextConfig, CLIPTextModel),
     "unet": (UNetConfig, UNet2DConditionModel),
     "vae": (VAEConfig, AutoencoderKL),
     "image_encoder": (CLIPVisionConfig, CLIPVisionModel),
@@ -52,7 +53,7 @@ def is_mlx_folder(path: str | Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
-QUANTIZABLE = ("text_encoder", "unet", "image_encoder")  # the VAE is convolutions; adapters are small
+QUANTIZABLE = ("text_encoder", "text_encoder_2", "unet", "image_encoder")  # the VAE is convolutions; adapters are small
 
 
 def load_component(

@@ -98,7 +98,9 @@ def seeded_noise(seed: int | None) -> NoiseFn:
 
 
 class StableDiffusion:
-    """A loaded SD 1.x/2.x pipeline: text encoder, UNet, VAE, tokenizer and the training noise schedule."""
+    """A loaded SD 1.x/2.x or SDXL pipeline: text encoder(s), UNet, VAE, tokenizer(s), the noise schedule.
+
+    The kind is read from the folder: SDXL has a second text encoder (`text_encoder_2`)."""
 
     def __init__(self, folder: str | Path, dtype: mx.Dtype | None = None, quantize: tuple[int, int] | None = None,
                  low_memory: bool = False):
@@ -110,7 +112,12 @@ class StableDiffusion:
         self.dtype = dtype or default_dtype()
         self.quantize = quantize
         self.low_memory = low_memory
-        self._text_encoder = None
+        self.text_encoder_names = [n for n in ("text_encoder", "text_encoder_2") if (self.folder / n).is_dir()]
+        self.is_sdxl = len(self.text_encoder_names) == 2
+        self._text_encoders: dict[str, object] = {}
+        index = self.folder / "model_index.json"
+        self.force_zeros_for_empty_prompt = self.is_sdxl and (
+            read_json(index).get("force_zeros_for_empty_prompt", True) if index.is_file() else True)
         self._unet = None
         self.unet_config = UNetConfig.from_dict(read_json(self.folder / "unet" / "config.json"))
         if not low_memory:  # low-memory mode loads it after the encoders have run and been freed
@@ -118,10 +125,12 @@ class StableDiffusion:
         # the VAE stays float32 under half precision: one decode per image, and no black/NaN pictures
         self.vae = load_component(folder, "vae", mx.float32 if self.dtype != mx.float32 else self.dtype)
         self.scheduler_config: SchedulerConfig = load_scheduler_config(folder)
-        try:
-            self.tokenizer = CLIPTokenizer.from_pretrained(str(self.folder / "tokenizer"))
-        except Exception as e:
-            raise UserError(f"cannot load the tokenizer in {self.folder / 'tokenizer'}: {e}") from None
+        self.tokenizers = []
+        for name in ("tokenizer", "tokenizer_2")[: len(self.text_encoder_names)]:
+            try:
+                self.tokenizers.append(CLIPTokenizer.from_pretrained(str(self.folder / name)))
+            except Exception as e:
+                raise UserError(f"cannot load the tokenizer in {self.folder / name}: {e}") from None
         self.adapters: list[LoadedAdapter] = []
         self._encoders: dict[Path, "CLIPVisionModel"] = {}  # shared by the adapters that need the same one
 
@@ -145,12 +154,15 @@ class StableDiffusion:
         for index, layer in adapter.layers().items():
             slots[index].ip.append(layer)
 
+    def text_model(self, name: str = "text_encoder"):
+        """A text encoder, loaded on first use (and again after a low-memory run freed it)."""
+        if name not in self._text_encoders:
+            self._text_encoders[name] = load_component(self.folder, name, self.dtype, self.quantize)
+        return self._text_encoders[name]
+
     @property
     def text_encoder(self):
-        """Loaded on first use (and again after a low-memory run freed it)."""
-        if self._text_encoder is None:
-            self._text_encoder = load_component(self.folder, "text_encoder", self.dtype, self.quantize)
-        return self._text_encoder
+        return self.text_model("text_encoder")
 
     @property
     def vae_scale_factor(self) -> int:
@@ -236,13 +248,19 @@ class StableDiffusion:
 
     # -- conditioning ---------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompts: list[str]) -> mx.array:
-        """Token embeddings (B, 77, D) from the text encoder's last layer, as diffusers' SD pipeline uses."""
-        ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="np",
-        )["input_ids"]
-        return self.text_encoder(mx.array(ids)).last_hidden_state
+    def encode_prompt(self, prompts: list[str]) -> tuple[mx.array, mx.array | None]:
+        """(token embeddings (B, 77, D), pooled embedding or None), as diffusers' pipelines compute them.
+
+        SD 1.x/2.x: the text encoder's last layer. SDXL: both encoders' penultimate layers joined, and the
+        second encoder's projected pooled output."""
+        states, pooled = [], None
+        for tokenizer, name in zip(self.tokenizers, self.text_encoder_names):
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="np")["input_ids"]
+            out = self.text_model(name)(mx.array(ids))
+            states.append(out.hidden_states[-2] if self.is_sdxl else out.last_hidden_state)
+            pooled = out.pooler_output
+        return mx.concatenate(states, axis=-1), (pooled if self.is_sdxl else None)
 
     def encode_image(self, pixels: mx.array, noise: NoiseFn) -> mx.array:
         """(B, H, W, 3) in [-1, 1] -> scaled latents, sampled from the VAE's distribution."""
@@ -262,7 +280,7 @@ class StableDiffusion:
     def generate_latents(
         self,
         prompt: str | list[str],
-        negative_prompt: str | list[str] = "",
+        negative_prompt: str | list[str] | None = None,
         steps: int = 25,
         cfg: float = 7.5,
         seed: int | None = None,
@@ -275,6 +293,9 @@ class StableDiffusion:
         latents: np.ndarray | mx.array | None = None,
         noise: NoiseFn | None = None,
         image_prompts: list[ImagePrompt | None] | None = None,
+        original_size: tuple[int, int] | None = None,
+        crop_coords: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
     ) -> "Sampling":
         """Iterate for a Step after every sampling step; the last Step's latents are the final (scaled) latents.
 
@@ -284,8 +305,13 @@ class StableDiffusion:
         `noise` replaces the seeded noise source (it is called in diffusers' order: VAE sample, start noise,
         then one draw per ancestral step), so a diffusers run can be reproduced exactly.
         `image_prompts`: one ImagePrompt (or None to leave it out) per loaded IP-Adapter, in load order.
+        SDXL micro-conditioning: `original_size` and `target_size` as (height, width), default the output
+        size, and `crop_coords` (top, left), as diffusers' defaults. `negative_prompt=None` on SDXL gives zero
+        negative embeddings (its force_zeros_for_empty_prompt), as diffusers does.
         """
         prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
+        zero_negative = negative_prompt is None and self.force_zeros_for_empty_prompt
+        negative_prompt = "" if negative_prompt is None else negative_prompt
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts):
             raise UserError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
@@ -330,14 +356,23 @@ class StableDiffusion:
                 start_noise = noise(shape)
             x = start_noise * schedule.init_sigma
 
-        text = self.encode_prompt(prompts)
+        text, pooled = self.encode_prompt(prompts)
         guided = cfg > 1.0
         if guided:
-            text = mx.concatenate([self.encode_prompt(negatives), text])
+            if zero_negative:
+                neg_text, neg_pooled = mx.zeros_like(text), None if pooled is None else mx.zeros_like(pooled)
+            else:
+                neg_text, neg_pooled = self.encode_prompt(negatives)
+            text = mx.concatenate([neg_text, text])
+            pooled = None if pooled is None else mx.concatenate([neg_pooled, pooled])
+        added = {}
+        if self.is_sdxl:
+            ids = [*(original_size or (height, width)), *crop_coords, *(target_size or (height, width))]
+            added = {"text_embeds": pooled, "time_ids": mx.array([ids] * text.shape[0], dtype=mx.float32)}
         ip = self._ip_tokens(image_prompts, batch, guided) if image_prompts else None
-        mx.eval(text, x, [t for t, _ in ip or [] if t is not None])
+        mx.eval(text, x, added, [t for t, _ in ip or [] if t is not None])
         if self.low_memory:  # the encoders' work is done: give their memory to the UNet and the VAE
-            self._text_encoder = None
+            self._text_encoders.clear()
             self._encoders.clear()
             mx.clear_cache()
         prediction = self.scheduler_config.prediction_type
@@ -349,7 +384,7 @@ class StableDiffusion:
             if guided:
                 x_in = mx.concatenate([x_in, x_in])
             t = mx.full((x_in.shape[0],), float(timesteps[i]))
-            out = self.unet(x_in, t, text, ip).astype(mx.float32)
+            out = self.unet(x_in, t, text, ip, **added).astype(mx.float32)
             if guided:
                 uncond, cond = mx.split(out, 2)
                 out = uncond + cfg * (cond - uncond)

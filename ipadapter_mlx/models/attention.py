@@ -10,14 +10,30 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
+# Head widths Metal's fused attention kernel takes. SD 1.5's widest layers use 40: padded with zeros to 64 they
+# get the fused kernel and the same result (zero columns add nothing to q.k, and the padded outputs are cut).
+FUSED_HEAD_DIMS = (64, 80, 128)
+
+
+def padded_head_dim(d: int) -> int:
+    if mx.default_device() != mx.gpu or d in FUSED_HEAD_DIMS or d > FUSED_HEAD_DIMS[-1]:
+        return d
+    return next(f for f in FUSED_HEAD_DIMS if f > d)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, pad_to: int | None = None) -> mx.array:
     """Multi-head softmax(q k^T / sqrt(d)) v over (B, L, heads*d) inputs."""
     B, Lq, D = q.shape
     d = D // heads
     q = q.reshape(B, Lq, heads, d).transpose(0, 2, 1, 3)
     k = k.reshape(B, k.shape[1], heads, d).transpose(0, 2, 1, 3)
     v = v.reshape(B, v.shape[1], heads, d).transpose(0, 2, 1, 3)
+    width = pad_to or padded_head_dim(d)
+    if width != d:
+        q, k, v = (mx.pad(t, [(0, 0), (0, 0), (0, 0), (0, width - d)]) for t in (q, k, v))
     out = mx.fast.scaled_dot_product_attention(q, k, v, scale=d**-0.5)
+    if width != d:
+        out = out[..., :d]
     return out.transpose(0, 2, 1, 3).reshape(B, Lq, D)
 
 

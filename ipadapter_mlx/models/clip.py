@@ -115,17 +115,18 @@ class CLIPTextModel(nn.Module):
         if config.projection_dim:
             self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
 
-    def __call__(self, input_ids: mx.array, eos_token_id: int | None = None) -> CLIPTextOutput:
+    def __call__(self, input_ids: mx.array) -> CLIPTextOutput:
         L = input_ids.shape[1]
         x = self.text_model.embeddings(input_ids)
         mask = nn.MultiHeadAttention.create_additive_causal_mask(L).astype(x.dtype)
         states = self.text_model.encoder(x, mask)
         last = self.text_model.final_layer_norm(states[-1])
-        # pooled = the EOS position (the highest id in CLIP's vocab, unless the config says otherwise)
-        if eos_token_id is None:
+        # pooled = the first EOS position (the highest id in CLIP's vocab, unless the config names the EOS id)
+        eos = self.config.eos_token_id
+        if eos is None:
             pos = mx.argmax(input_ids, axis=-1)
         else:
-            pos = mx.argmax((input_ids == eos_token_id).astype(mx.int32), axis=-1)
+            pos = mx.argmax((input_ids == eos).astype(mx.int32), axis=-1)
         pooled = last[mx.arange(last.shape[0]), pos]
         if "text_projection" in self:
             pooled = self.text_projection(pooled)

@@ -217,6 +217,8 @@ class UNet2DConditionModel(nn.Module):
 
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb_ch)
+        if c.addition_embed_type == "text_time":  # SDXL: pooled text + size/crop ids join the time embedding
+            self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, temb_ch)
 
         def attn_kw(i: int, kind: str) -> dict:
             if not kind.startswith("CrossAttn"):
@@ -253,14 +255,23 @@ class UNet2DConditionModel(nn.Module):
         timestep: mx.array,
         encoder_hidden_states: mx.array,
         ip_tokens: list[tuple[mx.array, float]] | None = None,
+        text_embeds: mx.array | None = None,
+        time_ids: mx.array | None = None,
     ) -> mx.array:
         """x: (B, H, W, C) latents; timestep: (B,) floats; encoder_hidden_states: (B, L, D) text tokens.
 
         `ip_tokens`, one (tokens, scale) per loaded IP-Adapter, reaches every cross-attention layer.
+        SDXL also takes `text_embeds` (B, pooled) and `time_ids` (B, 6): original size, crop, target size.
         """
         c = self.config
         temb = timestep_embedding(timestep, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
         temb = self.time_embedding(temb.astype(x.dtype))
+        if "add_embedding" in self:
+            if text_embeds is None or time_ids is None:
+                raise UserError("this UNet (SDXL) needs text_embeds and time_ids")
+            ids = timestep_embedding(time_ids.reshape(-1), c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
+            added = mx.concatenate([text_embeds, ids.reshape(x.shape[0], -1).astype(text_embeds.dtype)], axis=-1)
+            temb = temb + self.add_embedding(added.astype(x.dtype))
         x = self.conv_in(x)
         skips = [x]
         for block in self.down_blocks:
