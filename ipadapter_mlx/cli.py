@@ -168,6 +168,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="single-file models: diffusers folder or Hub repo whose configs to use instead of inferring")
     p.add_argument("--output", default="out.png",
                    help="PNG path; with several images, _1, _2, ... are added before the extension")
+    p.add_argument("--original-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="SDXL micro-conditioning (default: the output size)")
+    p.add_argument("--crop-coords", type=int, nargs=2, metavar=("TOP", "LEFT"), default=(0, 0),
+                   help="SDXL micro-conditioning (default: 0 0)")
+    p.add_argument("--target-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="SDXL micro-conditioning (default: the output size)")
     p.add_argument("--quantize", type=int, choices=(4, 8), default=None,
                    help="quantize the Linear layers of the text encoder, UNet and image encoder on load")
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64)
@@ -221,6 +227,8 @@ def _generate(args: argparse.Namespace) -> int:
         args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg, seed=seed,
         height=args.height, width=args.width, scheduler=args.scheduler, num_images=args.num_images,
         init_image=init, strength=args.strength, latents=latents, image_prompts=prompts,
+        original_size=tuple(args.original_size) if args.original_size else None, crop_coords=tuple(args.crop_coords),
+        target_size=tuple(args.target_size) if args.target_size else None,
     )
     t1 = time.perf_counter()
     step = None
@@ -237,6 +245,9 @@ def _generate(args: argparse.Namespace) -> int:
     }
     if quantize:
         params["quantize"] = f"{args.quantize}-bit, group {args.group_size}"
+    if pipe.is_sdxl:
+        params.update(original_size=args.original_size or [h, w], crop_coords=list(args.crop_coords),
+                      target_size=args.target_size or [h, w])
     if init is not None:
         params.update(init_image=str(args.init_image), strength=args.strength)
     if latents is not None:

@@ -71,17 +71,26 @@ def ip_layers(unet, g) -> dict:
     return w
 
 
-def make_adapter_repo(root: Path, unet, seed: int = 0) -> Path:
-    """root/models/*.bin|safetensors, root/models/image_encoder, root/sdxl_models/image_encoder."""
-    for folder, cfg in ENCODERS.items():
+# The SDXL adapters sit in sdxl_models/; the vit-h ones need the encoder in models/ (as on the Hub).
+SDXL_VARIANTS = {
+    "sdxl": ("ip-adapter_sdxl.safetensors", "sdxl_models", "linear"),
+    "sdxl-vit-h": ("ip-adapter_sdxl_vit-h.safetensors", "models", "linear"),
+    "plus-sdxl-vit-h": ("ip-adapter-plus_sdxl_vit-h.safetensors", "models", "resampler"),
+    "plus-face-sdxl-vit-h": ("ip-adapter-plus-face_sdxl_vit-h.bin", "models", "resampler"),
+}
+
+
+def make_adapter_repo(root: Path, unet, seed: int = 0, variants: dict = VARIANTS, folder: str = "models") -> Path:
+    """root/<folder>/*.bin|safetensors, root/models/image_encoder, root/sdxl_models/image_encoder."""
+    for encoder_folder, cfg in ENCODERS.items():
         torch.manual_seed(seed)
         enc = perturb(transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**cfg)), seed)
-        enc.save_pretrained(root / folder / "image_encoder")
+        enc.save_pretrained(root / encoder_folder / "image_encoder")
     cross = unet.config.cross_attention_dim
-    for i, (variant, (file, folder, kind)) in enumerate(VARIANTS.items()):
+    for i, (variant, (file, encoder, kind)) in enumerate(variants.items()):
         g = torch.Generator().manual_seed(seed + 100 + i)
-        proj, layers = image_proj(kind, ENCODERS[folder], cross, g), ip_layers(unet, g)
-        path = root / "models" / file
+        proj, layers = image_proj(kind, ENCODERS[encoder], cross, g), ip_layers(unet, g)
+        path = root / folder / file
         if path.suffix == ".bin":
             torch.save({"image_proj": proj, "ip_adapter": layers}, path)
         else:
