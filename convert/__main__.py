@@ -44,12 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         import mlx.core as mx
 
         from ipadapter_mlx.hub import (
-            PRESETS, REPO_ID, download_diffusers_repo, resolve_config, resolve_ip_adapter, resolve_tokenizer,
-            split_hub_path,
+            PRESETS, REPO_ID, download_diffusers_repo, resolve_config, resolve_ip_adapter, split_hub_path,
         )
 
         from .ip_adapter import save_ip_adapter
-        from .stable_diffusion import DEFAULT_TOKENIZER, convert_diffusers_folder, convert_single_file
+        from .stable_diffusion import convert_diffusers_folder, convert_single_file
 
         out = Path(args.output)
         if out.exists() and not args.force:
@@ -63,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             convert_diffusers_folder(src, out, dtype, q)
         elif src.is_file():
             config_dir = resolve_config(args.config) if args.config else None
-            tokenizer = args.tokenizer or (str(config_dir / "tokenizer") if config_dir else DEFAULT_TOKENIZER)
-            convert_single_file(src, out, resolve_tokenizer(tokenizer), dtype, config_dir, q)
+            convert_single_file(src, out, args.tokenizer, dtype, config_dir, q)
         elif REPO_ID.match(args.source):
             convert_diffusers_folder(download_diffusers_repo(args.source), out, dtype, q)
         else:

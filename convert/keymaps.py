@@ -14,6 +14,23 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
 
+# SDXL single files keep their two text encoders here (the second in OpenCLIP's own layout).
+SDXL_TEXT_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_TEXT2_PREFIX = "conditioner.embedders.1.model."
+
+# OpenCLIP text transformer -> transformers' CLIPTextModelWithProjection. Its fused attention input
+# projection (in_proj) is split into q/k/v and text_projection is transposed, in stable_diffusion.py.
+OPENCLIP_TOP = {
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+    "text_projection": "text_projection.weight",
+}
+OPENCLIP_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+                  "attn.out_proj": "self_attn.out_proj"}
+OPENCLIP_IGNORED = ("logit_scale",)
+
 # Entries of an original checkpoint that are not weights of any module (training buffers, EMA copies).
 ORIGINAL_IGNORED_PREFIXES = (
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
@@ -47,6 +64,8 @@ def unet_original_to_diffusers(c: UNetConfig) -> list[tuple[str, str]]:
     pairs = [
         ("time_embed.0", "time_embedding.linear_1"),
         ("time_embed.2", "time_embedding.linear_2"),
+        ("label_emb.0.0", "add_embedding.linear_1"),  # SDXL
+        ("label_emb.0.2", "add_embedding.linear_2"),
         ("input_blocks.0.0", "conv_in"),
         ("out.0", "conv_norm_out"),
         ("out.2", "conv_out"),

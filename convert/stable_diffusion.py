@@ -31,7 +31,14 @@ SD1_SCHEDULER = {
     "beta_schedule": "scaled_linear", "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
     "clip_sample": False,
 }
+# SDXL base's scheduler_config.json, for SDXL single files.
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "interpolation_type": "linear", "prediction_type": "epsilon",
+    "steps_offset": 1, "timestep_spacing": "leading", "use_karras_sigmas": False,
+}
 DEFAULT_TOKENIZER = "openai/clip-vit-large-patch14"
+DEFAULT_TOKENIZER_2 = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"  # SDXL's second tokenizer
 
 
 def _log(msg: str) -> None:
@@ -163,11 +170,9 @@ def _count(keys: list[str], pattern: str) -> int:
     return len({m.group(1) for k in keys if (m := rx.match(k))})
 
 
-def infer_unet_config(w: dict[str, mx.array]) -> dict:
+def infer_unet_config(w: dict[str, mx.array], pooled_dim: int | None = None) -> dict:
     """A diffusers UNet config.json from the shapes of an LDM UNet (keys without the prefix)."""
     keys = list(w)
-    if any(k.startswith("label_emb.") for k in keys):
-        raise UserError("this single file is an SDXL checkpoint; SDXL is not supported yet (use an SD 1.x/2.x file)")
     levels = _count(keys, r"input_blocks\.(\d+)\.0\.op\.weight") + 1
     n_input = _count(keys, r"input_blocks\.(\d+)\.")
     lpb = (n_input - 1 - (levels - 1)) // levels
@@ -186,6 +191,13 @@ def infer_unet_config(w: dict[str, mx.array]) -> dict:
     proj = next(v for k, v in w.items() if k.endswith(".proj_in.weight"))
     # SD 1.x (768-d text) trained with 8 heads; SD 2.x with 64-wide heads (the original yaml configs).
     heads = 8 if context == 768 else [c // 64 for c in channels]
+    extra = {}
+    if "label_emb.0.0.weight" in w:  # SDXL: pooled text + 6 size/crop ids, each embedded like a timestep
+        extra_in = w["label_emb.0.0.weight"].shape[1]
+        if not pooled_dim:
+            raise UserError("SDXL UNet without a second text encoder in the file")
+        extra = {"addition_embed_type": "text_time", "projection_class_embeddings_input_dim": extra_in,
+                 "addition_time_embed_dim": (extra_in - pooled_dim) // 6, "sample_size": 128}
     return {
         "_class_name": "UNet2DConditionModel",
         "in_channels": w["input_blocks.0.0.weight"].shape[1],
@@ -200,10 +212,11 @@ def infer_unet_config(w: dict[str, mx.array]) -> dict:
         "use_linear_projection": proj.ndim == 2,
         "norm_num_groups": 32,
         "sample_size": 64,
+        **extra,
     }
 
 
-def infer_vae_config(w: dict[str, mx.array]) -> dict:
+def infer_vae_config(w: dict[str, mx.array], sdxl: bool = False) -> dict:
     keys = list(w)
     levels = _count(keys, r"encoder\.down\.(\d+)\.")
     lpb = _count(keys, r"encoder\.down\.0\.block\.(\d+)\.")
@@ -215,13 +228,17 @@ def infer_vae_config(w: dict[str, mx.array]) -> dict:
         "block_out_channels": [w[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)],
         "layers_per_block": lpb,
         "norm_num_groups": 32,
-        "scaling_factor": 0.18215,
+        "scaling_factor": 0.13025 if sdxl else 0.18215,  # the one thing shapes cannot tell between the two
     }
 
 
 def infer_text_config(w: dict[str, mx.array]) -> dict:
     emb = w["text_model.embeddings.token_embedding.weight"]
     hidden = emb.shape[1]
+    projection = {}
+    if "text_projection.weight" in w:  # OpenCLIP bigG (SDXL's second encoder): exact GELU, a projection
+        projection = {"architectures": ["CLIPTextModelWithProjection"], "hidden_act": "gelu",
+                      "projection_dim": w["text_projection.weight"].shape[0]}
     return {
         "architectures": ["CLIPTextModel"],
         "vocab_size": emb.shape[0],
@@ -232,13 +249,38 @@ def infer_text_config(w: dict[str, mx.array]) -> dict:
         "max_position_embeddings": w["text_model.embeddings.position_embedding.weight"].shape[0],
         "hidden_act": "quick_gelu",
         "layer_norm_eps": 1e-5,
+        **projection,
     }
+
+
+def openclip_to_transformers(w: dict[str, mx.array]) -> dict[str, mx.array]:
+    """OpenCLIP's text transformer names and layout -> transformers' CLIPTextModelWithProjection."""
+    out = {}
+    for k, v in w.items():
+        if k in keymaps.OPENCLIP_TOP:
+            out[keymaps.OPENCLIP_TOP[k]] = v.T if k == "text_projection" else v
+        elif k.startswith("transformer.resblocks."):
+            _, _, i, rest = k.split(".", 3)
+            prefix = f"text_model.encoder.layers.{i}."
+            if rest.startswith("attn.in_proj_"):  # q, k and v stacked along the output axis
+                kind = rest.rpartition("_")[2]
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), mx.split(v, 3, axis=0)):
+                    out[f"{prefix}self_attn.{name}.{kind}"] = part
+            else:
+                out[prefix + keymaps.rename(rest, list(keymaps.OPENCLIP_LAYER.items()))] = v
+        elif k not in keymaps.OPENCLIP_IGNORED:
+            out[k] = v  # reported as left over by the strict fit
+    return out
 
 
 def split_single_file(weights: dict[str, mx.array], path: str) -> dict[str, dict[str, mx.array]]:
     """Sort an original checkpoint's tensors by model; anything unclaimed is an error (strict)."""
+    sdxl = any(k.startswith(keymaps.SDXL_TEXT_PREFIX) for k in weights)
     parts: dict[str, dict[str, mx.array]] = {"unet": {}, "vae": {}, "text_encoder": {}}
     prefixes = {"unet": keymaps.UNET_PREFIX, "vae": keymaps.VAE_PREFIX, "text_encoder": keymaps.TEXT_PREFIX}
+    if sdxl:
+        parts["text_encoder_2"] = {}
+        prefixes.update(text_encoder=keymaps.SDXL_TEXT_PREFIX, text_encoder_2=keymaps.SDXL_TEXT2_PREFIX)
     unclaimed = []
     for key, value in weights.items():
         for name, prefix in prefixes.items():
@@ -253,6 +295,8 @@ def split_single_file(weights: dict[str, mx.array], path: str) -> dict[str, dict
         raise UserError(f"{path}: OpenCLIP text encoder (SD 2.x single file) is not supported yet")
     if unclaimed:
         raise UserError(f"{path}: {len(unclaimed)} tensors belong to no known model, e.g. {', '.join(unclaimed[:3])}")
+    if sdxl:
+        parts["text_encoder_2"] = openclip_to_transformers(parts["text_encoder_2"])
     for name, part in parts.items():
         if not part:
             raise UserError(f"{path}: no {name} weights (expected keys starting with {prefixes[name]!r})")
@@ -262,40 +306,55 @@ def split_single_file(weights: dict[str, mx.array], path: str) -> dict[str, dict
 def convert_single_file(
     path: str | Path,
     dst: str | Path,
-    tokenizer_dir: str | Path,
+    tokenizer: str | Path | None = None,
     dtype: mx.Dtype | None = None,
     config_dir: str | Path | None = None,
     quantize: tuple[int, int] | None = None,
+    tokenizer_2: str | Path | None = None,
 ) -> Path:
-    """An original `.safetensors` / `.ckpt` (model.diffusion_model.*, first_stage_model.*, cond_stage_model.*).
+    """An original `.safetensors` / `.ckpt`: SD 1.x (model.diffusion_model.*, first_stage_model.*,
+    cond_stage_model.*) or SDXL (conditioner.embedders.0/1.*), told apart by its keys.
 
-    Configs are inferred from tensor shapes (SD 1.x/2.x conventions for what shapes cannot tell: head
-    counts, 32 norm groups, the SD 1 schedule). `config_dir`, a diffusers folder of the same architecture,
-    supplies all configs instead, as diffusers' `from_single_file(config=...)` does.
+    Configs are inferred from tensor shapes (with SD conventions for what shapes cannot tell: head counts,
+    32 norm groups, the VAE scale, the schedule). `config_dir`, a diffusers folder of the same architecture,
+    supplies all configs and tokenizers instead, as diffusers' `from_single_file(config=...)` does. Tokenizers
+    (folders or Hub repos) default to those of the config folder, else CLIP ViT-L/14's (and bigG's for SDXL).
     """
+    from ipadapter_mlx.hub import resolve_tokenizer
+
     path = Path(path)
     _log(f"reading {path} ...")
     parts = split_single_file(read_weights(path), str(path))
+    sdxl = "text_encoder_2" in parts
+    text_names = ["text_encoder", "text_encoder_2"] if sdxl else ["text_encoder"]
+    model_index = None
     if config_dir is not None:
         config_dir = Path(config_dir)
-        unet_cfg, vae_cfg, text_cfg = (read_json(config_dir / n / "config.json") for n in ("unet", "vae", "text_encoder"))
+        configs = {n: read_json(config_dir / n / "config.json") for n in [*text_names, "unet", "vae"]}
         scheduler = read_json(config_dir / "scheduler" / "scheduler_config.json")
+        if (config_dir / "model_index.json").is_file():
+            model_index = read_json(config_dir / "model_index.json")
     else:
-        unet_cfg = infer_unet_config(parts["unet"])
-        vae_cfg = infer_vae_config(parts["vae"])
-        text_cfg = infer_text_config(parts["text_encoder"])
-        scheduler = SD1_SCHEDULER
-    unet_pairs = keymaps.unet_original_to_diffusers(UNetConfig.from_dict(unet_cfg))
-    vae_pairs = keymaps.vae_original_to_diffusers(VAEConfig.from_dict(vae_cfg))
+        configs = {n: infer_text_config(parts[n]) for n in text_names}
+        pooled = configs.get("text_encoder_2", {}).get("projection_dim")
+        configs.update(unet=infer_unet_config(parts["unet"], pooled), vae=infer_vae_config(parts["vae"], sdxl))
+        scheduler = SDXL_SCHEDULER if sdxl else SD1_SCHEDULER
+    unet_pairs = keymaps.unet_original_to_diffusers(UNetConfig.from_dict(configs["unet"]))
+    vae_pairs = keymaps.vae_original_to_diffusers(VAEConfig.from_dict(configs["vae"]))
+    renames = {"unet": lambda k: keymaps.rename(k, unet_pairs), "vae": lambda k: keymaps.rename(k, vae_pairs)}
     components = {}
-    for name, config, rename in (
-        ("text_encoder", text_cfg, lambda k: k),
-        ("unet", unet_cfg, lambda k: keymaps.rename(k, unet_pairs)),
-        ("vae", vae_cfg, lambda k: keymaps.rename(k, vae_pairs)),
-    ):
+    for name in [*text_names, "unet", "vae"]:
         _log(f"converting {name} ...")
-        weights = fit_weights(build(name, config), parts[name], rename, what=f"{path} ({name})", dtype=dtype)
-        components[name] = quantized(name, config, weights, quantize)
-    if not (Path(tokenizer_dir) / "tokenizer_config.json").is_file() and not (Path(tokenizer_dir) / "vocab.json").is_file():
-        raise UserError(f"{tokenizer_dir} is not a tokenizer folder")
-    return _write_pipeline(Path(dst), components, scheduler, {"tokenizer": Path(tokenizer_dir)}, str(path))
+        weights = fit_weights(build(name, configs[name]), parts[name], renames.get(name, lambda k: k),
+                              what=f"{path} ({name})", dtype=dtype)
+        components[name] = quantized(name, configs[name], weights, quantize)
+    tokenizers = {}
+    for name, given, default in (("tokenizer", tokenizer, DEFAULT_TOKENIZER), ("tokenizer_2", tokenizer_2, DEFAULT_TOKENIZER_2)):
+        if name == "tokenizer_2" and not sdxl:
+            continue
+        ref = given or (config_dir / name if config_dir is not None and (config_dir / name).is_dir() else default)
+        folder = resolve_tokenizer(str(ref))
+        if not (folder / "tokenizer_config.json").is_file() and not (folder / "vocab.json").is_file():
+            raise UserError(f"{folder} is not a tokenizer folder")
+        tokenizers[name] = folder
+    return _write_pipeline(Path(dst), components, scheduler, tokenizers, str(path), model_index)

@@ -96,7 +96,7 @@ def resolve_model(
     `config`: for single files: a diffusers folder or Hub repo whose configs (and tokenizer) to use instead
     of those inferred from the tensor shapes.
     """
-    from convert.stable_diffusion import DEFAULT_TOKENIZER, convert_diffusers_folder, convert_single_file
+    from convert.stable_diffusion import convert_diffusers_folder, convert_single_file
 
     path = Path(model).expanduser()
     if path.exists():
@@ -110,9 +110,7 @@ def resolve_model(
         if path.suffix not in SINGLE_FILE_SUFFIXES:
             raise UserError(f"{path}: not a model (expected a folder or one of {', '.join(SINGLE_FILE_SUFFIXES)})")
         config_dir = resolve_config(config) if config else None
-        if tokenizer is None and config_dir is not None:
-            tokenizer = str(config_dir / "tokenizer")
-        return convert_single_file(path, dst, resolve_tokenizer(tokenizer or DEFAULT_TOKENIZER), dtype, config_dir)
+        return convert_single_file(path, dst, tokenizer, dtype, config_dir)
     if not REPO_ID.match(model):
         raise UserError(f"model not found: {model} is neither an existing path nor a Hub repo id (org/name)")
     folder = download_diffusers_repo(model, revision)

@@ -68,8 +68,8 @@ def original(diffusers_dir):
     return ckpt
 
 
-def assert_same_weights(folder_a: Path, folder_b: Path):
-    for name in ("text_encoder", "unet", "vae"):
+def assert_same_weights(folder_a: Path, folder_b: Path, components=("text_encoder", "unet", "vae")):
+    for name in components:
         a, b = mx.load(str(folder_a / name / "model.safetensors")), mx.load(str(folder_b / name / "model.safetensors"))
         assert set(a) == set(b), name
         for k in a:

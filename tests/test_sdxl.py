@@ -166,3 +166,70 @@ def test_cli_sdxl_with_adapter(xl, xl_adapters, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     meta = json.loads(Image.open(tmp_path / "xl.png").text["ipadapter_mlx"])
     assert meta["original_size"] == [512, 512] and meta["crop_coords"] == [0, 8]
+
+
+def original_sdxl_checkpoint(folder: Path) -> dict:
+    """The SDXL folder under original names: conditioner.embedders.0 (CLIP) and .1 (OpenCLIP layout)."""
+    from safetensors.torch import load_file
+
+    from convert import keymaps
+    from test_convert import original_checkpoint
+
+    sd1_style = original_checkpoint(folder)  # UNet, VAE and the first text encoder, SD-style names
+    ckpt = {}
+    for k, v in sd1_style.items():
+        if k.startswith(keymaps.TEXT_PREFIX):
+            k = keymaps.SDXL_TEXT_PREFIX + k[len(keymaps.TEXT_PREFIX):]
+        ckpt[k] = v
+    top = {v: k for k, v in keymaps.OPENCLIP_TOP.items()}
+    layer = [(v, k) for k, v in keymaps.OPENCLIP_LAYER.items()]
+    w = {keymaps.clip_text_key(k): v for k, v in load_file(folder / "text_encoder_2" / "model.safetensors").items()}
+    p = keymaps.SDXL_TEXT2_PREFIX
+    for k, v in w.items():
+        if k in top:
+            ckpt[p + top[k]] = v.T.contiguous() if k == "text_projection.weight" else v
+        elif ".self_attn.q_proj." in k:
+            i, kind = k.split(".")[3], k.rpartition(".")[2]
+            qkv = [w[k.replace("q_proj", n)] for n in ("q_proj", "k_proj", "v_proj")]
+            ckpt[f"{p}transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(qkv)
+        elif ".self_attn.k_proj." in k or ".self_attn.v_proj." in k:
+            continue
+        elif k.startswith("text_model.encoder.layers."):
+            i, rest = k.split(".")[3], k.split(".", 4)[4]
+            ckpt[f"{p}transformer.resblocks.{i}.{keymaps.rename(rest, layer)}"] = v
+    ckpt[p + "logit_scale"] = torch.tensor(4.6)
+    return ckpt
+
+
+def test_single_file_sdxl_equals_diffusers_folder(xl, xl_dir, tmp_path):
+    import json
+
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from safetensors.torch import load_file, save_file
+
+    from convert.stable_diffusion import convert_single_file, infer_unet_config
+    from test_convert import assert_same_weights
+
+    ckpt = original_sdxl_checkpoint(xl_dir)
+    # independent check of the OpenCLIP names and layout: diffusers' own converter maps them back
+    te2 = transformers.CLIPTextModelWithProjection.from_pretrained(xl_dir / "text_encoder_2")
+    back = convert_open_clip_checkpoint(te2, ckpt, prefix="conditioner.embedders.1.model.")
+    ours = {k: v for k, v in te2.state_dict().items() if "position_ids" not in k}
+    assert set(back) == set(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    unet_ref = load_file(xl_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    unet_back = convert_ldm_unet_checkpoint(ckpt, json.loads((xl_dir / "unet" / "config.json").read_text()))
+    assert set(unet_back) == set(unet_ref) and all(torch.equal(unet_back[k], unet_ref[k]) for k in unet_ref)
+
+    save_file({k: v.contiguous() for k, v in ckpt.items()}, tmp_path / "xl.safetensors")
+    out = convert_single_file(tmp_path / "xl.safetensors", tmp_path / "mlx", config_dir=xl_dir)
+    assert_same_weights(out, xl[1].folder, components=("text_encoder", "text_encoder_2", "unet", "vae"))
+    unet_w = {k[len("model.diffusion_model."):]: mx.array(v.numpy()) for k, v in ckpt.items()
+              if k.startswith("model.diffusion_model.")}
+    inferred = infer_unet_config(unet_w, pooled_dim=32)
+    real = json.loads((xl_dir / "unet" / "config.json").read_text())
+    for key in ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+                "block_out_channels", "down_block_types", "cross_attention_dim", "use_linear_projection"):
+        assert list(np.atleast_1d(inferred[key])) == list(np.atleast_1d(real[key])), key
+    assert list(inferred["transformer_layers_per_block"]) == [1, 2]
