@@ -32,6 +32,22 @@ SD15 = {
                           image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu"),
     "resampler": dict(dim=768, depth=4, heads=12, queries=16),
 }
+# SDXL base + ViT-H/14 + IP-Adapter-plus-sdxl-vit-h.
+SDXL = {
+    "unet": dict(in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280], layers_per_block=2,
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], cross_attention_dim=2048,
+                 attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10], use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816, sample_size=128),
+    "text_encoder": SD15["text_encoder"],
+    "text_encoder_2": dict(SD15["text_encoder"], hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                           num_attention_heads=20, hidden_act="gelu", projection_dim=1280,
+                           architectures=["CLIPTextModelWithProjection"]),
+    "vae": dict(SD15["vae"], scaling_factor=0.13025),
+    "image_encoder": SD15["image_encoder"],
+    "resampler": dict(dim=1280, depth=4, heads=20, queries=16),
+}
 # A miniature of the same layout, for the smoke test and quick checks of the benchmark itself.
 TINY = {
     "unet": dict(SD15["unet"], block_out_channels=[32, 64, 64, 64], cross_attention_dim=32, attention_head_dim=4,
@@ -43,6 +59,23 @@ TINY = {
                           num_attention_heads=4, projection_dim=32),
     "resampler": dict(dim=32, depth=4, heads=1, queries=16),
 }
+TINY_SDXL = {
+    **TINY,
+    "unet": dict(SDXL["unet"], block_out_channels=[32, 64, 64], cross_attention_dim=64, attention_head_dim=[1, 2, 2],
+                 transformer_layers_per_block=[1, 2, 2], norm_num_groups=8, addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=80),
+    "text_encoder_2": dict(TINY["text_encoder"], projection_dim=32, architectures=["CLIPTextModelWithProjection"]),
+}
+SHAPES = {("sd15", False): SD15, ("sd15", True): TINY, ("sdxl", False): SDXL, ("sdxl", True): TINY_SDXL}
+
+
+def added_conditioning(shapes: dict, lib, pooled, size: int) -> dict:
+    """SDXL's extra UNet inputs for a CFG batch of 2 (pooled text and size/crop ids), or nothing."""
+    if "text_encoder_2" not in shapes:
+        return {}
+    ids = [[size, size, 0, 0, size, size]] * 2
+    return {"text_embeds": pooled, "time_ids": lib.array(ids, dtype=lib.float32) if hasattr(lib, "array")
+            else lib.tensor(ids, dtype=lib.float32)}
 
 
 def blas_in_use() -> str:
@@ -161,10 +194,18 @@ def mlx_worker(shapes: dict, size: int, steps: int, dtype_name: str, quantize: i
     models = {}
     t0 = time.perf_counter()
 
-    def text_encoder():
-        if "text" not in models:
-            models["text"] = make(CLIPTextModel, CLIPTextConfig.from_dict(shapes["text_encoder"]))
-        return models["text"]
+    text_names = [n for n in ("text_encoder", "text_encoder_2") if n in shapes]
+
+    def encode_text():
+        """(context, pooled) for a CFG batch of 2, as the pipeline computes them."""
+        states, pooled = [], None
+        for n in text_names:
+            if n not in models:
+                models[n] = make(CLIPTextModel, CLIPTextConfig.from_dict(shapes[n]))
+            out = models[n](mx.zeros((2, 77), dtype=mx.int32))
+            states.append(out.hidden_states[-2] if len(text_names) == 2 else out.last_hidden_state)
+            pooled = out.pooler_output
+        return mx.concatenate(states, axis=-1), pooled
 
     def image_encoder():
         if "enc" not in models:
@@ -197,34 +238,35 @@ def mlx_worker(shapes: dict, size: int, steps: int, dtype_name: str, quantize: i
         mx.clear_cache()
 
     if not low_memory:
-        text_encoder(), image_encoder(), unet_and_adapter(), vae()
+        encode_text(), image_encoder(), unet_and_adapter(), vae()
     results = {"build_s": time.perf_counter() - t0}
 
     # -- the whole generation, in the pipeline's order
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    ctx = text_encoder()(mx.zeros((2, 77), dtype=mx.int32)).last_hidden_state
-    mx.eval(ctx)
+    ctx, pooled = encode_text()
+    added = added_conditioning(shapes, mx, pooled, size)
+    mx.eval(ctx, added)
     feats = encode_images(image_encoder(), [ref], hidden_states=True)
     if low_memory:
-        free("text", "enc")
+        free(*text_names, "enc")
     unet, adapter = unet_and_adapter()
     tokens = image_tokens(adapter, feats, ImagePrompt(), 1, guided=True).astype(dtype)
     y = x
     for _ in range(steps):
-        y = unet(y, t, ctx, [(tokens, 1.0)])
+        y = unet(y, t, ctx, [(tokens, 1.0)], **added)
         mx.eval(y)
     mx.eval(vae().decode(y[:1].astype(mx.float32 if dtype != mx.float32 else dtype)))
     results["generation_s"] = time.perf_counter() - t0
     results["peak_mlx_gib"] = mx.get_peak_memory() / 2**30
     results["peak_rss_gib"] = peak_rss_gib()
-    text_encoder(), image_encoder(), vae()
+    encode_text(), image_encoder(), vae()
     results["weights_gib"] = sum(  # what a converted folder of this setting holds on disk
         v.nbytes for m in models.values() for _, v in tree_flatten(m.parameters())) / 2**30
 
     # -- per component
     def step(ip):
-        mx.eval(unet(x, t, ctx, ip))
+        mx.eval(unet(x, t, ctx, ip, **added))
 
     results["unet_step_s"], results["unet_step_plain_s"] = _paired(lambda: step([(tokens, 1.0)]),
                                                                    lambda: step(None), repeat)
@@ -243,12 +285,26 @@ def diffusers_worker(shapes: dict, size: int, steps: int, dtype_name: str, repea
     import numpy as np
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import (
+        CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection,
+    )
 
     dtype = getattr(torch, dtype_name)
     t_build = time.perf_counter()
     unet = UNet2DConditionModel(**shapes["unet"]).eval()
-    text = CLIPTextModel(CLIPTextConfig(**shapes["text_encoder"])).eval()
+    texts = [CLIPTextModel(CLIPTextConfig(**shapes["text_encoder"])).eval()]
+    if "text_encoder_2" in shapes:
+        cfg2 = {k: v for k, v in shapes["text_encoder_2"].items() if k != "architectures"}
+        texts.append(CLIPTextModelWithProjection(CLIPTextConfig(**cfg2)).eval())
+
+    def encode_text():
+        states, pooled = [], None
+        for m in texts:
+            out = m(torch.zeros(2, 77, dtype=torch.long), output_hidden_states=True)
+            states.append(out.hidden_states[-2] if len(texts) == 2 else out[0])
+            pooled = out[0] if len(texts) == 2 else None
+        return torch.cat(states, -1), pooled
+
     vae = AutoencoderKL(**{k: v for k, v in shapes["vae"].items() if k != "scaling_factor"}).eval()
     enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**shapes["image_encoder"])).eval()
     cross = {}
@@ -261,7 +317,7 @@ def diffusers_worker(shapes: dict, size: int, steps: int, dtype_name: str, repea
         top, _, rest = k.partition(".")
         sd[top][rest] = torch.from_numpy(v)
     unet._load_ip_adapter_weights([sd])
-    for m in (unet, text, vae, enc):
+    for m in (unet, *texts, vae, enc):
         m.to(dtype)
     t_build = time.perf_counter() - t_build
     lat = size // 8
@@ -269,7 +325,8 @@ def diffusers_worker(shapes: dict, size: int, steps: int, dtype_name: str, repea
     t = torch.tensor([500.0, 500.0])
     pixels = torch.randn(1, 3, 224, 224, dtype=dtype)
     with torch.no_grad():
-        ctx = text(torch.zeros(2, 77, dtype=torch.long))[0]
+        ctx, pooled = encode_text()
+        cond = {"image_embeds": None, **added_conditioning(shapes, torch, pooled, size)}
         hidden = torch.cat([enc(torch.zeros_like(pixels), output_hidden_states=True).hidden_states[-2],
                             enc(pixels, output_hidden_states=True).hidden_states[-2]])
 
@@ -277,7 +334,7 @@ def diffusers_worker(shapes: dict, size: int, steps: int, dtype_name: str, repea
             for p in unet.attn_processors.values():
                 if hasattr(p, "scale"):
                     p.scale = [scale]
-            unet(x, t, ctx, added_cond_kwargs={"image_embeds": [hidden[:, None]]})
+            unet(x, t, ctx, added_cond_kwargs={**cond, "image_embeds": [hidden[:, None]]})
 
         def encode():
             enc(torch.zeros_like(pixels), output_hidden_states=True)
@@ -290,11 +347,11 @@ def diffusers_worker(shapes: dict, size: int, steps: int, dtype_name: str, repea
             "vae_decode_s": _timed(lambda: vae.decode(x[:1]), max(1, repeat // 2)),
         }
         t0 = time.perf_counter()
-        ctx = text(torch.zeros(2, 77, dtype=torch.long))[0]
+        ctx, pooled = encode_text()
         encode()
         y = x
         for _ in range(steps):
-            y = unet(y, t, ctx, added_cond_kwargs={"image_embeds": [hidden[:, None]]}).sample
+            y = unet(y, t, ctx, added_cond_kwargs={**cond, "image_embeds": [hidden[:, None]]}).sample
         vae.decode(y[:1])
         results["generation_s"] = time.perf_counter() - t0
     results["peak_rss_gib"] = peak_rss_gib()
@@ -314,21 +371,24 @@ def _run_worker(spec: dict, timeout: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    shapes = TINY if args.tiny else SD15
+    shapes = SHAPES[(args.model_kind, args.tiny)]
     report = {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                           "cpus": os.cpu_count(), "python": platform.python_version()},
-              "shapes": "tiny" if args.tiny else "sd15+vit-h+ip-adapter-plus", "steps": args.steps, "runs": []}
+              "shapes": f"{'tiny ' if args.tiny else ''}{args.model_kind}+vit-h+ip-adapter-plus", "steps": args.steps,
+              "runs": []}
     for size in args.sizes:
         for dtype in args.dtype:
             for q in args.quantize:
                 for low in ([False, True] if args.low_memory == "both" else [args.low_memory == "on"]):
                     spec = {"framework": "mlx", "size": size, "dtype": dtype, "quantize": q, "low_memory": low,
-                            "steps": args.steps, "repeat": args.repeat, "tiny": args.tiny}
+                            "steps": args.steps, "repeat": args.repeat, "tiny": args.tiny,
+                            "model_kind": args.model_kind}
                     print(f"mlx {size}px {dtype} q={q or 'none'} low-memory={low} ...", file=sys.stderr, flush=True)
                     report["runs"].append({**spec, **_run_worker(spec, args.timeout)})
         if "diffusers" in (args.compare or []):
             spec = {"framework": "diffusers", "size": size, "dtype": "float32", "quantize": None,
-                    "low_memory": False, "steps": args.steps, "repeat": args.repeat, "tiny": args.tiny}
+                    "low_memory": False, "steps": args.steps, "repeat": args.repeat, "tiny": args.tiny,
+                    "model_kind": args.model_kind}
             print(f"diffusers {size}px float32 ...", file=sys.stderr, flush=True)
             report["runs"].append({**spec, **_run_worker(spec, args.timeout)})
     _ratios(report)
@@ -386,6 +446,8 @@ def plot(report: dict, path: str) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="speed and memory at real SD 1.5 + ViT-H + IP-Adapter shapes")
+    p.add_argument("--model-kind", choices=["sd15", "sdxl"], default="sd15",
+                   help="sd15: SD 1.5 + IP-Adapter-plus; sdxl: SDXL base + IP-Adapter-plus-sdxl-vit-h")
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float16", "bfloat16"])
     p.add_argument("--quantize", type=lambda v: None if v == "none" else int(v), nargs="+", default=[None],
@@ -415,7 +477,7 @@ def main_bench(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     spec = json.loads(sys.argv[sys.argv.index("--worker") + 1])
-    shapes = TINY if spec["tiny"] else SD15
+    shapes = SHAPES[(spec.get("model_kind", "sd15"), spec["tiny"])]
     if spec["framework"] == "mlx":
         out = mlx_worker(shapes, spec["size"], spec["steps"], spec["dtype"], spec["quantize"], spec["repeat"],
                          spec["low_memory"])

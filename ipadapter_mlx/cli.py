@@ -141,6 +141,22 @@ def _image_prompts(pipe, groups: list[dict]) -> list:
     return prompts
 
 
+def physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _warn_if_too_big(pipe, args: argparse.Namespace) -> None:
+    """Say so before a run that will not fit this machine's memory (it would swap, or be killed)."""
+    size = pipe.default_size
+    need = pipe.estimate_memory(args.height or size, args.width or size, args.num_images)
+    have = physical_memory()
+    if need > 0.85 * have:
+        tips = [t for t, on in (("--low-memory", not args.low_memory), ("--quantize 8 (or 4)", not args.quantize),
+                                ("a smaller --height/--width", True)) if on]
+        print(f"warning: this run needs about {need / 2**30:.1f} GB and the machine has {have / 2**30:.1f} GB; "
+              f"it may swap or be stopped. Try {', '.join(tips)}.", file=sys.stderr)
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     from .pipeline import DEFAULT_MODEL, DEFAULT_SCHEDULER
     from .samplers import SAMPLERS
@@ -223,6 +239,7 @@ def _generate(args: argparse.Namespace) -> int:
                                            tokenizer=args.tokenizer, config=args.config)
     prompts = _image_prompts(pipe, groups) if groups else None
     t_load = time.perf_counter() - t0
+    _warn_if_too_big(pipe, args)
     steps = pipe.generate_latents(
         args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg, seed=seed,
         height=args.height, width=args.width, scheduler=args.scheduler, num_images=args.num_images,

@@ -172,6 +172,36 @@ class StableDiffusion:
     def default_size(self) -> int:
         return self.unet_config.sample_size * self.vae_scale_factor
 
+    # -- memory ---------------------------------------------------------------------------------------
+
+    def estimate_memory(self, height: int, width: int, num_images: int = 1) -> int:
+        """Bytes a generation at this size needs at its peak: the weights resident while the UNet runs (in
+        low-memory mode the encoders are gone by then, else all), plus activations: the largest attention
+        score matrix (unfused on the CPU) and a margin for the rest."""
+        from mlx.utils import tree_flatten
+
+        def weight_bytes(component: str, folder: Path) -> int:
+            model = build(component, read_json(folder / component / "config.json"))  # lazy: shapes only
+            count = sum(v.size for _, v in tree_flatten(model.parameters()))
+            if self.quantize and component in ("text_encoder", "text_encoder_2", "unet", "image_encoder"):
+                return int(count * (self.quantize[0] / 8 + 4 / self.quantize[1]))
+            itemsize = 4 if component == "vae" and self.dtype != mx.float32 else self.dtype.size
+            return count * itemsize
+
+        resident = [("unet", self.folder), ("vae", self.folder)]
+        if not self.low_memory:
+            resident += [(n, self.folder) for n in self.text_encoder_names]
+            resident += [("image_encoder", la.encoder_folder) for la in self.adapters if la.encoder_folder]
+        total = sum(weight_bytes(c, f) for c, f in resident)
+        total += sum(la.adapter.config.cross_attention_dim * sum(la.adapter.config.layers.values()) * 2
+                     * self.dtype.size for la in self.adapters)
+        f = self.vae_scale_factor
+        tokens = (height // f) * (width // f)
+        heads = max(self.unet_config.num_attention_heads)
+        scores = 2 * num_images * heads * tokens * tokens * self.dtype.size * (1 if mx.default_device() == mx.gpu else 2)
+        decode = num_images * height * width * self.vae.config.block_out_channels[0] * 4 * 3
+        return int(total + max(scores, decode) + 2**30)
+
     # -- IP-Adapters ----------------------------------------------------------------------------------
 
     def load_ip_adapter(self, ref: str, image_encoder: str | None = None, scale: float = 1.0) -> int:

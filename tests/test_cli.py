@@ -127,3 +127,27 @@ def test_bad_input_gives_one_line(case, run, mlx_dir, tmp_path):
     assert "Traceback" not in err
     assert re.search(message, lines[0]), lines[0]
     assert not (tmp_path / "out.png").exists()
+
+
+def test_warns_before_a_run_too_big_for_the_machine(run, monkeypatch):
+    from ipadapter_mlx import cli
+
+    monkeypatch.setattr(cli, "physical_memory", lambda: 2**20)  # a 1 MB machine
+    code, out, err = run()
+    assert code == 0
+    assert re.search(r"warning: this run needs about [\d.]+ GB and the machine has 0.0 GB.*--low-memory", err)
+    monkeypatch.setattr(cli, "physical_memory", lambda: 2**40)
+    code, out, err = run()
+    assert code == 0 and "warning" not in err
+
+
+def test_memory_estimate_follows_settings(mlx_dir):
+    import mlx.core as mx
+
+    from ipadapter_mlx import StableDiffusion
+
+    full = StableDiffusion(mlx_dir, mx.float32).estimate_memory(64, 64)
+    low = StableDiffusion(mlx_dir, mx.float32, low_memory=True).estimate_memory(64, 64)
+    q4 = StableDiffusion(mlx_dir, mx.float32, quantize=(4, 32)).estimate_memory(64, 64)
+    bigger = StableDiffusion(mlx_dir, mx.float32).estimate_memory(512, 512)
+    assert low < full and q4 < full and bigger > full

@@ -79,14 +79,15 @@ def test_low_memory_mode(mlx_dir):
     assert psnr(got, ref) > 25  # tiles see less context in the VAE's attention: close, not identical
 
 
-def test_bench_smoke(tmp_path):
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_bench_smoke(tmp_path, kind):
     """Only the report's shape: timing assertions have no place in tests."""
     import argparse
 
     from ipadapter_mlx.bench import format_table, run
 
     args = argparse.Namespace(tiny=True, sizes=[64], dtype=["float32"], quantize=[None, 8], steps=1, repeat=1,
-                              compare=None, timeout=600, low_memory="both")
+                              compare=None, timeout=600, low_memory="both", model_kind=kind)
     report = run(args)
     assert [(r["quantize"], r["low_memory"]) for r in report["runs"]] == [(None, False), (None, True), (8, False),
                                                                           (8, True)]
