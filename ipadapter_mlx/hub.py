@@ -120,25 +120,24 @@ def resolve_model(
     return convert_diffusers_folder(folder, dst, dtype)
 
 
-def resolve_config(ref: str) -> Path:
-    """A diffusers folder or Hub repo, for its configs and tokenizer only (no weights are downloaded)."""
+def _folder_or_snapshot(ref: str, patterns: list[str], what: str) -> Path:
+    """A local folder as it is, or just the files matching `patterns` of a Hub repo."""
     path = Path(ref).expanduser()
     if path.is_dir():
         return path
     if not REPO_ID.match(ref):
-        raise UserError(f"config not found: {ref} is neither a folder nor a Hub repo id")
-    return snapshot(ref, CONFIG_PATTERNS)
+        raise UserError(f"{what} not found: {ref} is neither a folder nor a Hub repo id")
+    return snapshot(ref, patterns)
+
+
+def resolve_config(ref: str) -> Path:
+    """A diffusers folder or Hub repo, for its configs and tokenizers only (no weights are downloaded)."""
+    return _folder_or_snapshot(ref, CONFIG_PATTERNS, "config")
 
 
 def resolve_tokenizer(ref: str) -> Path:
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        return path
-    if not REPO_ID.match(ref):
-        raise UserError(f"tokenizer not found: {ref}")
-    folder = snapshot(ref, ["tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                            "tokenizer.json"])
-    return folder
+    return _folder_or_snapshot(ref, ["tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                                     "tokenizer.json"], "tokenizer")
 
 
 # ---------------------------------------------------------------------------------------------------

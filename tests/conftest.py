@@ -14,6 +14,8 @@ import tempfile  # noqa: E402
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may touch the network (set before any HF import)
 os.environ["IPADAPTER_MLX_CACHE"] = tempfile.mkdtemp(prefix="ipadapter-mlx-cache-")  # never the user's cache
 
+import ipadapter_mlx  # noqa: E402,F401  (before anything loads mlx: it routes MLX to OpenBLAS on Linux)
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -145,3 +147,20 @@ def to_np(x) -> np.ndarray:
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+# -- measured parity figures: every parity test records its number; the run ends with the table ----------
+
+PARITY: dict[str, str] = {}
+
+
+def record(name: str, value: float, unit: str) -> float:
+    PARITY[name] = f"{value:.3g} {unit}" if unit != "dB" else f"{value:.1f} dB"
+    return value
+
+
+def pytest_terminal_summary(terminalreporter):
+    if PARITY:
+        terminalreporter.section("measured parity (max abs error per module; PSNR per picture)")
+        for name in sorted(PARITY):
+            terminalreporter.write_line(f"{name:60s} {PARITY[name]}")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import psnr, to_np
+from conftest import psnr, record, to_np
 from ip_fixtures import VARIANTS, make_adapter_repo
 from ipadapter_mlx import StableDiffusion
 from ipadapter_mlx.ip_adapter import ImagePrompt
@@ -58,7 +58,7 @@ def run_both(diffusers_dir, mlx_dir, repo, variants, images, scales, prompt="a c
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_variant_matches_diffusers(variant, diffusers_dir, mlx_dir, adapter_repo):
     got, ref, ours = run_both(diffusers_dir, mlx_dir, adapter_repo, [variant], [reference_image(1)], [0.8])
-    assert psnr(got, ref) >= 40
+    assert record(f"IP-Adapter SD 1.5 {variant}", psnr(got, ref), "dB") >= 40
     # and the adapter really changes the picture (so the check above is not the base model twice)
     ours.unload_ip_adapter()
     plain = np.array(ours.generate("a cat", steps=STEPS, cfg=6.0, height=H, width=W, scheduler="euler",
@@ -70,7 +70,7 @@ def test_several_images_and_two_adapters(diffusers_dir, mlx_dir, adapter_repo):
     """plus with two references (tokens joined) + plus-face with one, each with its own scale."""
     images = [[reference_image(2), reference_image(3)], reference_image(4, (200, 260))]
     got, ref, _ = run_both(diffusers_dir, mlx_dir, adapter_repo, ["plus", "plus-face"], images, [0.6, 0.9])
-    assert psnr(got, ref) >= 40
+    assert record("IP-Adapter plus (2 images) + plus-face", psnr(got, ref), "dB") >= 40
 
 
 def test_scale_zero_is_the_base_model(diffusers_dir, mlx_dir, adapter_repo):
@@ -112,8 +112,8 @@ def test_vision_tower_matches_transformers(adapter_repo):
         with torch.no_grad():
             ref = ref_model(x, output_hidden_states=True)
         px = mx.array(x.permute(0, 2, 3, 1).numpy())
-        assert np.abs(to_np(ours.image_embeds(px)) - to_np(ref.image_embeds)).max() < 1e-4
-        assert np.abs(to_np(ours.penultimate(px)) - to_np(ref.hidden_states[-2])).max() < 1e-4
+        assert record(f"vision tower ({folder}): image_embeds", np.abs(to_np(ours.image_embeds(px)) - to_np(ref.image_embeds)).max(), "abs") < 1e-4
+        assert record(f"vision tower ({folder}): hidden_states[-2]", np.abs(to_np(ours.penultimate(px)) - to_np(ref.hidden_states[-2])).max(), "abs") < 1e-4
 
 
 @pytest.mark.parametrize("variant", ["base", "plus", "full-face", "vit-g"])
@@ -128,7 +128,7 @@ def test_projection_matches_diffusers(variant, diffusers_dir, adapter_repo):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = proj_ref(x)
-    assert np.abs(to_np(adapter.image_proj(mx.array(x.numpy()))) - to_np(ref)).max() < 1e-4
+    assert record(f"projection {variant}", np.abs(to_np(adapter.image_proj(mx.array(x.numpy()))) - to_np(ref)).max(), "abs") < 1e-4
 
 
 def test_image_to_image_with_image_prompt(diffusers_dir, mlx_dir, adapter_repo):
@@ -148,7 +148,7 @@ def test_image_to_image_with_image_prompt(diffusers_dir, mlx_dir, adapter_repo):
 
     got = ours.generate("a cat", steps=STEPS, cfg=6.0, scheduler="euler", init_image=init, strength=0.7,
                         noise=noise, image_prompts=[ImagePrompt(images=[reference_image(1)])], return_array=True)
-    assert psnr(np.array(got), ref) >= 40
+    assert record("IP-Adapter plus, image-to-image", psnr(np.array(got), ref), "dB") >= 40
 
 
 def test_low_memory_mode_with_adapter(mlx_dir, adapter_repo):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import UNET_CONFIGS, make_torch_pipeline, to_np
+from conftest import UNET_CONFIGS, make_torch_pipeline, record, to_np
 from convert.stable_diffusion import component_weights, diffusers_rename
 from convert.weights import fit_weights
 from ipadapter_mlx.loading import build, read_json
@@ -26,7 +26,7 @@ def test_text_encoder(torch_pipe, diffusers_dir):
     with torch.no_grad():
         ref = torch_pipe.text_encoder(ids, output_hidden_states=True)
     out = ours(mx.array(ids.numpy()))
-    assert np.abs(to_np(out.last_hidden_state) - to_np(ref.last_hidden_state)).max() < TOL
+    assert record("text encoder: last hidden state", np.abs(to_np(out.last_hidden_state) - to_np(ref.last_hidden_state)).max(), "abs") < TOL
     assert np.abs(to_np(out.pooler_output) - to_np(ref.pooler_output)).max() < TOL
     for a, b in zip(out.hidden_states, ref.hidden_states):
         assert np.abs(to_np(a) - to_np(b)).max() < TOL
@@ -44,7 +44,7 @@ def test_unet(layout, tmp_path):
     with torch.no_grad():
         ref = pipe.unet(x, t, ctx).sample
     out = ours(mx.array(x.permute(0, 2, 3, 1).numpy()), mx.array(t.numpy()), mx.array(ctx.numpy()))
-    err = np.abs(to_np(out).transpose(0, 3, 1, 2) - to_np(ref)).max()
+    err = record(f"UNet ({layout} layout)", np.abs(to_np(out).transpose(0, 3, 1, 2) - to_np(ref)).max(), "abs")
     assert err < TOL, err
 
 
@@ -57,7 +57,7 @@ def test_vae_encode_decode(torch_pipe, diffusers_dir):
         z = torch.randn(1, 4, 4, 6, generator=g)
         dec = torch_pipe.vae.decode(z).sample
     mean, std = ours.encode(mx.array(img.permute(0, 2, 3, 1).numpy()))
-    assert np.abs(to_np(mean).transpose(0, 3, 1, 2) - to_np(dist.mean)).max() < TOL
+    assert record("VAE encode (mean)", np.abs(to_np(mean).transpose(0, 3, 1, 2) - to_np(dist.mean)).max(), "abs") < TOL
     assert np.abs(to_np(std).transpose(0, 3, 1, 2) - to_np(dist.std)).max() < TOL
     out = ours.decode(mx.array(z.permute(0, 2, 3, 1).numpy()))
-    assert np.abs(to_np(out).transpose(0, 3, 1, 2) - to_np(dec)).max() < TOL
+    assert record("VAE decode", np.abs(to_np(out).transpose(0, 3, 1, 2) - to_np(dec)).max(), "abs") < TOL

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import psnr
+from conftest import psnr, record
 from test_samplers import REFERENCE
 
 PROMPT, NEGATIVE = "a watercolor fox", "blurry"
@@ -45,7 +45,7 @@ def test_text_to_image(torch_pipe, mlx_pipe, scheduler):
         return_array=True,
     )
     assert ref.std() > 0.05  # a picture, not a flat field
-    assert psnr(np.array(ours), ref) >= 40
+    assert record(f"SD text-to-image, {scheduler}", psnr(np.array(ours), ref), "dB") >= 40
 
 
 @pytest.mark.parametrize("scheduler", list(REFERENCE))
@@ -61,7 +61,7 @@ def test_image_to_image(torch_pipe, mlx_pipe, scheduler):
         noise=torch_noise(torch.Generator().manual_seed(5)), return_array=True,
     )
     assert ours.shape == (1, H, W, 3)
-    assert psnr(np.array(ours), ref) >= 40
+    assert record(f"SD image-to-image, {scheduler}", psnr(np.array(ours), ref), "dB") >= 40
 
 
 def test_no_guidance_and_steps_generator(torch_pipe, mlx_pipe):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import TEXT_CONFIG, VAE_CONFIG, perturb, psnr, to_np, write_tokenizer
+from conftest import TEXT_CONFIG, VAE_CONFIG, perturb, psnr, record, to_np, write_tokenizer
 from ip_fixtures import SDXL_VARIANTS, make_adapter_repo
 from ipadapter_mlx import ImagePrompt, StableDiffusion
 from test_ip_adapter import reference_image
@@ -65,12 +65,12 @@ def test_unet_and_second_text_encoder(xl):
                             added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
     got = ours.unet(mx.array(x.permute(0, 2, 3, 1).numpy()), mx.array([900.0, 20.0]), mx.array(ctx.numpy()),
                     text_embeds=mx.array(pooled.numpy()), time_ids=mx.array(ids.numpy()))
-    assert np.abs(to_np(got).transpose(0, 3, 1, 2) - to_np(expected)).max() < 1e-4
+    assert record("SDXL UNet", np.abs(to_np(got).transpose(0, 3, 1, 2) - to_np(expected)).max(), "abs") < 1e-4
     tokens = ref.tokenizer_2(["a red fox"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         r = ref.text_encoder_2(tokens, output_hidden_states=True)
     o = ours.text_model("text_encoder_2")(mx.array(tokens.numpy()))
-    assert np.abs(to_np(o.pooler_output) - to_np(r.text_embeds)).max() < 1e-4
+    assert record("SDXL text encoder 2: pooled", np.abs(to_np(o.pooler_output) - to_np(r.text_embeds)).max(), "abs") < 1e-4
     assert np.abs(to_np(o.hidden_states[-2]) - to_np(r.hidden_states[-2])).max() < 1e-4
 
 
@@ -88,7 +88,7 @@ def test_text_to_image(xl, scheduler, negative):
                         scheduler=scheduler, latents=latents.numpy(), noise=torch_noise(torch.Generator().manual_seed(2)),
                         return_array=True)
     assert expected.std() > 0.05
-    assert psnr(np.array(got), expected) >= 40
+    assert record(f"SDXL text-to-image, {scheduler}", psnr(np.array(got), expected), "dB") >= 40
 
 
 def test_micro_conditioning(xl):
@@ -100,7 +100,7 @@ def test_micro_conditioning(xl):
                    output_type="np").images
     got = ours.generate("a fox", steps=STEPS, cfg=6.0, height=H, width=W, scheduler="euler", latents=latents.numpy(),
                         original_size=(1024, 768), crop_coords=(16, 8), target_size=(512, 512), return_array=True)
-    assert psnr(np.array(got), expected) >= 40
+    assert record("SDXL micro-conditioning", psnr(np.array(got), expected), "dB") >= 40
 
 
 def test_image_to_image(xl):
@@ -112,7 +112,7 @@ def test_image_to_image(xl):
                    generator=torch.Generator().manual_seed(5), output_type="np").images
     got = ours.generate("a fox", steps=STEPS, cfg=6.0, scheduler="euler", init_image=init, strength=0.6,
                         noise=torch_noise(torch.Generator().manual_seed(5)), return_array=True)
-    assert psnr(np.array(got), expected) >= 40
+    assert record("SDXL image-to-image", psnr(np.array(got), expected), "dB") >= 40
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_ip_adapter_matches_diffusers(xl_dir, xl, xl_adapters, variant):
     ours.load_ip_adapter(str(xl_adapters / "sdxl_models" / file), scale=0.7)
     got = ours.generate("a fox", steps=STEPS, cfg=6.0, height=H, width=W, scheduler="euler", latents=latents.numpy(),
                         image_prompts=[ImagePrompt(images=[image])], return_array=True)
-    assert psnr(np.array(got), expected) >= 40
+    assert record(f"IP-Adapter SDXL {variant}", psnr(np.array(got), expected), "dB") >= 40
     # the encoder was chosen by the adapter's shapes: the vit-h ones take models/, not their own folder
     assert ours.adapters[0].encoder_folder is not None
 
