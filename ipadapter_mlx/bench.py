@@ -115,7 +115,7 @@ def _paired(with_ip, without, repeat: int) -> tuple[float, float]:
     """Medians of alternating runs, so that a slow moment of the machine hits both sides alike."""
     with_ip(), without()
     a, b = [], []
-    for _ in range(max(repeat, 3)):
+    for _ in range(max(repeat, 1)):
         t = time.perf_counter()
         with_ip()
         a.append(time.perf_counter() - t)

@@ -151,3 +151,17 @@ def test_memory_estimate_follows_settings(mlx_dir):
     q4 = StableDiffusion(mlx_dir, mx.float32, quantize=(4, 32)).estimate_memory(64, 64)
     bigger = StableDiffusion(mlx_dir, mx.float32).estimate_memory(512, 512)
     assert low < full and q4 < full and bigger > full
+
+
+def test_generate_quantized_and_low_memory(run, tmp_path):
+    code, out, err = run("--quantize", "8", "--group-size", "32", "--low-memory")
+    assert code == 0, err
+    meta = json.loads(Image.open(tmp_path / "out.png").text["ipadapter_mlx"])
+    assert meta["quantize"] == "8-bit, group 32"
+
+
+def test_convert_cli_quantized(diffusers_dir, tmp_path, capsys):
+    from convert.__main__ import main as convert_main
+
+    assert convert_main([str(diffusers_dir), str(tmp_path / "q4"), "--quantize", "4", "--group-size", "32"]) == 0
+    assert json.loads((tmp_path / "q4" / "unet" / "config.json").read_text())["quantization"]["bits"] == 4

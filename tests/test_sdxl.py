@@ -233,3 +233,12 @@ def test_single_file_sdxl_equals_diffusers_folder(xl, xl_dir, tmp_path):
                 "block_out_channels", "down_block_types", "cross_attention_dim", "use_linear_projection"):
         assert list(np.atleast_1d(inferred[key])) == list(np.atleast_1d(real[key])), key
     assert list(inferred["transformer_layers_per_block"]) == [1, 2]
+
+
+def test_sdxl_adapter_on_sd15_names_both_sides(xl_adapters, mlx_dir):
+    from ipadapter_mlx.errors import UserError
+
+    with pytest.raises(UserError, match=r"made for a UNet with \d+ cross-attention layers of 64-d .* this UNet has "
+                                        r"6 of 32-d"):
+        StableDiffusion(mlx_dir, mx.float32).load_ip_adapter(
+            str(xl_adapters / "sdxl_models" / SDXL_VARIANTS["sdxl"][0]))
