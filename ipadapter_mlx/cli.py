@@ -280,8 +280,11 @@ def _generate(args: argparse.Namespace) -> int:
         save_png(image, path, {**params, "image_index": i} if len(images) > 1 else params)
         print(path)
     if args.verbose:
+        from .bench import blas_in_use
+
         print(f"load {t_load:.2f} s, sampling {t_sample:.2f} s ({t_sample / max(step.total, 1):.3f} s/step), "
-              f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB", file=sys.stderr)
+              f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB, {mx.default_device()}, BLAS: {blas_in_use()}",
+              file=sys.stderr)
     return 0
 
 
