@@ -365,6 +365,8 @@ def diffusers_worker(shapes: dict, size: int, steps: int, dtype_name: str, repea
 def _run_worker(spec: dict, timeout: int) -> dict:
     cmd = [sys.executable, "-m", "ipadapter_mlx.bench", "--worker", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    if proc.returncode < 0:  # killed by a signal: on Linux usually the kernel's out-of-memory killer
+        return {"error": f"killed by signal {-proc.returncode} (out of memory? try --low-memory / --quantize)"}
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
