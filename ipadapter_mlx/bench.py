@@ -69,13 +69,12 @@ TINY_SDXL = {
 SHAPES = {("sd15", False): SD15, ("sd15", True): TINY, ("sdxl", False): SDXL, ("sdxl", True): TINY_SDXL}
 
 
-def added_conditioning(shapes: dict, lib, pooled, size: int) -> dict:
+def added_conditioning(shapes: dict, to_array, pooled, size: int) -> dict:
     """SDXL's extra UNet inputs for a CFG batch of 2 (pooled text and size/crop ids), or nothing."""
     if "text_encoder_2" not in shapes:
         return {}
     ids = [[size, size, 0, 0, size, size]] * 2
-    return {"text_embeds": pooled, "time_ids": lib.array(ids, dtype=lib.float32) if hasattr(lib, "array")
-            else lib.tensor(ids, dtype=lib.float32)}
+    return {"text_embeds": pooled, "time_ids": to_array(ids)}
 
 
 def blas_in_use() -> str:
@@ -245,7 +244,7 @@ def mlx_worker(shapes: dict, size: int, steps: int, dtype_name: str, quantize: i
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     ctx, pooled = encode_text()
-    added = added_conditioning(shapes, mx, pooled, size)
+    added = added_conditioning(shapes, lambda v: mx.array(v, dtype=mx.float32), pooled, size)
     mx.eval(ctx, added)
     feats = encode_images(image_encoder(), [ref], hidden_states=True)
     if low_memory:
@@ -326,7 +325,7 @@ def diffusers_worker(shapes: dict, size: int, steps: int, dtype_name: str, repea
     pixels = torch.randn(1, 3, 224, 224, dtype=dtype)
     with torch.no_grad():
         ctx, pooled = encode_text()
-        cond = {"image_embeds": None, **added_conditioning(shapes, torch, pooled, size)}
+        cond = {"image_embeds": None, **added_conditioning(shapes, lambda v: torch.tensor(v, dtype=torch.float32), pooled, size)}
         hidden = torch.cat([enc(torch.zeros_like(pixels), output_hidden_states=True).hidden_states[-2],
                             enc(pixels, output_hidden_states=True).hidden_states[-2]])
 
