@@ -1,8 +1,10 @@
 """`python -m ipadapter_mlx bench`: seconds per UNet step, encoder and VAE times, whole generation and peak
 memory, for MLX and (with --compare diffusers) diffusers on the same shapes, each in its own process.
 
-Random weights at real SD 1.5 + ViT-H/14 + IP-Adapter-plus shapes by default (timing does not depend on the
-values); `--model` measures a real converted model instead. Speed targets live here, never in tests.
+Random weights at real SD 1.5 (or SDXL, `--model-kind sdxl`) + ViT-H/14 + IP-Adapter-plus shapes: timing and
+memory do not depend on the values. Speed targets live here, never in tests. On a GPU both sides run there
+(MLX's Metal or CUDA backend, torch's CUDA) and memory is the GPU's; on the CPU, the processes' peak RSS.
+generation_s is each side's first generation in a fresh process (one-time kernel compilation included).
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ def ip_adapter_weights(shapes: dict, unet_cross_dims: dict[str, int], rng) -> di
 
 def mlx_worker(shapes: dict, size: int, steps: int, dtype_name: str, quantize: int | None, repeat: int,
                low_memory: bool = False) -> dict:
-    """One whole generation first (its peak memory is the one reported), then per-component timings.
+    """One whole generation first (its peak memory per phase is reported), then per-component timings.
 
     low_memory follows the pipeline's low-memory order: each encoder is built, used and freed before the
     UNet is built, so they never share memory with it."""
@@ -174,13 +176,14 @@ def mlx_worker(shapes: dict, size: int, steps: int, dtype_name: str, quantize: i
     from .config import CLIPTextConfig, CLIPVisionConfig, UNetConfig, VAEConfig
     from .ip_adapter import ImagePrompt, IPAdapter, cross_attention_slots, encode_images, image_tokens
     from .models import AutoencoderKL, CLIPTextModel, CLIPVisionModel, UNet2DConditionModel
+    from .pipeline import decode_tiled
     from .quantize import quantize_model
 
     dtype = getattr(mx, dtype_name)
 
-    def make(cls, config, quantizable=True):
+    def make(cls, config, quantizable=True, model_dtype=dtype):
         m = cls(config)
-        m.set_dtype(dtype)
+        m.set_dtype(model_dtype)
         if quantize and quantizable:
             quantize_model(m, bits=quantize)
         mx.eval(m.parameters())
@@ -227,7 +230,8 @@ def mlx_worker(shapes: dict, size: int, steps: int, dtype_name: str, quantize: i
 
     def vae():
         if "vae" not in models:
-            models["vae"] = make(AutoencoderKL, VAEConfig.from_dict(shapes["vae"]), quantizable=False)
+            # float32 under half precision too, as the pipeline loads it
+            models["vae"] = make(AutoencoderKL, VAEConfig.from_dict(shapes["vae"]), False, mx.float32)
         return models["vae"]
 
     def free(*names):
@@ -240,28 +244,50 @@ def mlx_worker(shapes: dict, size: int, steps: int, dtype_name: str, quantize: i
         encode_text(), image_encoder(), unet_and_adapter(), vae()
     results = {"build_s": time.perf_counter() - t0}
 
-    # -- the whole generation, in the pipeline's order
+    # -- the whole generation, in the pipeline's order; the peak of MLX's memory in each phase (what is
+    # resident then plus that phase's activations) is what the README's memory table is built from
+    peaks = results["phase_peak_gib"] = {}
+
+    def phase(name):
+        peaks[name] = mx.get_peak_memory() / 2**30
+        mx.reset_peak_memory()
+
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     ctx, pooled = encode_text()
     added = added_conditioning(shapes, lambda v: mx.array(v, dtype=mx.float32), pooled, size)
     mx.eval(ctx, added)
+    phase("text_encoders")
     feats = encode_images(image_encoder(), [ref], hidden_states=True)
+    mx.eval(feats.cond)
+    phase("image_encoder")
     if low_memory:
         free(*text_names, "enc")
     unet, adapter = unet_and_adapter()
+    vae()
+    mx.reset_peak_memory()  # building random weights is no part of a generation (a real run reads them)
     tokens = image_tokens(adapter, feats, ImagePrompt(), 1, guided=True).astype(dtype)
     y = x
     for _ in range(steps):
         y = unet(y, t, ctx, [(tokens, 1.0)], **added)
         mx.eval(y)
-    mx.eval(vae().decode(y[:1].astype(mx.float32 if dtype != mx.float32 else dtype)))
+    phase("unet")
+    def decode(z):  # tiled in low-memory mode, as the pipeline decodes
+        mx.eval(decode_tiled(vae(), z[:1].astype(mx.float32), 32) if low_memory else vae().decode(z[:1].astype(mx.float32)))
+
+    decode(y)
+    phase("vae_decode")
     results["generation_s"] = time.perf_counter() - t0
-    results["peak_mlx_gib"] = mx.get_peak_memory() / 2**30
+    results["peak_mlx_gib"] = max(peaks.values())
     results["peak_rss_gib"] = peak_rss_gib()
+    if mx.default_device() == mx.gpu:
+        results["peak_gpu_gib"] = results["peak_mlx_gib"]
     encode_text(), image_encoder(), vae()
-    results["weights_gib"] = sum(  # what a converted folder of this setting holds on disk
-        v.nbytes for m in models.values() for _, v in tree_flatten(m.parameters())) / 2**30
+    sizes = {n: sum(v.nbytes for _, v in tree_flatten(m.parameters())) / 2**30 for n, m in models.items()}
+    ip_layers = [layer.parameters() for layer in models["adapter"].layers().values()]
+    sizes["unet"] -= sum(v.nbytes for _, v in tree_flatten(ip_layers)) / 2**30  # attached to it: count them once
+    results["component_weights_gib"] = sizes
+    results["weights_gib"] = sum(sizes.values())  # what a converted folder of this setting holds on disk
 
     # -- per component
     def step(ip):
@@ -270,7 +296,7 @@ def mlx_worker(shapes: dict, size: int, steps: int, dtype_name: str, quantize: i
     results["unet_step_s"], results["unet_step_plain_s"] = _paired(lambda: step([(tokens, 1.0)]),
                                                                    lambda: step(None), repeat)
     results["ip_overhead"] = results["unet_step_s"] / results["unet_step_plain_s"] - 1
-    results["vae_decode_s"] = _timed(lambda: mx.eval(vae().decode(x[:1].astype(mx.float32))), max(1, repeat // 2))
+    results["vae_decode_s"] = _timed(lambda: decode(x), max(1, repeat // 2))
     if low_memory:
         free("unet", "adapter")
     results["image_encoder_s"] = _timed(
@@ -289,12 +315,22 @@ def diffusers_worker(shapes: dict, size: int, steps: int, dtype_name: str, repea
     )
 
     dtype = getattr(torch, dtype_name)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t_build = time.perf_counter()
+    torch.set_default_device(device)  # builds the random weights where they run (fast on a GPU)
     unet = UNet2DConditionModel(**shapes["unet"]).eval()
     texts = [CLIPTextModel(CLIPTextConfig(**shapes["text_encoder"])).eval()]
     if "text_encoder_2" in shapes:
         cfg2 = {k: v for k, v in shapes["text_encoder_2"].items() if k != "architectures"}
         texts.append(CLIPTextModelWithProjection(CLIPTextConfig(**cfg2)).eval())
+
+    def synced(fn):
+        """CUDA runs asynchronously: a timing ends when the GPU is done."""
+        def run():
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        return run
 
     def encode_text():
         states, pooled = [], None
@@ -314,10 +350,11 @@ def diffusers_worker(shapes: dict, size: int, steps: int, dtype_name: str, repea
     sd = {"image_proj": {}, "ip_adapter": {}}
     for k, v in flat.items():
         top, _, rest = k.partition(".")
-        sd[top][rest] = torch.from_numpy(v)
+        sd[top][rest] = torch.from_numpy(v).to(device)
     unet._load_ip_adapter_weights([sd])
-    for m in (unet, *texts, vae, enc):
+    for m in (unet, *texts, enc):
         m.to(dtype)
+    vae.to(torch.float32)  # float32 under half precision, as the SDXL pipeline upcasts it (and as ours runs)
     t_build = time.perf_counter() - t_build
     lat = size // 8
     x = torch.randn(2, 4, lat, lat, dtype=dtype)
@@ -339,21 +376,26 @@ def diffusers_worker(shapes: dict, size: int, steps: int, dtype_name: str, repea
             enc(torch.zeros_like(pixels), output_hidden_states=True)
             enc(pixels, output_hidden_states=True)
 
-        results = {
-            "build_s": t_build,
-            "unet_step_s": _timed(lambda: step(1.0), repeat),
-            "image_encoder_s": _timed(encode, repeat),
-            "vae_decode_s": _timed(lambda: vae.decode(x[:1]), max(1, repeat // 2)),
-        }
+        # the first whole generation, as for MLX (one-time kernel selection included on both sides)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         ctx, pooled = encode_text()
         encode()
         y = x
         for _ in range(steps):
             y = unet(y, t, ctx, added_cond_kwargs={**cond, "image_embeds": [hidden[:, None]]}).sample
-        vae.decode(y[:1])
-        results["generation_s"] = time.perf_counter() - t0
+        synced(lambda: vae.decode(y[:1].float()))()
+        results = {"build_s": t_build, "generation_s": time.perf_counter() - t0}
+        if device.type == "cuda":
+            results["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        results.update({
+            "unet_step_s": _timed(synced(lambda: step(1.0)), repeat),
+            "image_encoder_s": _timed(synced(encode), repeat),
+            "vae_decode_s": _timed(synced(lambda: vae.decode(x[:1].float())), max(1, repeat // 2)),
+        })
     results["peak_rss_gib"] = peak_rss_gib()
+    results["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     results["torch_threads"] = torch.get_num_threads()
     return results
 
@@ -386,29 +428,32 @@ def run(args: argparse.Namespace) -> dict:
                             "model_kind": args.model_kind}
                     print(f"mlx {size}px {dtype} q={q or 'none'} low-memory={low} ...", file=sys.stderr, flush=True)
                     report["runs"].append({**spec, **_run_worker(spec, args.timeout)})
-        if "diffusers" in (args.compare or []):
-            spec = {"framework": "diffusers", "size": size, "dtype": "float32", "quantize": None,
+        for dtype in args.dtype if "diffusers" in (args.compare or []) else []:
+            spec = {"framework": "diffusers", "size": size, "dtype": dtype, "quantize": None,
                     "low_memory": False, "steps": args.steps, "repeat": args.repeat, "tiny": args.tiny,
                     "model_kind": args.model_kind}
-            print(f"diffusers {size}px float32 ...", file=sys.stderr, flush=True)
+            print(f"diffusers {size}px {dtype} ...", file=sys.stderr, flush=True)
             report["runs"].append({**spec, **_run_worker(spec, args.timeout)})
     _ratios(report)
     return report
 
 
 def _ratios(report: dict) -> None:
-    """Each MLX run against the diffusers run of the same size (float32 reference)."""
-    ref = {r["size"]: r for r in report["runs"] if r["framework"] == "diffusers" and "error" not in r}
+    """Each MLX run against the diffusers run of the same size and dtype. Memory: GPU memory where both ran
+    on a GPU, else the processes' peak resident memory."""
+    ref = {(r["size"], r["dtype"]): r for r in report["runs"] if r["framework"] == "diffusers" and "error" not in r}
     for r in report["runs"]:
-        if r["framework"] == "mlx" and r["size"] in ref and "error" not in r:
-            d = ref[r["size"]]
+        d = ref.get((r["size"], r["dtype"]))
+        if r["framework"] == "mlx" and d and "error" not in r:
             r["vs_diffusers"] = {k: r[k] / d[k] for k in ("unet_step_s", "image_encoder_s", "vae_decode_s",
-                                                          "generation_s", "peak_rss_gib") if d.get(k)}
+                                                          "generation_s") if d.get(k)}
+            mem = "peak_gpu_gib" if "peak_gpu_gib" in r and "peak_gpu_gib" in d else "peak_rss_gib"
+            r["vs_diffusers"]["memory"] = r[mem] / d[mem]
 
 
 def format_table(report: dict) -> str:
     cols = ["framework", "size", "dtype", "quantize", "low_memory", "unet_step_s", "unet_step_plain_s", "ip_overhead",
-            "image_encoder_s", "vae_decode_s", "generation_s", "peak_rss_gib", "weights_gib"]
+            "image_encoder_s", "vae_decode_s", "generation_s", "peak_rss_gib", "peak_gpu_gib", "weights_gib"]
     lines = [" | ".join(cols + ["step vs diffusers", "memory vs diffusers"])]
     for r in report["runs"]:
         if "error" in r:
@@ -420,7 +465,7 @@ def format_table(report: dict) -> str:
             cells.append(f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v)))
         vs = r.get("vs_diffusers", {})
         cells += [f"{vs['unet_step_s']:.2f}x" if "unet_step_s" in vs else "-",
-                  f"{vs['peak_rss_gib']:.2f}x" if "peak_rss_gib" in vs else "-"]
+                  f"{vs['memory']:.2f}x" if "memory" in vs else "-"]
         lines.append(" | ".join(cells))
     return "\n".join(lines)
 

@@ -97,5 +97,21 @@ def load_component(
     return model
 
 
+def component_bytes(
+    folder: str | Path, component: str, dtype: mx.Dtype, quantize: tuple[int, int] | None = None
+) -> int:
+    """The bytes load_component(folder, component, dtype, quantize) will hold, from shapes alone: MLX arrays
+    are lazy, so the model built here is never computed."""
+    from .quantize import quantize_model
+
+    config = read_json(Path(folder) / component / "config.json")
+    model = build(component, config)
+    model.set_dtype(dtype)
+    stored = config.get("quantization")
+    if stored or (quantize and component in QUANTIZABLE):
+        quantize_model(model, *((stored["bits"], stored["group_size"]) if stored else quantize))
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
 def load_scheduler_config(folder: str | Path) -> SchedulerConfig:
     return SchedulerConfig.from_dict(read_json(Path(folder) / "scheduler" / "scheduler_config.json"))

@@ -17,7 +17,7 @@ from .errors import UserError
 from .images import to_pil, to_pixels
 from .ip_adapter import Features, ImagePrompt, IPAdapter, encode_images, image_tokens
 from .config import UNetConfig
-from .loading import build, load_component, load_scheduler_config, read_json
+from .loading import build, component_bytes, load_component, load_scheduler_config, read_json
 from .samplers import NoiseFn, make_schedule, run_sampler
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -47,6 +47,39 @@ class LoadedAdapter:
     encoder_ref: str | None  # the user's --image-encoder, if any
     scale: float
     encoder_folder: Path | None = None
+
+
+# Activation memory, fitted to MLX's peak memory measured by `bench` (SDXL at 1024x1024 and SD 1.5 at 512x512 with
+# IP-Adapter-plus, float16, each quantization and low-memory setting: every measured peak lies at or under its
+# estimate, by 1.9 GiB at most; CUDA on an H200 for the GPU row, this CPU backend's convolution for the other; Metal's convolutions may need less):
+#   decoder: a fixed part plus bytes per output pixel per channel of the VAE's widest level. The CPU's
+#            convolution unfolds its input (9x for a 3x3 kernel), hence its larger slope.
+#   UNet:    a fixed part plus a multiple of one first-level feature map of the CFG batch; on the CPU the
+#            attention is not fused, so its score matrices (and their softmax) are materialised as well.
+ACTIVATION_BYTES = {"gpu": {"decode_fixed": 1.4 * 2**30, "decode_per_px_ch": 60, "unet_fixed": 0.5 * 2**30,
+                            "unet_maps": 85},
+                    "cpu": {"decode_fixed": 0.05 * 2**30, "decode_per_px_ch": 240, "unet_fixed": 0.5 * 2**30,
+                            "unet_maps": 85}}
+
+
+def _backend() -> str:
+    return "gpu" if mx.default_device() == mx.gpu else "cpu"
+
+
+def decode_activation_bytes(channels: int, pixels: int) -> int:
+    """The VAE decoder's activations for `pixels` output pixels (all images of the batch)."""
+    a = ACTIVATION_BYTES[_backend()]
+    return int(a["decode_fixed"] + a["decode_per_px_ch"] * pixels * channels)
+
+
+def unet_activation_bytes(config, lat_h: int, lat_w: int, batch: int, itemsize: int) -> int:
+    """One UNet step's activations at this latent size and batch (CFG doubles it)."""
+    a = ACTIVATION_BYTES[_backend()]
+    total = a["unet_fixed"] + a["unet_maps"] * batch * lat_h * lat_w * config.block_out_channels[0] * itemsize
+    if _backend() == "cpu":  # unfused attention: scores and softmax, float32, at the largest attention level
+        total += max((2 * batch * config.num_attention_heads[i] * (lat_h * lat_w // 4**i) ** 2 * 4
+                      for i, kind in enumerate(config.down_block_types) if "Attn" in kind), default=0)
+    return int(total)
 
 
 def decode_tiled(vae, z: mx.array, tile: int, overlap: int = 8) -> mx.array:
@@ -175,32 +208,24 @@ class StableDiffusion:
     # -- memory ---------------------------------------------------------------------------------------
 
     def estimate_memory(self, height: int, width: int, num_images: int = 1) -> int:
-        """Bytes a generation at this size needs at its peak: the weights resident while the UNet runs (in
-        low-memory mode the encoders are gone by then, else all), plus activations: the largest attention
-        score matrix (unfused on the CPU) and a margin for the rest."""
+        """Bytes a generation at this size needs at its peak: the weights resident then plus the larger of
+        the UNet's and the VAE decoder's activations. The activation terms are fitted to peaks measured with
+        `bench` (MLX's own allocator): see ACTIVATION_BYTES."""
         from mlx.utils import tree_flatten
 
-        def weight_bytes(component: str, folder: Path) -> int:
-            model = build(component, read_json(folder / component / "config.json"))  # lazy: shapes only
-            count = sum(v.size for _, v in tree_flatten(model.parameters()))
-            if self.quantize and component in ("text_encoder", "text_encoder_2", "unet", "image_encoder"):
-                return int(count * (self.quantize[0] / 8 + 4 / self.quantize[1]))
-            itemsize = 4 if component == "vae" and self.dtype != mx.float32 else self.dtype.size
-            return count * itemsize
-
-        resident = [("unet", self.folder), ("vae", self.folder)]
+        resident = [("unet", self.folder)]
         if not self.low_memory:
             resident += [(n, self.folder) for n in self.text_encoder_names]
             resident += [("image_encoder", la.encoder_folder) for la in self.adapters if la.encoder_folder]
-        total = sum(weight_bytes(c, f) for c, f in resident)
-        total += sum(la.adapter.config.cross_attention_dim * sum(la.adapter.config.layers.values()) * 2
-                     * self.dtype.size for la in self.adapters)
-        f = self.vae_scale_factor
-        tokens = (height // f) * (width // f)
-        heads = max(self.unet_config.num_attention_heads)
-        scores = 2 * num_images * heads * tokens * tokens * self.dtype.size * (1 if mx.default_device() == mx.gpu else 2)
-        decode = num_images * height * width * self.vae.config.block_out_channels[0] * 4 * 3
-        return int(total + max(scores, decode) + 2**30)
+        weights = sum(component_bytes(f, c, self.dtype, self.quantize) for c, f in resident)
+        weights += sum(v.nbytes for m in (self.vae, *(la.adapter for la in self.adapters))
+                       for _, v in tree_flatten(m.parameters()))
+        unet = unet_activation_bytes(self.unet_config, height // self.vae_scale_factor,
+                                     width // self.vae_scale_factor, 2 * num_images, self.dtype.size)
+        tile = 32 * self.vae_scale_factor if self.low_memory else None  # decode() tiles in low-memory mode
+        decode = decode_activation_bytes(self.vae.config.block_out_channels[0],
+                                         min(height, tile or height) * min(width, tile or width) * num_images)
+        return int(weights + max(unet, decode))
 
     # -- IP-Adapters ----------------------------------------------------------------------------------
 

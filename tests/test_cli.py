@@ -153,6 +153,49 @@ def test_memory_estimate_follows_settings(mlx_dir):
     assert low < full and q4 < full and bigger > full
 
 
+def test_memory_estimate_covers_a_measured_generation(mlx_dir):
+    """The estimate the CLI warns from is never below what a generation really takes (MLX's own count)."""
+    import gc
+
+    import mlx.core as mx
+
+    from ipadapter_mlx import StableDiffusion
+
+    for low in (False, True):
+        gc.collect()
+        mx.clear_cache()
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
+        pipe = StableDiffusion(mlx_dir, mx.float32, low_memory=low)
+        pipe.generate("a fox", steps=1, height=96, width=96, seed=0)
+        used = mx.get_peak_memory() - before
+        assert 0 < used <= pipe.estimate_memory(96, 96), low
+        del pipe
+
+
+def test_decoder_memory_model_matches_the_cpu():
+    """The decoder's activation bytes per pixel (fitted at real SD shapes) hold for another VAE and size."""
+    import mlx.core as mx
+
+    from ipadapter_mlx.bench import TINY
+    from ipadapter_mlx.config import VAEConfig
+    from ipadapter_mlx.models import AutoencoderKL
+    from ipadapter_mlx.pipeline import decode_activation_bytes
+
+    if mx.default_device() != mx.cpu:
+        pytest.skip("the GPU coefficients were measured on CUDA; this checks the CPU's")
+    vae = AutoencoderKL(VAEConfig.from_dict(TINY["vae"]))
+    mx.eval(vae.parameters())
+    z = mx.random.normal((1, 40, 24, 4))
+    mx.eval(z)
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(vae.decode(z))
+    used = mx.get_peak_memory() - before
+    estimate = decode_activation_bytes(TINY["vae"]["block_out_channels"][0], 320 * 192)
+    assert used <= estimate <= 1.3 * used + 2**26, (used, estimate)
+
+
 def test_generate_quantized_and_low_memory(run, tmp_path):
     code, out, err = run("--quantize", "8", "--group-size", "32", "--low-memory")
     assert code == 0, err
