@@ -145,15 +145,29 @@ def physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def memory_budget() -> tuple[int, str]:
+    """What one run may use before it swaps or is stopped: on Apple silicon the GPU's recommended working set
+    (about two thirds of memory on 8-16 GB Macs), on a CUDA GPU its own memory, else most of the RAM."""
+    import mlx.core as mx
+
+    info = mx.device_info() if mx.default_device() == mx.gpu else {}
+    if "max_recommended_working_set_size" in info:
+        return int(info["max_recommended_working_set_size"]), "the GPU may use"
+    gpu_memory = info.get("memory_size") or info.get("total_memory")
+    if gpu_memory and sys.platform != "darwin":
+        return int(0.9 * gpu_memory), "the GPU has"
+    return int(0.85 * physical_memory()), "the machine has"
+
+
 def _warn_if_too_big(pipe, args: argparse.Namespace) -> None:
     """Say so before a run that will not fit this machine's memory (it would swap, or be killed)."""
     size = pipe.default_size
     need = pipe.estimate_memory(args.height or size, args.width or size, args.num_images)
-    have = physical_memory()
-    if need > 0.85 * have:
+    have, what = memory_budget()
+    if need > have:
         tips = [t for t, on in (("--low-memory", not args.low_memory), ("--quantize 8 (or 4)", not args.quantize),
                                 ("a smaller --height/--width", True)) if on]
-        print(f"warning: this run needs about {need / 2**30:.1f} GB and the machine has {have / 2**30:.1f} GB; "
+        print(f"warning: this run needs about {need / 2**30:.1f} GB and {what} {have / 2**30:.1f} GB; "
               f"it may swap or be stopped. Try {', '.join(tips)}.", file=sys.stderr)
 
 

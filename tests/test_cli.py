@@ -141,6 +141,21 @@ def test_warns_before_a_run_too_big_for_the_machine(run, monkeypatch):
     assert code == 0 and "warning" not in err
 
 
+def test_memory_budget_is_the_gpus_working_set_on_apple_silicon(monkeypatch):
+    """On a Mac the warning compares with Metal's recommended working set, not the whole RAM."""
+    import mlx.core as mx
+
+    from ipadapter_mlx import cli
+
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    monkeypatch.setattr(mx, "device_info", lambda: {"memory_size": 8 * 2**30,
+                                                    "max_recommended_working_set_size": 5 * 2**30})
+    assert cli.memory_budget() == (5 * 2**30, "the GPU may use")
+    monkeypatch.setattr(mx, "default_device", lambda: mx.cpu)
+    monkeypatch.setattr(cli, "physical_memory", lambda: 100)
+    assert cli.memory_budget() == (85, "the machine has")
+
+
 def test_memory_estimate_follows_settings(mlx_dir):
     import mlx.core as mx
 
