@@ -109,12 +109,12 @@ def _embed(args: argparse.Namespace) -> int:
     dtype = getattr(mx, args.dtype) if args.dtype else default_dtype()
     file, hub_ref = hub.resolve_ip_adapter(g["ip_adapter"])
     adapter = read_ip_adapter(file, dtype)
-    folder = hub.resolve_image_encoder(adapter, file, hub_ref, g.get("image_encoder"))
+    folder, source = hub.resolve_image_encoder(adapter, file, hub_ref, g.get("image_encoder"))
     encoder = load_component(folder, "image_encoder", dtype)
     hidden = adapter.config.image_proj.reads_hidden_states
     features = encode_images(encoder, images, hidden, g.get("image_fit", "crop"), negative)
     save_features(args.output, features, {"ip_adapter": g["ip_adapter"], "images": g["image"],
-                                          "image_encoder": str(folder)})
+                                          "image_encoder": source})
     print(args.output)
     return 0
 

@@ -262,9 +262,13 @@ def _converted_encoder(where: str, sub: str | Path, dtype: mx.Dtype | None) -> P
     return convert_image_encoder(src, dst, dtype)
 
 
+def _encoder_source(where: str, sub: str) -> str:
+    return str(sub) if where == "local" else f"{where}:{sub}"
+
+
 def resolve_image_encoder(adapter, adapter_file: Path, hub: tuple[str, str] | None, override: str | None = None,
-                          dtype: mx.Dtype | None = None) -> Path:
-    """The converted MLX folder of the image encoder this adapter needs.
+                          dtype: mx.Dtype | None = None) -> tuple[Path, str]:
+    """The converted MLX folder of the image encoder this adapter needs, and where it came from (to tell the user).
 
     `override` wins; otherwise the first candidate (beside the adapter, then h94's two encoders) whose
     config fits the adapter's shapes, so a ViT-H adapter never gets the bigG encoder or the reverse."""
@@ -278,7 +282,7 @@ def resolve_image_encoder(adapter, adapter_file: Path, hub: tuple[str, str] | No
         except UserError as e:
             if override:
                 raise
-            errors.append(f"{sub if where == 'local' else f'{where}:{sub}'}: {e}")
+            errors.append(f"{_encoder_source(where, sub)}: {e}")
             continue
-        return _converted_encoder(where, sub, dtype)
+        return _converted_encoder(where, sub, dtype), _encoder_source(where, sub)
     raise UserError("no image encoder fits this adapter: " + "; ".join(errors))

@@ -49,17 +49,18 @@ class LoadedAdapter:
     encoder_folder: Path | None = None
 
 
-# Activation memory, fitted to MLX's peak memory measured by `bench` (SDXL at 1024x1024 and SD 1.5 at 512x512 with
-# IP-Adapter-plus, float16, each quantization and low-memory setting: every measured peak lies at or under its
-# estimate, by 1.9 GiB at most; CUDA on an H200 for the GPU row, this CPU backend's convolution for the other; Metal's convolutions may need less):
+# Activation memory, fitted to MLX's peak memory measured by `bench` with IP-Adapter-plus. GPU row: CUDA on an
+# H200, SDXL at 1024x1024 and SD 1.5 at 512x512, float16, each quantization and low-memory setting; every
+# measured peak lies at or under its estimate, by 2.4 GiB at most (Metal's convolutions may need less). CPU row:
+# the decoder at several sizes and widths, SDXL at 1024x1024 8-bit low-memory (8.1 GiB measured, 9.3 estimated).
 #   decoder: a fixed part plus bytes per output pixel per channel of the VAE's widest level. The CPU's
-#            convolution unfolds its input (9x for a 3x3 kernel), hence its larger slope.
+#            convolution unfolds its input (9x for a 3x3 kernel), hence its larger slope (see EagerConv2d).
 #   UNet:    a fixed part plus a multiple of one first-level feature map of the CFG batch; on the CPU the
 #            attention is not fused, so its score matrices (and their softmax) are materialised as well.
 ACTIVATION_BYTES = {"gpu": {"decode_fixed": 1.4 * 2**30, "decode_per_px_ch": 60, "unet_fixed": 0.5 * 2**30,
                             "unet_maps": 85},
-                    "cpu": {"decode_fixed": 0.05 * 2**30, "decode_per_px_ch": 240, "unet_fixed": 0.5 * 2**30,
-                            "unet_maps": 85}}
+                    "cpu": {"decode_fixed": 0.05 * 2**30, "decode_per_px_ch": 120, "unet_fixed": 0.5 * 2**30,
+                            "unet_maps": 20}}
 
 
 def _backend() -> str:
@@ -268,8 +269,8 @@ class StableDiffusion:
 
         la = self.adapters[index]
         if la.encoder_folder is None:
-            la.encoder_folder = hub.resolve_image_encoder(la.adapter, la.file, la.hub_ref, la.encoder_ref)
-            print(f"image encoder for {la.ref}: {la.encoder_folder}", flush=True)
+            la.encoder_folder, source = hub.resolve_image_encoder(la.adapter, la.file, la.hub_ref, la.encoder_ref)
+            print(f"image encoder for {la.ref}: {source}", flush=True)
         if la.encoder_folder not in self._encoders:
             self._encoders[la.encoder_folder] = load_component(la.encoder_folder, "image_encoder", self.dtype,
                                                                self.quantize)

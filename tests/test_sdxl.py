@@ -1,5 +1,6 @@
 """SDXL: parity with diffusers' StableDiffusionXLPipeline (and its IP-Adapters) on a tiny random model."""
 
+import re
 from pathlib import Path
 
 import diffusers
@@ -151,19 +152,25 @@ def test_sd15_adapter_on_sdxl_names_both_sides(xl, torch_pipe, tmp_path):
         StableDiffusion(xl[1].folder, mx.float32).load_ip_adapter(str(repo / "models" / VARIANTS["base"][0]))
 
 
-def test_cli_sdxl_with_adapter(xl, xl_adapters, tmp_path, capsys):
+@pytest.mark.parametrize("variant", list(SDXL_VARIANTS))
+def test_cli_sdxl_with_adapter(xl, xl_adapters, variant, tmp_path, capsys):
+    """Each SDXL adapter from the command line, with the encoder its shapes call for (and said so)."""
     import json
 
     from PIL import Image
 
     from ipadapter_mlx.cli import main
 
+    file, encoder_folder, _ = SDXL_VARIANTS[variant]
     reference_image(1).save(tmp_path / "ref.png")
     code = main(["generate", "--model", str(xl[1].folder), "--prompt", "a fox", "--steps", "2", "--height", "32",
                  "--width", "32", "--original-size", "512", "512", "--crop-coords", "0", "8",
-                 "--ip-adapter", str(xl_adapters / "sdxl_models" / SDXL_VARIANTS["plus-sdxl-vit-h"][0]),
+                 "--ip-adapter", str(xl_adapters / "sdxl_models" / file),
                  "--image", str(tmp_path / "ref.png"), "--output", str(tmp_path / "xl.png")])
-    assert code == 0, capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    said = re.search(r"image encoder for .*: (.+)", out)
+    assert said and said.group(1).endswith(f"{encoder_folder}/image_encoder"), out
     meta = json.loads(Image.open(tmp_path / "xl.png").text["ipadapter_mlx"])
     assert meta["original_size"] == [512, 512] and meta["crop_coords"] == [0, 8]
 

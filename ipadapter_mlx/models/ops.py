@@ -34,3 +34,17 @@ class GroupNorm(nn.Module):
         var = (d * d).sum(axis=1).reshape(B, g, -1).sum(-1) / n
         scale = per_channel(mx.rsqrt(var + self.eps)) * self.weight.astype(mx.float32)
         return (d * scale + self.bias.astype(mx.float32)).astype(x.dtype).reshape(x.shape)
+
+
+class EagerConv2d(nn.Conv2d):
+    """nn.Conv2d that, on the CPU, computes its result right away (the same numbers).
+
+    MLX's CPU backend keeps several operations in flight, and each 3x3 convolution holds an unfolded copy of its
+    input (9x its size) until it is done: at the VAE's full-resolution levels that dominates memory. Evaluating
+    each convolution as it comes halves the decoder's peak (measured: 240 -> 116 bytes per pixel per channel)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = super().__call__(x)
+        if mx.default_device() == mx.cpu:
+            mx.eval(y)
+        return y

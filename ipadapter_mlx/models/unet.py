@@ -47,16 +47,17 @@ class TimestepEmbedding(nn.Module):
 
 
 class ResnetBlock2D(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, temb_ch: int | None, groups: int, eps: float):
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int | None, groups: int, eps: float,
+                 conv: type[nn.Conv2d] = nn.Conv2d):
         super().__init__()
         self.norm1 = group_norm(groups, in_ch, eps)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = conv(in_ch, out_ch, 3, padding=1)
         if temb_ch:
             self.time_emb_proj = nn.Linear(temb_ch, out_ch)
         self.norm2 = group_norm(groups, out_ch, eps)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv2 = conv(out_ch, out_ch, 3, padding=1)
         if in_ch != out_ch:
-            self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1)
+            self.conv_shortcut = conv(in_ch, out_ch, 1)
 
     def __call__(self, x: mx.array, temb: mx.array | None = None) -> mx.array:
         h = self.conv1(nn.silu(self.norm1(x)))
@@ -122,10 +123,10 @@ class Transformer2DModel(nn.Module):
 
 
 class Downsample2D(nn.Module):
-    def __init__(self, ch: int, padding: int = 1):
+    def __init__(self, ch: int, padding: int = 1, conv: type[nn.Conv2d] = nn.Conv2d):
         super().__init__()
         self.padding = padding
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
+        self.conv = conv(ch, ch, 3, stride=2, padding=padding)
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.padding == 0:  # the VAE pads right/bottom only
@@ -134,9 +135,9 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, conv: type[nn.Conv2d] = nn.Conv2d):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = conv(ch, ch, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.conv(upsample_nearest(x))

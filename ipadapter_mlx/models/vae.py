@@ -7,6 +7,7 @@ import mlx.nn as nn
 
 from ..config import VAEConfig
 from .attention import Attention
+from .ops import EagerConv2d
 from .unet import Downsample2D, ResnetBlock2D, Upsample2D, group_norm
 
 EPS = 1e-6  # diffusers' VAE blocks use 1e-6 everywhere
@@ -28,7 +29,7 @@ class VAEAttention(Attention):
 class VAEMidBlock(nn.Module):
     def __init__(self, ch: int, groups: int, attention: bool):
         super().__init__()
-        self.resnets = [ResnetBlock2D(ch, ch, None, groups, EPS) for _ in range(2)]
+        self.resnets = [ResnetBlock2D(ch, ch, None, groups, EPS, EagerConv2d) for _ in range(2)]
         if attention:
             self.attentions = [VAEAttention(ch, groups)]
 
@@ -42,11 +43,12 @@ class VAEMidBlock(nn.Module):
 class VAEBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, down: bool = False, up: bool = False):
         super().__init__()
-        self.resnets = [ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, None, groups, EPS) for j in range(layers)]
+        self.resnets = [ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, None, groups, EPS, EagerConv2d)
+                        for j in range(layers)]
         if down:
-            self.downsamplers = [Downsample2D(out_ch, padding=0)]
+            self.downsamplers = [Downsample2D(out_ch, padding=0, conv=EagerConv2d)]
         if up:
-            self.upsamplers = [Upsample2D(out_ch)]
+            self.upsamplers = [Upsample2D(out_ch, EagerConv2d)]
 
     def __call__(self, x: mx.array) -> mx.array:
         for r in self.resnets:
@@ -62,13 +64,13 @@ class Encoder(nn.Module):
     def __init__(self, c: VAEConfig):
         super().__init__()
         ch, g, n = c.block_out_channels, c.norm_num_groups, len(c.block_out_channels)
-        self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
+        self.conv_in = EagerConv2d(c.in_channels, ch[0], 3, padding=1)
         self.down_blocks = [
             VAEBlock(ch[max(i - 1, 0)], ch[i], c.layers_per_block, g, down=i < n - 1) for i in range(n)
         ]
         self.mid_block = VAEMidBlock(ch[-1], g, c.mid_block_add_attention)
         self.conv_norm_out = group_norm(g, ch[-1], EPS)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * c.latent_channels, 3, padding=1)
+        self.conv_out = EagerConv2d(ch[-1], 2 * c.latent_channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.conv_in(x)
@@ -82,13 +84,13 @@ class Decoder(nn.Module):
     def __init__(self, c: VAEConfig):
         super().__init__()
         ch, g, n = c.block_out_channels[::-1], c.norm_num_groups, len(c.block_out_channels)
-        self.conv_in = nn.Conv2d(c.latent_channels, ch[0], 3, padding=1)
+        self.conv_in = EagerConv2d(c.latent_channels, ch[0], 3, padding=1)
         self.mid_block = VAEMidBlock(ch[0], g, c.mid_block_add_attention)
         self.up_blocks = [
             VAEBlock(ch[max(i - 1, 0)], ch[i], c.layers_per_block + 1, g, up=i < n - 1) for i in range(n)
         ]
         self.conv_norm_out = group_norm(g, ch[-1], EPS)
-        self.conv_out = nn.Conv2d(ch[-1], c.out_channels, 3, padding=1)
+        self.conv_out = EagerConv2d(ch[-1], c.out_channels, 3, padding=1)
 
     def __call__(self, z: mx.array) -> mx.array:
         x = self.mid_block(self.conv_in(z))
@@ -105,9 +107,9 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(c)
         lat = c.latent_channels
         if c.use_quant_conv:
-            self.quant_conv = nn.Conv2d(2 * lat, 2 * lat, 1)
+            self.quant_conv = EagerConv2d(2 * lat, 2 * lat, 1)
         if c.use_post_quant_conv:
-            self.post_quant_conv = nn.Conv2d(lat, lat, 1)
+            self.post_quant_conv = EagerConv2d(lat, lat, 1)
 
     @property
     def scale_factor(self) -> int:
