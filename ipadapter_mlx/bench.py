@@ -414,7 +414,6 @@ def _run_worker(spec: dict, timeout: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    shapes = SHAPES[(args.model_kind, args.tiny)]
     report = {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                           "cpus": os.cpu_count(), "python": platform.python_version()},
               "shapes": f"{'tiny ' if args.tiny else ''}{args.model_kind}+vit-h+ip-adapter-plus", "steps": args.steps,

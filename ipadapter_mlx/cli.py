@@ -252,6 +252,9 @@ def _generate(args: argparse.Namespace) -> int:
     pipe = StableDiffusion.from_pretrained(args.model, dtype=dtype, quantize=quantize, low_memory=args.low_memory,
                                            tokenizer=args.tokenizer, config=args.config)
     prompts = _image_prompts(pipe, groups) if groups else None
+    for i, p in enumerate(prompts or []):
+        if p.images:  # the encoder will run: find it now, so the memory estimate counts it
+            pipe.image_encoder_folder(i)
     t_load = time.perf_counter() - t0
     _warn_if_too_big(pipe, args)
     steps = pipe.generate_latents(

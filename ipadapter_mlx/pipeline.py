@@ -263,14 +263,21 @@ class StableDiffusion:
         for loaded, scale in zip(self.adapters, scales):
             loaded.scale = scale
 
+    def image_encoder_folder(self, index: int = 0) -> Path:
+        """The converted folder of the vision tower adapter `index` reads (found and converted on first use,
+        not loaded), and says which encoder it is."""
+        la = self.adapters[index]
+        if la.encoder_folder is None:
+            la.encoder_folder, source = hub.resolve_image_encoder(la.adapter, la.file, la.hub_ref, la.encoder_ref)
+            print(f"image encoder for {la.ref}: {source}", flush=True)
+        return la.encoder_folder
+
     def image_encoder(self, index: int = 0):
         """The CLIP vision tower adapter `index` reads (found, converted and loaded on first use)."""
         from .loading import load_component
 
         la = self.adapters[index]
-        if la.encoder_folder is None:
-            la.encoder_folder, source = hub.resolve_image_encoder(la.adapter, la.file, la.hub_ref, la.encoder_ref)
-            print(f"image encoder for {la.ref}: {source}", flush=True)
+        self.image_encoder_folder(index)
         if la.encoder_folder not in self._encoders:
             self._encoders[la.encoder_folder] = load_component(la.encoder_folder, "image_encoder", self.dtype,
                                                                self.quantize)

@@ -161,3 +161,15 @@ def test_low_memory_mode_with_adapter(mlx_dir, adapter_repo):
         pipe.load_ip_adapter(str(adapter_repo / "models" / VARIANTS["plus"][0]), scale=0.8)
         pictures.append(pipe.generate("a cat", **kw))
     assert mx.array_equal(*pictures)
+
+
+def test_memory_estimate_counts_the_image_encoder(mlx_dir, adapter_repo):
+    """Once the encoder an adapter needs is known (the CLI finds it before it estimates), it is counted."""
+    from mlx.utils import tree_flatten
+
+    pipe = StableDiffusion(mlx_dir, dtype=mx.float32)
+    pipe.load_ip_adapter(str(adapter_repo / "models" / VARIANTS["plus"][0]))
+    before = pipe.estimate_memory(64, 64)
+    pipe.image_encoder_folder(0)
+    encoder = sum(v.nbytes for _, v in tree_flatten(pipe.image_encoder(0).parameters()))
+    assert pipe.estimate_memory(64, 64) - before == encoder
