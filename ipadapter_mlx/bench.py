@@ -176,7 +176,7 @@ def mlx_worker(shapes: dict, size: int, steps: int, dtype_name: str, quantize: i
     from .config import CLIPTextConfig, CLIPVisionConfig, UNetConfig, VAEConfig
     from .ip_adapter import ImagePrompt, IPAdapter, cross_attention_slots, encode_images, image_tokens
     from .models import AutoencoderKL, CLIPTextModel, CLIPVisionModel, UNet2DConditionModel
-    from .pipeline import decode_tiled
+    from .pipeline import LOW_MEMORY_TILE, decode_tiled
     from .quantize import quantize_model
 
     dtype = getattr(mx, dtype_name)
@@ -272,8 +272,10 @@ def mlx_worker(shapes: dict, size: int, steps: int, dtype_name: str, quantize: i
         y = unet(y, t, ctx, [(tokens, 1.0)], **added)
         mx.eval(y)
     phase("unet")
+
     def decode(z):  # tiled in low-memory mode, as the pipeline decodes
-        mx.eval(decode_tiled(vae(), z[:1].astype(mx.float32), 32) if low_memory else vae().decode(z[:1].astype(mx.float32)))
+        z = z[:1].astype(mx.float32)
+        mx.eval(decode_tiled(vae(), z, LOW_MEMORY_TILE) if low_memory else vae().decode(z))
 
     decode(y)
     phase("vae_decode")

@@ -83,6 +83,9 @@ def unet_activation_bytes(config, lat_h: int, lat_w: int, batch: int, itemsize: 
     return int(total)
 
 
+LOW_MEMORY_TILE = 32  # latent pixels per side of a decoder tile in low-memory mode
+
+
 def decode_tiled(vae, z: mx.array, tile: int, overlap: int = 8) -> mx.array:
     """Decode (B, h, w, C) latents tile by tile; overlaps are blended with linear ramps so no seam shows."""
     B, h, w, _ = z.shape
@@ -157,7 +160,7 @@ class StableDiffusion:
         if not low_memory:  # low-memory mode loads it after the encoders have run and been freed
             self._unet = load_component(folder, "unet", self.dtype, quantize)
         # the VAE stays float32 under half precision: one decode per image, and no black/NaN pictures
-        self.vae = load_component(folder, "vae", mx.float32 if self.dtype != mx.float32 else self.dtype)
+        self.vae = load_component(folder, "vae", mx.float32)
         self.scheduler_config: SchedulerConfig = load_scheduler_config(folder)
         self.tokenizers = []
         for name in ("tokenizer", "tokenizer_2")[: len(self.text_encoder_names)]:
@@ -223,7 +226,7 @@ class StableDiffusion:
                        for _, v in tree_flatten(m.parameters()))
         unet = unet_activation_bytes(self.unet_config, height // self.vae_scale_factor,
                                      width // self.vae_scale_factor, 2 * num_images, self.dtype.size)
-        tile = 32 * self.vae_scale_factor if self.low_memory else None  # decode() tiles in low-memory mode
+        tile = LOW_MEMORY_TILE * self.vae_scale_factor if self.low_memory else None  # decode() tiles then
         decode = decode_activation_bytes(self.vae.config.block_out_channels[0],
                                          min(height, tile or height) * min(width, tile or width) * num_images)
         return int(weights + max(unet, decode))
@@ -332,9 +335,9 @@ class StableDiffusion:
 
     def decode(self, latents: mx.array, tile: int | None = None) -> mx.array:
         """Scaled latents (NHWC) -> images (B, H, W, 3) in [0, 1]. `tile` (latent pixels; default in low-memory
-        mode: 32) decodes overlapping tiles and blends them, bounding the decoder's memory."""
+        mode: LOW_MEMORY_TILE) decodes overlapping tiles and blends them, bounding the decoder's memory."""
         z = self.vae.from_latents(latents.astype(self.vae.decoder.conv_in.weight.dtype))
-        tile = tile or (32 if self.low_memory else None)
+        tile = tile or (LOW_MEMORY_TILE if self.low_memory else None)
         x = decode_tiled(self.vae, z, tile) if tile else self.vae.decode(z)
         return mx.clip(x.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
 
