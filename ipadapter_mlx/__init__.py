@@ -6,9 +6,9 @@
     images = pipe.generate("a lighthouse at dusk", seed=1, image_prompts=[ImagePrompt(images=[reference])])
 """
 
-from ._blas import preload_openblas
+from ._blas import route_mlx_blas
 
-preload_openblas()  # before anything imports mlx
+route_mlx_blas()  # Linux: MLX's matrix products on OpenBLAS (see _blas.py); nothing else in the process changes
 
 from .errors import UserError  # noqa: E402
 from .ip_adapter import Features, ImagePrompt, load_features, save_features  # noqa: E402
