@@ -21,10 +21,19 @@ def group_norm(groups: int, channels: int, eps: float) -> GroupNorm:
     return GroupNorm(groups, channels, eps)
 
 
-def upsample_nearest(x: mx.array) -> mx.array:
+def upsample_nearest(x: mx.array, size: tuple[int, int] | None = None) -> mx.array:
+    """Nearest-neighbour upsampling of (B, H, W, C): x2, or to an explicit (height, width) picked the way torch's
+    F.interpolate(mode="nearest", size=...) picks: source index floor(dst * in / out), scale in float32."""
     B, H, W, C = x.shape
-    x = mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C))
-    return x.reshape(B, H * 2, W * 2, C)
+    if size is None or tuple(size) == (2 * H, 2 * W):
+        x = mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C))
+        return x.reshape(B, H * 2, W * 2, C)
+
+    def source(n_in: int, n_out: int) -> mx.array:
+        scale = mx.array(n_in, mx.float32) / n_out
+        return mx.minimum(mx.floor(mx.arange(n_out, dtype=mx.float32) * scale).astype(mx.int32), n_in - 1)
+
+    return mx.take(mx.take(x, source(H, size[0]), axis=1), source(W, size[1]), axis=2)
 
 
 def timestep_embedding(t: mx.array, dim: int, flip_sin_to_cos: bool, shift: float) -> mx.array:
@@ -139,8 +148,8 @@ class Upsample2D(nn.Module):
         super().__init__()
         self.conv = conv(ch, ch, 3, padding=1)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.conv(upsample_nearest(x))
+    def __call__(self, x: mx.array, size: tuple[int, int] | None = None) -> mx.array:
+        return self.conv(upsample_nearest(x, size))
 
 
 class UNetBlock2D(nn.Module):
@@ -188,7 +197,9 @@ class UNetBlock2D(nn.Module):
             x = self.downsamplers[0](x)
             outputs.append(x)
         if "upsamplers" in self:
-            x = self.upsamplers[0](x)
+            # Back to the next skip's size, as diffusers forwards it: an odd side halved by the stride-2
+            # downsampling (25 -> 13) would come back one too long (26) from a plain x2.
+            x = self.upsamplers[0](x, skips[-1].shape[1:3])
         return x, outputs
 
 
