@@ -1,16 +1,33 @@
-"""`python -m convert SOURCE OUTPUT`: any Stable Diffusion checkpoint or IP-Adapter -> a converted MLX folder.
+"""Convert a Stable Diffusion model or an IP-Adapter into a converted MLX folder, once, ahead of time.
 
-SOURCE: a Hub repo id, a diffusers folder, an original single file, or an IP-Adapter (preset name,
-REPO:PATH, or a tencent-format .bin/.safetensors file)."""
+SOURCE is one of
+  a model:       a Hub repo id (org/name), a diffusers folder, or an original single
+                 file (.safetensors, .ckpt)
+  an IP-Adapter: a preset (below), REPO:PATH on the Hub
+                 (h94/IP-Adapter:models/ip-adapter-plus_sd15.safetensors), or a tencent-format
+                 ip-adapter*.bin / .safetensors file
+presets: {presets}"""
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+import textwrap
 from pathlib import Path
 
+from ipadapter_mlx.argparsing import Parser
 from ipadapter_mlx.errors import UserError
+
+EPILOG = """what OUTPUT holds:
+  a model:       text_encoder/ (text_encoder_2/ for SDXL), unet/, vae/, each with config.json
+                 and model.safetensors; tokenizer/, scheduler/, and mlx_model.json (written
+                 last: it marks the folder complete). Use it as --model.
+  an IP-Adapter: ip_adapter/config.json, ip_adapter/model.safetensors and mlx_model.json; no
+                 image encoder. Use it as --ip-adapter; its encoder is found as for any adapter
+                 (an image_encoder/ folder beside it, else h94/IP-Adapter's), or give --image-encoder.
+
+OUTPUT is written to a temp folder beside it, then renamed into place; with --force an existing
+OUTPUT is replaced the same way, so an interrupted run leaves the old folder or the new one whole."""
 
 
 def is_ip_adapter_file(path: Path) -> bool:
@@ -27,9 +44,11 @@ def is_ip_adapter_file(path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
-    p.add_argument("source", help="Hub repo id, diffusers folder, or single .safetensors/.ckpt file")
-    p.add_argument("output", help="the MLX folder to write (written to a temp folder, then renamed)")
+    from ipadapter_mlx.hub import PRESETS
+
+    p = Parser(prog="python -m convert", description=__doc__.format(presets=textwrap.fill(", ".join(PRESETS), 90, subsequent_indent="  ")), epilog=EPILOG)
+    p.add_argument("source", help="a model or an IP-Adapter (see above)")
+    p.add_argument("output", help="the MLX folder to write")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="store weights in this dtype (default: as in the source)")
     p.add_argument("--tokenizer", default=None, help="single files: tokenizer folder or Hub repo")
@@ -37,25 +56,28 @@ def main(argv: list[str] | None = None) -> int:
                    help="single files: a diffusers folder or Hub repo whose configs to use instead of inferring them")
     p.add_argument("--quantize", type=int, choices=(4, 8), default=None,
                    help="store the Linear layers of the text encoder, UNet and image encoder quantized")
-    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64)
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64, help="weights per quantization scale")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)
     try:
         import mlx.core as mx
 
-        from ipadapter_mlx.hub import (
-            PRESETS, REPO_ID, download_diffusers_repo, resolve_config, resolve_ip_adapter, split_hub_path,
-        )
+        from ipadapter_mlx.hub import download_diffusers_repo, is_repo_id, resolve_config, resolve_ip_adapter, split_hub_path
+        from ipadapter_mlx.loading import is_mlx_folder
 
         from .ip_adapter import save_ip_adapter
-        from .stable_diffusion import convert_diffusers_folder, convert_single_file
+        from .stable_diffusion import clean_stale, convert_diffusers_folder, convert_single_file
 
         out = Path(args.output)
+        src = Path(args.source).expanduser()
+        if src.is_dir() and is_mlx_folder(src):
+            # exit 2, not 0: OUTPUT is not written, so a script that goes on to use it must stop here
+            raise UserError(f"{src} is already a converted MLX folder; nothing to do (use it as it is)")
+        clean_stale(out.parent)  # first: it may put back an OUTPUT that an interrupted --force had set aside
         if out.exists() and not args.force:
             raise UserError(f"{out} already exists (use --force to replace it)")
         dtype = getattr(mx, args.dtype) if args.dtype else None
         q = (args.quantize, args.group_size) if args.quantize else None
-        src = Path(args.source).expanduser()
         if args.source in PRESETS or split_hub_path(args.source) or (src.is_file() and is_ip_adapter_file(src)):
             save_ip_adapter(resolve_ip_adapter(args.source)[0], out, dtype)
         elif src.is_dir():
@@ -63,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         elif src.is_file():
             config_dir = resolve_config(args.config) if args.config else None
             convert_single_file(src, out, args.tokenizer, dtype, config_dir, q)
-        elif REPO_ID.match(args.source):
+        elif is_repo_id(args.source):
             convert_diffusers_folder(download_diffusers_repo(args.source), out, dtype, q)
         else:
-            raise UserError(f"model not found: {args.source} is neither an existing path nor a Hub repo id")
+            raise UserError(f"not found: {args.source} is neither an existing path nor a Hub repo id (org/name)")
         print(out)
         return 0
     except UserError as e:

@@ -4,6 +4,7 @@ Hub downloads fetch only the files a component needs (allow_patterns), respect H
 HF_HUB_OFFLINE (huggingface_hub reads both), and show huggingface_hub's progress bars. A converted
 folder is cached under `$IPADAPTER_MLX_CACHE` (default `$HF_HOME/ipadapter-mlx`), keyed by the exact
 source (Hub commit, or local path + size + mtime) and dtype, so a second run starts without converting.
+Processes converting the same model at once take turns on a lock file: one converts, the others reuse its folder.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 
@@ -29,6 +32,13 @@ WEIGHT_PATTERNS = {  # text_encoder_2: SDXL only
     "bin": ["text_encoder/pytorch_model.bin", "text_encoder_2/pytorch_model.bin", "unet/diffusion_pytorch_model.bin",
             "vae/diffusion_pytorch_model.bin"],
 }
+
+
+def is_repo_id(ref: str) -> bool:
+    """`org/name`, and not something meant as a local path (`./x`, `../x`, `/x`, `~/x`, `x.safetensors`)."""
+    if ref.startswith(("./", "../", "/", "~")) or Path(ref).suffix.lower() in SINGLE_FILE_SUFFIXES:
+        return False
+    return bool(REPO_ID.match(ref))
 
 
 def cache_root() -> Path:
@@ -52,20 +62,80 @@ def _dtype_name(dtype: mx.Dtype | None) -> str:
     return "source" if dtype is None else str(dtype).rpartition(".")[2]
 
 
-def snapshot(repo_id: str, patterns: list[str], revision: str | None = None) -> Path:
-    """Download (or find in the cache, offline too) just the files matching `patterns`."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def _unreachable(e: Exception) -> bool:
+    """A connection failure, whichever HTTP library this huggingface_hub uses (requests, httpx)."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return isinstance(e, (ConnectionError, TimeoutError)) or bool(names & {"TransportError", "RequestException"})
+
+
+@contextmanager
+def hub_errors(what: str):
+    """Every huggingface_hub failure about `what` (a repo, or REPO:PATH) -> one UserError line."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        EntryNotFoundError, GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+        RepositoryNotFoundError, RevisionNotFoundError,
+    )
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, revision=revision))
+        yield
+    except LocalEntryNotFoundError:  # before EntryNotFoundError: newer huggingface_hub derives it from that
+        offline = constants.HF_HUB_OFFLINE
+        raise UserError(f"{what}: not in the local Hub cache and the Hub cannot be reached "
+                        f"({'HF_HUB_OFFLINE is set' if offline else 'no network'})") from None
+    except EntryNotFoundError:
+        repo, _, path = what.partition(":")
+        raise UserError(f"{repo} has no file {path}" if path else f"{what}: file not found on the Hub") from None
+    except GatedRepoError:
+        raise UserError(f"{what}: a gated Hub repo; accept its terms on huggingface.co and log in (`hf auth login`)") from None
     except RepositoryNotFoundError:
-        raise UserError(f"model not found: no Hub repo {repo_id!r} (and no local path of that name)") from None
-    except LocalEntryNotFoundError:
-        raise UserError(f"{repo_id}: not in the local Hub cache and the Hub cannot be reached "
-                        "(HF_HUB_OFFLINE is set, or no network)") from None
+        raise UserError(f"not found: no Hub repo {what.partition(':')[0]!r} (and no local path of that name)") from None
+    except RevisionNotFoundError:
+        raise UserError(f"{what}: no such revision on the Hub") from None
+    except HFValidationError:
+        raise UserError(f"not found: {what} is neither an existing path nor a valid Hub repo id") from None
     except HfHubHTTPError as e:
-        raise UserError(f"{repo_id}: download failed ({e})") from None
+        raise UserError(f"{what}: download failed ({_first_line(e)})") from None
+    except Exception as e:
+        if not _unreachable(e):
+            raise
+        raise UserError(f"{what}: not in the local Hub cache and the Hub cannot be reached "
+                        f"({type(e).__name__}: {_first_line(e)})") from None
+
+
+def snapshot(repo_id: str, patterns: list[str], revision: str | None = None) -> Path:
+    """Download (or find in the cache, offline too) just the files matching `patterns`. Fails at once when the
+    Hub is unreachable: snapshot_download asks the Hub once, without retries, and falls back to the cache."""
+    from huggingface_hub import snapshot_download
+
+    with hub_errors(repo_id):
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, revision=revision))
+
+
+def convert_once(dst: Path, convert: Callable[[], Path]) -> Path:
+    """`dst` in the cache, converting it first unless it is there. Concurrent first uses of one model are safe:
+    a lock file lets one process convert while the others wait, then find its complete folder."""
+    import fcntl
+
+    from convert.stable_diffusion import clean_stale
+
+    clean_stale(dst.parent)  # what killed conversions left
+    if is_mlx_folder(dst):
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(dst.parent / f".{dst.name}.lock", "a") as lock:  # stays: deleting it would race with a waiter
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process converting into {dst} ...", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_mlx_folder(dst):  # the other process finished it
+            return dst
+        return convert()
 
 
 def download_diffusers_repo(repo_id: str, revision: str | None = None) -> Path:
@@ -103,21 +173,17 @@ def resolve_model(
         if path.is_dir() and is_mlx_folder(path):
             return path
         dst = cache_root() / "converted" / f"{path.stem}-{_local_fingerprint(path)}-{_dtype_name(dtype)}"
-        if is_mlx_folder(dst):
-            return dst
         if path.is_dir():
-            return convert_diffusers_folder(path, dst, dtype)
+            return convert_once(dst, lambda: convert_diffusers_folder(path, dst, dtype))
         if path.suffix not in SINGLE_FILE_SUFFIXES:
             raise UserError(f"{path}: not a model (expected a folder or one of {', '.join(SINGLE_FILE_SUFFIXES)})")
         config_dir = resolve_config(config) if config else None
-        return convert_single_file(path, dst, tokenizer, dtype, config_dir)
-    if not REPO_ID.match(model):
+        return convert_once(dst, lambda: convert_single_file(path, dst, tokenizer, dtype, config_dir))
+    if not is_repo_id(model):
         raise UserError(f"model not found: {model} is neither an existing path nor a Hub repo id (org/name)")
     folder = download_diffusers_repo(model, revision)
     dst = cache_root() / "converted" / f"{model.replace('/', '--')}-{folder.name[:12]}-{_dtype_name(dtype)}"
-    if is_mlx_folder(dst):
-        return dst
-    return convert_diffusers_folder(folder, dst, dtype)
+    return convert_once(dst, lambda: convert_diffusers_folder(folder, dst, dtype))
 
 
 def _folder_or_snapshot(ref: str, patterns: list[str], what: str) -> Path:
@@ -125,7 +191,7 @@ def _folder_or_snapshot(ref: str, patterns: list[str], what: str) -> Path:
     path = Path(ref).expanduser()
     if path.is_dir():
         return path
-    if not REPO_ID.match(ref):
+    if not is_repo_id(ref):
         raise UserError(f"{what} not found: {ref} is neither a folder nor a Hub repo id")
     return snapshot(ref, patterns)
 
@@ -164,23 +230,21 @@ ENCODER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 def split_hub_path(ref: str) -> tuple[str, str] | None:
     """`REPO:PATH` -> (repo, path), else None."""
     repo, sep, path = ref.partition(":")
-    return (repo, path.strip("/")) if sep and REPO_ID.match(repo) and path else None
+    return (repo, path.strip("/")) if sep and is_repo_id(repo) and path else None
 
 
 def hub_file(repo: str, path: str) -> Path:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    """One file of a Hub repo: from the local cache when it is there (no network), else downloaded. Fails at once
+    when the Hub is unreachable: hf_hub_download alone retries for ~25 s, so one request without retries asks first."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 
-    try:
+    with hub_errors(f"{repo}:{path}"):
+        cached = try_to_load_from_cache(repo, path)
+        if isinstance(cached, str):
+            return Path(cached)
+        if not constants.HF_HUB_OFFLINE:
+            get_hf_file_metadata(hf_hub_url(repo, path))
         return Path(hf_hub_download(repo, path))
-    except RepositoryNotFoundError:
-        raise UserError(f"no Hub repo {repo!r}") from None
-    except EntryNotFoundError:
-        raise UserError(f"{repo} has no file {path}") from None
-    except LocalEntryNotFoundError:
-        raise UserError(f"{repo}:{path} is not in the local Hub cache and the Hub cannot be reached") from None
-    except HfHubHTTPError as e:
-        raise UserError(f"{repo}:{path}: download failed ({e})") from None
 
 
 def resolve_ip_adapter(ref: str) -> tuple[Path, tuple[str, str] | None]:
@@ -222,7 +286,7 @@ def _parse_encoder_ref(ref: str) -> tuple[str, str | Path]:
         return ("local", path)
     if split_hub_path(ref):
         return split_hub_path(ref)
-    if REPO_ID.match(ref):
+    if is_repo_id(ref):
         return (ref, "")
     raise UserError(f"image encoder not found: {ref}")
 
@@ -256,10 +320,12 @@ def _converted_encoder(where: str, sub: str | Path, dtype: mx.Dtype | None) -> P
             raise UserError(f"{where}:{sub} has no encoder weights ({' or '.join(ENCODER_WEIGHTS)})")
         src, identity = root / prefix, _key(where, root.name, str(sub))  # root.name is the Hub commit
     dst = cache_root() / "converted" / f"image-encoder-{identity}-{_dtype_name(dtype)}"
-    if is_mlx_folder(dst):
-        return dst
-    print(f"converting image encoder {src} ...", flush=True)
-    return convert_image_encoder(src, dst, dtype)
+
+    def convert() -> Path:
+        print(f"converting image encoder {src} ...", flush=True)
+        return convert_image_encoder(src, dst, dtype)
+
+    return convert_once(dst, convert)
 
 
 def _encoder_source(where: str, sub: str) -> str:
