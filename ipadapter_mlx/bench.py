@@ -283,10 +283,11 @@ def plot(report: dict, path: str) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="speed and memory at real SD 1.5 + ViT-H + IP-Adapter shapes")
+    p = sub.add_parser("bench", help="speed and peak memory against diffusers, at real SD 1.5 or SDXL + "
+                                     "IP-Adapter-plus shapes (random weights)", description=__doc__)
     p.add_argument("--model-kind", choices=["sd15", "sdxl"], default="sd15",
                    help="sd15: SD 1.5 + IP-Adapter-plus; sdxl: SDXL base + IP-Adapter-plus-sdxl-vit-h")
-    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="picture sizes (default: 256 512; --tiny: 64)")
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float16", "bfloat16"])
     p.add_argument("--quantize", type=lambda v: None if v == "none" else int(v), nargs="+", default=[None],
                    help="none, 8 and/or 4")
@@ -295,13 +296,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=2, help="steps in the whole-generation timing")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (median)")
     p.add_argument("--compare", nargs="*", choices=["diffusers"], help="also run diffusers (needs torch)")
-    p.add_argument("--tiny", action="store_true", help="miniature shapes: checks the benchmark itself, quickly")
+    p.add_argument("--tiny", action="store_true",
+                   help="miniature shapes at 64x64: checks the benchmark itself in seconds; its times mean nothing")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per measured setting")
     p.add_argument("--output", default="bench.json", help="JSON report")
     p.add_argument("--plot", default=None, help="also draw the comparison as a PNG")
 
 
 def main_bench(args: argparse.Namespace) -> int:
+    args.sizes = args.sizes or ([64] if args.tiny else [256, 512])
     report = run(args)
     Path(args.output).write_text(json.dumps(report, indent=2))
     torch_blas = next((r["torch_blas"] for r in report["runs"] if r.get("torch_blas")), None)

@@ -3,14 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
+from .argparsing import Parser
 from .errors import UserError
 
 DTYPES = ("float32", "float16", "bfloat16")
+
+
+def finite_float(text: str) -> float:
+    """A float flag: nan and inf would silently give a black picture."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def guidance(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (<= 1 turns guidance off), got {text}")
+    return value
+
+
+def seed_number(text: str) -> int:
+    """MLX's random keys take a 64-bit unsigned seed."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be in 0..2**64-1, got {text}")
+    return value
 
 
 IP_OPTIONS = ("image", "image_weight", "scale", "negative_image", "image_embeds", "combine", "image_encoder",
@@ -58,7 +89,8 @@ def _add_ip_options(p: argparse.ArgumentParser, embed: bool = False) -> None:
     from .images import FITS
     from .ip_adapter import COMBINE_MODES
 
-    g = p.add_argument_group("IP-Adapter (repeat --ip-adapter for several; options apply to the one before them)")
+    g = p.add_argument_group("IP-Adapter (exactly one: its shapes say which features to compute)" if embed else
+                             "IP-Adapter (repeat --ip-adapter for several; options apply to the one before them)")
     g.add_argument("--ip-adapter", action=_IPOption, dest="ip_adapter",
                    help=f"preset ({', '.join(PRESETS)}), REPO:PATH on the Hub, or a local .bin/.safetensors")
     g.add_argument("--image", action=_IPOption, dest="image", help="a reference image (repeatable)")
@@ -69,9 +101,10 @@ def _add_ip_options(p: argparse.ArgumentParser, embed: bool = False) -> None:
     g.add_argument("--negative-image", action=_IPOption, dest="negative_image",
                    help="replaces the null image in the unconditional branch")
     if not embed:
-        g.add_argument("--image-weight", action=_IPOption, dest="image_weight", type=float,
+        g.add_argument("--image-weight", action=_IPOption, dest="image_weight", type=finite_float,
                        help="weight of each --image, in order (repeatable; default 1)")
-        g.add_argument("--scale", action=_IPOption, dest="scale", type=float, help="adapter strength (default 1.0)")
+        g.add_argument("--scale", action=_IPOption, dest="scale", type=finite_float,
+                       help="adapter strength (default 1.0)")
         g.add_argument("--image-embeds", action=_IPOption, dest="image_embeds",
                        help="embeddings from `embed`, instead of --image (no vision tower is loaded)")
         g.add_argument("--combine", action=_IPOption, dest="combine", choices=COMBINE_MODES,
@@ -79,7 +112,9 @@ def _add_ip_options(p: argparse.ArgumentParser, embed: bool = False) -> None:
 
 
 def _add_embed(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("embed", help="write reference images' CLIP features to a file, for generate --image-embeds")
+    p = sub.add_parser("embed", help="write reference images' CLIP features to a file, for generate --image-embeds",
+                       description="Encode reference images once with the CLIP vision tower one IP-Adapter reads; "
+                                   "`generate --image-embeds FILE` then skips the encoder.")
     _add_ip_options(p, embed=True)
     p.add_argument("--dtype", choices=DTYPES, default=None)
     p.add_argument("--output", required=True, help=".safetensors path")
@@ -104,6 +139,7 @@ def _embed(args: argparse.Namespace) -> int:
         raise UserError("give at least one --image")
     if not args.output.endswith(".safetensors"):
         raise UserError(f"--output must be a .safetensors path, got {args.output}")
+    check_writable(args.output)
     images = [open_image(p) for p in g["image"]]
     negative = open_image(g["negative_image"]) if g.get("negative_image") else None
     dtype = getattr(mx, args.dtype) if args.dtype else default_dtype()
@@ -159,39 +195,59 @@ def memory_budget() -> tuple[int, str]:
     return int(0.85 * physical_memory()), "the machine has"
 
 
-def _warn_if_too_big(pipe, args: argparse.Namespace) -> None:
-    """Say so before a run that will not fit this machine's memory (it would swap, or be killed)."""
-    size = pipe.default_size
-    need = pipe.estimate_memory(args.height or size, args.width or size, args.num_images)
+def check_memory(pipe, args: argparse.Namespace, height: int, width: int) -> None:
+    """Refuse, before sampling allocates anything, a run whose estimate exceeds what this machine can give:
+    it would swap, be killed, or crash inside MLX. --no-memory-check turns the refusal into a warning."""
+    need = pipe.estimate_memory(height, width, args.num_images)
     have, what = memory_budget()
-    if need > have:
-        tips = [t for t, on in (("--low-memory", not args.low_memory), ("--quantize 8 (or 4)", not args.quantize),
-                                ("a smaller --height/--width", True)) if on]
-        print(f"warning: this run needs about {need / 2**30:.1f} GB and {what} {have / 2**30:.1f} GB; "
-              f"it may swap or be stopped. Try {', '.join(tips)}.", file=sys.stderr)
+    if need <= have:
+        return
+    tips = [t for t, on in (("--low-memory", not args.low_memory), ("--quantize 8 (or 4)", not args.quantize),
+                            ("a smaller --height/--width", True)) if on]
+    message = (f"this run needs about {need / 2**30:.1f} GiB at {width}x{height}, more than the "
+               f"{have / 2**30:.1f} GiB {what}; try {', '.join(tips)}")
+    if not args.no_memory_check:
+        raise UserError(message + " (or --no-memory-check to run anyway)")
+    print(f"warning: {message}; running anyway (--no-memory-check): it may swap or be stopped", file=sys.stderr)
+
+
+def check_writable(output: str) -> None:
+    """Fail before any work when the output cannot be written (a folder, a file where a folder should be,
+    a read-only place)."""
+    path = Path(output)
+    if path.is_dir():
+        raise UserError(f"--output {output} is a folder; give a file path")
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise UserError(f"cannot write --output {output}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write --output {output}: {parent} is not writable")
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    from .pipeline import DEFAULT_MODEL, DEFAULT_SCHEDULER
+    from .pipeline import DEFAULT_MODEL, DEFAULT_SCHEDULER, DEFAULT_STEPS, DEFAULT_STRENGTH
     from .samplers import SAMPLERS
 
-    p = sub.add_parser("generate", help="text-to-image / image-to-image")
+    p = sub.add_parser("generate", help="text-to-image / image-to-image, with image prompts",
+                       description="Text-to-image or image-to-image with Stable Diffusion 1.x/2.x or SDXL, "
+                                   "optionally steered by reference images through IP-Adapters.")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="Hub repo id, diffusers folder, single .safetensors/.ckpt file, or converted MLX folder")
     p.add_argument("--prompt", default="", help="text prompt")
     p.add_argument("--negative-prompt", default=None,
                    help="default: none (SD 1.x: the empty prompt; SDXL: zero embeddings, as diffusers)")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (<= 1 turns it off)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps")
+    p.add_argument("--cfg", type=guidance, default=7.5, help="classifier-free guidance scale (<= 1 turns it off)")
+    p.add_argument("--seed", type=seed_number, default=None, help="0..2**64-1 (default: random, recorded in the PNG)")
     p.add_argument("--height", type=int, default=None, help="default: the model's native size (or the init image's)")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--scheduler", choices=list(SAMPLERS), default=DEFAULT_SCHEDULER)
-    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--width", type=int, default=None, help="default: as --height")
+    p.add_argument("--scheduler", choices=list(SAMPLERS), default=DEFAULT_SCHEDULER, help="the sampler")
+    p.add_argument("--num-images", type=int, default=1, help="pictures from one prompt (one batch)")
     p.add_argument("--init-image", default=None, help="image-to-image: the starting picture")
-    p.add_argument("--strength", type=float, default=0.8, help="image-to-image: how much to change it (0-1]")
+    p.add_argument("--strength", type=finite_float, default=None,
+                   help=f"image-to-image: how much to change it, (0, 1] (default: {DEFAULT_STRENGTH})")
     p.add_argument("--latents", default=None,
-                   help="starting noise as a .npy, NCHW float32 exactly as diffusers' latents= takes it")
+                   help="starting noise as a .npy file of floats, NCHW, exactly as diffusers' latents= takes it")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float32 on the CPU, float16 on a GPU")
     p.add_argument("--tokenizer", default=None, help="single-file models: tokenizer folder or Hub repo")
     p.add_argument("--config", default=None,
@@ -206,10 +262,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="SDXL micro-conditioning (default: the output size)")
     p.add_argument("--quantize", type=int, choices=(4, 8), default=None,
                    help="quantize the Linear layers of the text encoder, UNet and image encoder on load")
-    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64)
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64, help="with --quantize")
     p.add_argument("--low-memory", action="store_true",
                    help="free the text and image encoders after encoding; decode the VAE in tiles")
-    p.add_argument("--verbose", action="store_true", help="print timings and peak memory")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="run even when the memory estimate exceeds this machine (it may swap or be stopped)")
+    p.add_argument("--verbose", action="store_true", help="print timings, peak memory, device and BLAS")
     _add_ip_options(p)
 
 
@@ -219,7 +277,8 @@ def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .images import open_image, save_png, to_pil
-    from .pipeline import StableDiffusion, default_dtype
+    from .loading import read_json
+    from .pipeline import DEFAULT_STRENGTH, StableDiffusion, default_dtype
 
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
@@ -231,15 +290,15 @@ def _generate(args: argparse.Namespace) -> int:
             raise UserError(f"--{name} must be a positive multiple of 8, got {v}")
     if not args.output.lower().endswith(".png"):
         raise UserError(f"--output must be a .png path, got {args.output}")
+    check_writable(args.output)
+    if args.strength is not None and not args.init_image:
+        raise UserError("--strength is for image-to-image: give an --init-image too")
     init = open_image(args.init_image) if args.init_image else None
     latents = None
     if args.latents:
-        try:
-            latents = np.load(args.latents)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read --latents {args.latents}: {e}") from None
         if init is not None:
             raise UserError("--latents is the text-to-image starting noise; it does not combine with --init-image")
+        latents = read_latents(args.latents)
     groups = ip_groups(getattr(args, "ip_args", None) or [])
     for g in groups:  # check the files before loading anything big
         for path in g["image"] + ([g["negative_image"]] if g.get("negative_image") else []):
@@ -256,11 +315,13 @@ def _generate(args: argparse.Namespace) -> int:
         if p.images:  # the encoder will run: find it now, so the memory estimate counts it
             pipe.image_encoder_folder(i)
     t_load = time.perf_counter() - t0
-    _warn_if_too_big(pipe, args)
+    height, width = pipe.output_size(args.height, args.width, init)
+    check_memory(pipe, args, height, width)
+    strength = DEFAULT_STRENGTH if args.strength is None else args.strength
     steps = pipe.generate_latents(
         args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg, seed=seed,
-        height=args.height, width=args.width, scheduler=args.scheduler, num_images=args.num_images,
-        init_image=init, strength=args.strength, latents=latents, image_prompts=prompts,
+        height=height, width=width, scheduler=args.scheduler, num_images=args.num_images,
+        init_image=init, strength=strength, latents=latents, image_prompts=prompts,
         original_size=tuple(args.original_size) if args.original_size else None, crop_coords=tuple(args.crop_coords),
         target_size=tuple(args.target_size) if args.target_size else None,
     )
@@ -277,13 +338,16 @@ def _generate(args: argparse.Namespace) -> int:
         "sampler": args.scheduler, "cfg_scale": args.cfg, "seed": seed, "size": f"{w}x{h}",
         "model": args.model, "dtype": str(dtype).rpartition(".")[2],
     }
-    if quantize:
+    stored = read_json(pipe.folder / "unet" / "config.json").get("quantization")
+    if stored:  # a folder converted with --quantize: that is what ran, whatever the flags say
+        params["quantize"] = f"{stored['bits']}-bit, group {stored['group_size']} (stored)"
+    elif quantize:
         params["quantize"] = f"{args.quantize}-bit, group {args.group_size}"
     if pipe.is_sdxl:
         params.update(original_size=args.original_size or [h, w], crop_coords=list(args.crop_coords),
                       target_size=args.target_size or [h, w])
     if init is not None:
-        params.update(init_image=str(args.init_image), strength=args.strength)
+        params.update(init_image=str(args.init_image), strength=strength)
     if latents is not None:
         params["latents"] = str(args.latents)
     if groups:
@@ -297,16 +361,34 @@ def _generate(args: argparse.Namespace) -> int:
         save_png(image, path, {**params, "image_index": i} if len(images) > 1 else params)
         print(path)
     if args.verbose:
-        from .bench import blas_in_use
+        from ._blas import state
 
         print(f"load {t_load:.2f} s, sampling {t_sample:.2f} s ({t_sample / max(step.total, 1):.3f} s/step), "
-              f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB, {mx.default_device()}, BLAS: {blas_in_use()}",
+              f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB, {mx.default_device()}, BLAS: {state.describe()}",
               file=sys.stderr)
     return 0
 
 
+def read_latents(path: str):
+    """--latents: a .npy array of floats (np.load refuses pickled objects; .npz archives are not arrays)."""
+    import numpy as np
+
+    if not path.endswith(".npy"):
+        raise UserError(f"--latents must be a .npy file (np.save of one array), got {path}")
+    try:
+        latents = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"cannot read --latents {path}: {e}") from None
+    if not isinstance(latents, np.ndarray) or not np.issubdtype(latents.dtype, np.floating):
+        raise UserError(f"--latents {path} holds {getattr(latents, 'dtype', type(latents).__name__)} values; "
+                        "expected floats")
+    return latents
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ipadapter_mlx", description="Stable Diffusion + IP-Adapter in MLX")
+    parser = Parser(prog="python -m ipadapter_mlx",
+                    description="Stable Diffusion + IP-Adapter image prompts in MLX. "
+                                "Run `python -m ipadapter_mlx COMMAND --help` for a command's options.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_embed(sub)

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import tempfile  # noqa: E402
-
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may touch the network (set before any HF import)
-os.environ["IPADAPTER_MLX_CACHE"] = tempfile.mkdtemp(prefix="ipadapter-mlx-cache-")  # never the user's cache
+# One scratch folder for what the session writes outside tmp_path (the conversion cache, tokenizer files),
+# never the user's cache; removed when the session ends.
+SCRATCH = Path(tempfile.mkdtemp(prefix="ipadapter-mlx-tests-"))
+os.environ["IPADAPTER_MLX_CACHE"] = str(SCRATCH / "cache")
 
 import ipadapter_mlx  # noqa: E402,F401  (before anything loads mlx: it routes MLX to OpenBLAS on Linux)
 
@@ -96,7 +99,7 @@ def write_tokenizer(folder: Path) -> Path:
 
 
 def make_torch_pipeline(unet_config: str = "sd1", seed: int = 0):
-    tok_dir = write_tokenizer(Path(os.environ.get("TMPDIR", "/tmp")) / f"ipadapter-mlx-tok-{os.getpid()}")
+    tok_dir = write_tokenizer(SCRATCH / "tokenizer")
     torch.manual_seed(seed)
     unet = perturb(diffusers.UNet2DConditionModel(**UNET_CONFIGS[unet_config]), seed + 1)
     vae = perturb(diffusers.AutoencoderKL(**VAE_CONFIG), seed + 2)
@@ -157,6 +160,10 @@ PARITY: dict[str, str] = {}
 def record(name: str, value: float, unit: str) -> float:
     PARITY[name] = f"{value:.3g} {unit}" if unit != "dB" else f"{value:.1f} dB"
     return value
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SCRATCH, ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter):
