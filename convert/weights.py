@@ -10,9 +10,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ipadapter_mlx.errors import UserError
+from ipadapter_mlx.loading import read_safetensors
 
 from .keymaps import IGNORED_SUFFIXES
-from .torch_pickle import load_torch_file
+from .torch_pickle import load_torch_file, printable
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
@@ -23,17 +24,14 @@ def read_weights(path: str | Path) -> dict[str, mx.array]:
     if not path.is_file():
         raise UserError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        try:
-            weights = mx.load(str(path))
-        except Exception as e:
-            raise UserError(f"{path}: truncated or corrupt safetensors file ({e})") from None
+        weights, _ = read_safetensors(path)
     elif path.suffix in WEIGHT_SUFFIXES:
         weights = load_torch_file(str(path))
         if isinstance(weights, dict) and isinstance(weights.get("state_dict"), dict):
             weights = weights["state_dict"]  # Lightning-style .ckpt
         if not isinstance(weights, dict):
             raise UserError(f"{path}: expected a dict of tensors, found {type(weights).__name__}")
-        weights = {k: v for k, v in weights.items() if isinstance(v, mx.array)}
+        weights = {k: v for k, v in weights.items() if isinstance(k, str) and isinstance(v, mx.array)}
     else:
         raise UserError(f"{path}: unknown weights format (expected one of {', '.join(WEIGHT_SUFFIXES)})")
     if not weights:
@@ -55,7 +53,7 @@ def _fit(name: str, value: mx.array, shape: tuple[int, ...]) -> mx.array:
 
 def _listing(names: list[str], limit: int = 5) -> str:
     more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(sorted(names)[:limit]) + more
+    return ", ".join(map(printable, sorted(names)[:limit])) + more
 
 
 def fit_weights(

@@ -8,6 +8,7 @@ are; `mlx_model.json` is written last and marks the folder complete.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import mlx.core as mx
@@ -38,6 +39,70 @@ def read_json(path: str | Path) -> dict:
         raise UserError(f"config not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+# safetensors dtype -> bytes per element (the ones MLX reads)
+SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4,
+                        "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+MAX_SAFETENSORS_HEADER = 100 << 20  # the reference reader's own limit
+
+
+def _check_safetensors(path: Path, what: str) -> None:
+    """Refuse a header that declares what the file does not hold, before MLX reads it: MLX accepts shapes whose
+    byte count overflows (arrays of negative or 2**64 elements) and tensors that share bytes (one megabyte
+    served a thousand times)."""
+    def bad(why: str) -> UserError:
+        return UserError(f"{path}: not a readable {what}, truncated or corrupt ({why})")
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little")
+        if len(head) < 8 or n > min(size - 8, MAX_SAFETENSORS_HEADER):
+            raise bad(f"header length {n if len(head) == 8 else '?'}, the file holds {size} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            raise bad(f"header is not JSON: {type(e).__name__}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    meta = header.pop("__metadata__", None)  # MLX writes null when there is none
+    if not (meta is None or isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise bad("__metadata__ is not a map of strings")
+    data, spans = size - 8 - n, []
+    for name, t in header.items():
+        ok = (isinstance(t, dict) and t.get("dtype") in SAFETENSORS_ITEMSIZE
+              and isinstance(t.get("shape"), list) and len(t["shape"]) <= 32
+              and all(type(d) is int and 0 <= d < 2**31 for d in t["shape"])
+              and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2
+              and all(type(o) is int for o in t["data_offsets"]))
+        if not ok:
+            raise bad(f"tensor {name!r:.80} has no valid dtype, shape and data_offsets")
+        begin, end = t["data_offsets"]
+        nbytes = math.prod(t["shape"]) * SAFETENSORS_ITEMSIZE[t["dtype"]]
+        if not 0 <= begin <= end <= data or end - begin != nbytes:
+            raise bad(f"tensor {name!r:.80} is {t['shape']} {t['dtype']} ({nbytes} bytes) at bytes {begin}..{end} "
+                      f"of {data}")
+        if end > begin:  # an empty tensor shares nothing
+            spans.append((begin, end, name))
+    spans.sort()
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:
+            raise bad(f"tensors {a!r:.80} and {b!r:.80} share bytes")
+
+
+def read_safetensors(path: str | Path, what: str = "safetensors file") -> tuple[dict[str, mx.array], dict[str, str]]:
+    """The arrays and metadata of a .safetensors file, its header checked first; every failure is a UserError."""
+    path = Path(path)
+    try:
+        _check_safetensors(path, what)
+        return mx.load(str(path), return_metadata=True)
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{path}: not a readable {what}, truncated or corrupt ({e})") from None
 
 
 def build(component: str, config: dict) -> nn.Module:
@@ -72,10 +137,7 @@ def load_component(
     path = folder / "model.safetensors"
     if not path.is_file():
         raise UserError(f"weights not found: {path}")
-    try:
-        weights = mx.load(str(path))
-    except Exception as e:
-        raise UserError(f"{path}: truncated or corrupt safetensors file ({e})") from None
+    weights, _ = read_safetensors(path)
     params = dict(tree_flatten(model.parameters()))
     missing = sorted(set(params) - set(weights))
     extra = sorted(set(weights) - set(params))
