@@ -12,6 +12,7 @@ from ipadapter_mlx.loading import build, read_json
 from ipadapter_mlx.models.image_proj import infer_image_proj_config
 
 from .stable_diffusion import component_weights, diffusers_rename, quantized, write_mlx_folder
+from .torch_pickle import load_torch_file, printable
 from .weights import fit_weights, read_weights
 
 IP_PREFIXES = ("image_proj.", "ip_adapter.")
@@ -23,33 +24,40 @@ def flat_adapter_weights(path: str | Path) -> dict[str, mx.array]:
     if path.suffix == ".safetensors":
         weights = read_weights(path)
     else:
-        from .torch_pickle import load_torch_file
-
         if not path.is_file():
             raise UserError(f"IP-Adapter not found: {path}")
         obj = load_torch_file(str(path))
         if not (isinstance(obj, dict) and isinstance(obj.get("image_proj"), dict) and isinstance(obj.get("ip_adapter"), dict)):
             raise UserError(f"{path}: not an IP-Adapter checkpoint (expected 'image_proj' and 'ip_adapter' entries)")
-        weights = {f"{top}.{k}": v for top in ("image_proj", "ip_adapter") for k, v in obj[top].items()}
+        weights = {f"{top}.{k}": v for top in ("image_proj", "ip_adapter") for k, v in obj[top].items()
+                   if isinstance(k, str) and isinstance(v, mx.array)}
     if not any(k.startswith("image_proj.") for k in weights) or not any(k.startswith("ip_adapter.") for k in weights):
         raise UserError(f"{path}: not an IP-Adapter checkpoint (no image_proj.* / ip_adapter.* tensors)")
     return weights
 
 
 def infer_ip_adapter_config(weights: dict[str, mx.array]) -> IPAdapterConfig:
-    proj = infer_image_proj_config({k[len("image_proj."):]: v for k, v in weights.items() if k.startswith("image_proj.")})
+    try:
+        proj = infer_image_proj_config({k[len("image_proj."):]: v for k, v in weights.items()
+                                        if k.startswith("image_proj.")})
+    except (KeyError, IndexError, ValueError, ZeroDivisionError) as e:
+        raise UserError(f"IP-Adapter projection has unexpected tensors ({type(e).__name__}: {e})") from None
     layers: dict[str, int] = {}
-    context = None
+    contexts = set()
+    # a layer is known by either projection, so one without to_k_ip is reported as missing it
     for k, v in weights.items():
-        if k.startswith("ip_adapter.") and k.endswith(".to_k_ip.weight"):
-            layers[k.split(".")[1]] = v.shape[0]
-            context = v.shape[1]
+        parts = k.split(".")
+        if len(parts) == 4 and parts[0] == "ip_adapter" and parts[2] in ("to_k_ip", "to_v_ip") and parts[3] == "weight":
+            if v.ndim != 2:
+                raise UserError(f"IP-Adapter tensor {printable(k)} is {tuple(v.shape)}, expected a matrix")
+            layers[parts[1]] = v.shape[0]
+            contexts.add(v.shape[1])
     if not layers:
         raise UserError("IP-Adapter checkpoint has no ip_adapter.N.to_k_ip weights")
-    if context != proj.output_dim:
+    if contexts != {proj.output_dim}:
         raise UserError(f"IP-Adapter is inconsistent: its projection makes {proj.output_dim}-d tokens, "
-                        f"its attention layers read {context}-d")
-    return IPAdapterConfig(proj, context, dict(sorted(layers.items(), key=lambda kv: int(kv[0]))))
+                        f"its attention layers read {'/'.join(map(str, sorted(contexts)))}-d")
+    return IPAdapterConfig(proj, proj.output_dim, layers)  # checks the layer numbers
 
 
 def read_ip_adapter(path: str | Path, dtype: mx.Dtype | None = None) -> IPAdapter:
@@ -64,7 +72,11 @@ def read_ip_adapter(path: str | Path, dtype: mx.Dtype | None = None) -> IPAdapte
     weights = flat_adapter_weights(path)
     if any(k.startswith("ip_adapter.") and "lora" in k for k in weights):
         raise UserError(f"{path}: FaceID adapters with LoRA weights are not supported")
-    adapter = IPAdapter(infer_ip_adapter_config(weights))
+    try:
+        config = infer_ip_adapter_config(weights)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    adapter = IPAdapter(config)
     fitted = fit_weights(adapter, weights, what=str(path), dtype=dtype)
     adapter.load_weights(list(fitted.items()))
     adapter.eval()

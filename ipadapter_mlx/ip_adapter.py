@@ -52,9 +52,29 @@ class IPAdapterConfig:
     cross_attention_dim: int
     layers: dict[str, int]  # checkpoint index -> inner width of that cross-attention layer
 
+    def __post_init__(self):
+        # A layer's number is its place among all attention processors, self- and cross-attention alternating:
+        # a UNet with an image layer at number i has at least (i + 1) / 2 of them, so larger numbers fit no UNet
+        # (and would make the layer list that long).
+        names = list(self.layers)
+        bad = [i for i in names if not (isinstance(i, str) and i.isascii() and i.isdigit() and str(int(i)) == i)]
+        if bad or not names:
+            raise UserError(f"IP-Adapter layers must be numbered like a UNet's attention layers, found "
+                            f"{bad[0] if bad else 'none'!r:.40}")
+        top = max(map(int, names))
+        if top >= 2 * len(names):
+            raise UserError(f"IP-Adapter has a layer number {top} among {len(names)} layers: it fits no UNet")
+        sizes = [self.cross_attention_dim, *self.layers.values()]
+        if not all(type(n) is int and 0 < n < 2**31 for n in sizes):
+            raise UserError(f"IP-Adapter layer widths must be positive integers, found {sizes}"[:200])
+        self.layers = dict(sorted(self.layers.items(), key=lambda kv: int(kv[0])))
+
     @classmethod
     def from_dict(cls, d: dict) -> "IPAdapterConfig":
-        return cls(ImageProjConfig(**d["image_proj"]), d["cross_attention_dim"], dict(d["layers"]))
+        try:
+            return cls(ImageProjConfig(**d["image_proj"]), d["cross_attention_dim"], dict(d["layers"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"IP-Adapter config.json is incomplete or invalid ({type(e).__name__}: {e})") from None
 
     def to_dict(self) -> dict:
         return {"image_proj": self.image_proj.to_dict(), "cross_attention_dim": self.cross_attention_dim,
@@ -233,17 +253,27 @@ def save_features(path: str, features: Features, info: dict | None = None) -> No
 
 
 def load_features(path: str) -> Features:
+    """Features saved by `save_features`, checked: both arrays, same shape, one float dtype, the right rank."""
     import json
 
-    try:
-        arrays, meta = mx.load(str(path), return_metadata=True)
-    except FileNotFoundError:
-        raise UserError(f"embeddings file not found: {path}") from None
-    except Exception as e:
-        raise UserError(f"{path}: not a readable embeddings file ({e})") from None
+    from .loading import read_safetensors
+
+    arrays, meta = read_safetensors(path, what="embeddings file")
     if meta.get("format") != EMBEDS_FORMAT or "cond" not in arrays or "uncond" not in arrays:
         raise UserError(f"{path}: not an embeddings file written by `python -m ipadapter_mlx embed`")
-    return Features(arrays["cond"], arrays["uncond"], json.loads(meta["hidden_states"]))
+    try:
+        hidden = json.loads(meta.get("hidden_states", ""))
+    except ValueError:
+        hidden = None
+    if type(hidden) is not bool:
+        raise UserError(f"{path}: embeddings file without a true/false hidden_states entry")
+    cond, uncond = arrays["cond"], arrays["uncond"]
+    rank = 3 if hidden else 2  # (images, tokens, width) penultimate states, or (images, width) image embeds
+    if (cond.ndim != rank or cond.shape != uncond.shape or cond.shape[0] == 0 or cond.dtype != uncond.dtype
+            or not mx.issubdtype(cond.dtype, mx.floating)):
+        raise UserError(f"{path}: malformed embeddings: cond {tuple(cond.shape)} {cond.dtype}, uncond "
+                        f"{tuple(uncond.shape)} {uncond.dtype}; expected two equal float arrays of rank {rank}")
+    return Features(cond, uncond, hidden)
 
 
 def join_features(parts: list[Features]) -> Features:
