@@ -33,12 +33,11 @@ OUTPUT is replaced the same way, so an interrupted run leaves the old folder or 
 def is_ip_adapter_file(path: Path) -> bool:
     """Tell an IP-Adapter from a model checkpoint by its tensor names, without reading a big file whole."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from ipadapter_mlx.loading import check_safetensors
 
         try:
-            with safe_open(str(path), framework="numpy") as f:
-                return any(k.startswith("ip_adapter.") for k in f.keys())
-        except Exception:
+            return any(k.startswith("ip_adapter.") for k in check_safetensors(path))
+        except UserError:
             return False  # not readable: the model converter reports it
     return path.suffix == ".bin" and path.stat().st_size < 2**31 and path.name.startswith("ip-adapter")
 

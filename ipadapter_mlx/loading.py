@@ -47,8 +47,8 @@ SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 
 MAX_SAFETENSORS_HEADER = 100 << 20  # the reference reader's own limit
 
 
-def _check_safetensors(path: Path, what: str) -> None:
-    """Refuse a header that declares what the file does not hold, before MLX reads it: MLX accepts shapes whose
+def check_safetensors(path: Path, what: str = "safetensors file") -> list[str]:
+    """The tensor names of a .safetensors file, read from its header alone. Refuses a header that declares what the file does not hold, before MLX reads it: MLX accepts shapes whose
     byte count overflows (arrays of negative or 2**64 elements) and tensors that share bytes (one megabyte
     served a thousand times)."""
     def bad(why: str) -> UserError:
@@ -89,13 +89,14 @@ def _check_safetensors(path: Path, what: str) -> None:
     for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
         if begin < end:
             raise bad(f"tensors {a!r:.80} and {b!r:.80} share bytes")
+    return list(header)
 
 
 def read_safetensors(path: str | Path, what: str = "safetensors file") -> tuple[dict[str, mx.array], dict[str, str]]:
     """The arrays and metadata of a .safetensors file, its header checked first; every failure is a UserError."""
     path = Path(path)
     try:
-        _check_safetensors(path, what)
+        check_safetensors(path, what)
         return mx.load(str(path), return_metadata=True)
     except FileNotFoundError:
         raise UserError(f"{what} not found: {path}") from None
