@@ -4,34 +4,60 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 from .errors import UserError
 
 
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, as browsers show them
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # "I": how PIL may give a 16-bit greyscale PNG
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. 16-bit greyscale is scaled to 8 bits (value / 257; PIL's own convert
+    clips it to white), transparency (alpha, LA, a palette's or a tRNS colour) is composited on BACKGROUND
+    (white), CMYK, L and 1 are converted by PIL. (PIL itself reads 16-bit RGB(A) PNGs as 8-bit.)"""
+    if image.mode in SIXTEEN_BIT:
+        arr = np.asarray(image).astype(np.float64)
+        grey = Image.fromarray(np.clip(np.round(arr / 257), 0, 255).astype(np.uint8))
+        t = image.info.get("transparency")
+        image = grey if not isinstance(t, int) else Image.merge(
+            "LA", (grey, Image.fromarray(np.where(arr == t, 0, 255).astype(np.uint8))))
+    if image.has_transparency_data:
+        background = Image.new("RGBA", image.size, (*BACKGROUND, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
 def open_image(path: str | Path) -> Image.Image:
+    """An image file as the RGB picture people see: EXIF orientation applied, then to_rgb. The one reader
+    of reference, negative and init images. PIL's decompression-bomb limit stays on."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_rgb(ImageOps.exif_transpose(im))
     except FileNotFoundError:
         raise UserError(f"image not found: {path}") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read image {path}: {e}") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, struct.error, ...) for a broken file
+        raise UserError(f"cannot read image {path}: {e or type(e).__name__}") from None
 
 
 def to_pixels(image: Image.Image | np.ndarray, size: tuple[int, int] | None = None) -> mx.array:
     """PIL image or HWC uint8/float array -> (1, H, W, 3) float32 in [-1, 1]; resized (lanczos) to size=(w, h)."""
     if isinstance(image, np.ndarray):
         arr = image.astype(np.float32) / (255.0 if image.dtype == np.uint8 else 1.0)
+        if not np.isfinite(arr).all():
+            raise UserError("the image array holds NaN or Inf values")
         if size is not None and arr.shape[1::-1] != tuple(size):
             image = Image.fromarray((arr * 255).round().clip(0, 255).astype(np.uint8))
     if isinstance(image, Image.Image):
-        image = image.convert("RGB")
+        image = to_rgb(image)
         if size is not None and image.size != tuple(size):
             image = image.resize(size, Image.LANCZOS)
         arr = np.asarray(image, dtype=np.float32) / 255.0
@@ -42,29 +68,35 @@ def to_pixels(image: Image.Image | np.ndarray, size: tuple[int, int] | None = No
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 FITS = ("crop", "pad")
+MAX_EXACT_ASPECT = 64  # up to 1:64 the resized picture is small (under 10 MB at 224): resize it whole
 
 
 def clip_pixels(images: list[Image.Image], size: int, fit: str = "crop") -> np.ndarray:
     """(n, size, size, 3) normalised pixels, equal to CLIPImageProcessor's defaults for fit="crop":
-    shortest side to `size` (bicubic), centre crop, rescale, normalise. fit="pad" first pads a non-square
-    image to a square with the CLIP mean colour (which normalises to zero), so no edge is cut away."""
+    shortest side to `size` (bicubic), centre crop, rescale, normalise. fit="pad" first scales a non-square
+    image's long side to `size` and pads it to a square with the CLIP mean colour (which normalises to
+    zero), so no edge is cut away. Memory stays bounded for any aspect ratio."""
     if fit not in FITS:
         raise UserError(f"unknown image fit {fit!r} (choose from {', '.join(FITS)})")
     out = []
     for im in images:
-        im = im.convert("RGB")
+        im = to_rgb(im)
         w, h = im.size
-        if fit == "pad" and w != h:
-            side = max(w, h)
-            canvas = Image.new("RGB", (side, side), tuple(int(round(c * 255)) for c in CLIP_MEAN))
-            canvas.paste(im, ((side - w) // 2, (side - h) // 2))
-            im, (w, h) = canvas, (side, side)
+        if fit == "pad" and w != h:  # long side to `size`, then pad: a 1x4000 picture costs size x size
+            im = ImageOps.pad(im, (size, size), Image.BICUBIC, tuple(int(round(c * 255)) for c in CLIP_MEAN))
+            w, h = im.size
         short, long = (w, h) if w <= h else (h, w)
         new_long = int(size * long / short)
-        im = im.resize((size, new_long) if w <= h else (new_long, size), Image.BICUBIC)
-        arr = np.asarray(im, dtype=np.float32)
-        top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-        arr = arr[top : top + size, left : left + size] / 255.0
+        nw, nh = (size, new_long) if w <= h else (new_long, size)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        if new_long <= MAX_EXACT_ASPECT * size:  # as CLIPImageProcessor: resize the whole picture, then crop
+            arr = np.asarray(im.resize((nw, nh), Image.BICUBIC))[top : top + size, left : left + size]
+        else:  # 224 x 896000 for a 1x4000 reference: resample only the part the crop keeps (PIL's box=
+            # reads the same source pixels; its float coefficients differ in the last bits: within 2 levels)
+            sx, sy = w / nw, h / nh
+            box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+            arr = np.asarray(im.resize((size, size), Image.BICUBIC, box=box))
+        arr = arr.astype(np.float32) / 255.0
         out.append((arr - CLIP_MEAN) / CLIP_STD)
     return np.stack(out)
 
@@ -75,28 +107,64 @@ def to_pil(images: mx.array) -> list[Image.Image]:
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
 
 
+LABELS = {"cfg_scale": "CFG scale", "ip_adapters": "IP-Adapter", "ip_adapter": "IP-Adapter"}  # A1111's names
+
+
+def _label(key: str) -> str:
+    return LABELS.get(key, key.replace("_", " ").capitalize())
+
+
+def _fields(key: str, value, label: str | None = None):
+    """(label, text) pairs: a list as "a, b", a dict or a list of dicts one pair per field
+    ("IP-Adapter 1: sd15, IP-Adapter 1 scale: 0.6"); None is left out, as A1111 does."""
+    label = label or _label(key)
+    if value is None:
+        return
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value):
+        for i, v in enumerate(value, 1):
+            yield from _fields(key, v, f"{label} {i}")
+    elif isinstance(value, dict):
+        for k, v in value.items():  # a field named like its parent ("ip_adapter" in "ip_adapters") is its head
+            yield from _fields(k, v, label if _label(k) == _label(key) else f"{label} {k.replace('_', ' ')}")
+    elif isinstance(value, (list, tuple)):
+        yield label, ", ".join(str(v) for v in value)
+    else:
+        yield label, str(value)
+
+
+def _quote(text: str) -> str:
+    """A1111's rule: a value holding a comma, colon or newline is written as a JSON string."""
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
 def parameters_text(params: dict) -> str:
-    """The A1111-style 'parameters' string that image viewers and web UIs read back."""
+    """The A1111-style 'parameters' string that image viewers and web UIs read back (the JSON chunk keeps
+    the exact values)."""
     lines = [params.get("prompt", "")]
     if params.get("negative_prompt"):
         lines.append(f"Negative prompt: {params['negative_prompt']}")
-    skip = {"prompt", "negative_prompt"}
-    lines.append(", ".join(f"{k.replace('_', ' ').capitalize()}: {v}" for k, v in params.items() if k not in skip))
+    fields = [f for k, v in params.items() if k not in ("prompt", "negative_prompt") for f in _fields(k, v)]
+    lines.append(", ".join(f"{label}: {_quote(text)}" for label, text in fields))
     return "\n".join(lines)
 
 
 def save_png(image: Image.Image, path: str | Path, params: dict) -> Path:
-    """Write atomically (temp file, then rename) with `parameters` and a JSON `ipadapter_mlx` text chunk."""
+    """Write atomically (temp file, then rename) with `parameters` and a JSON `ipadapter_mlx` text chunk.
+    The file gets the mode the umask gives a new file (mkstemp's would be 0600)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters_text(params))
     info.add_text("ipadapter_mlx", json.dumps(params))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # O_EXCL: a fresh file of our own; mode 0o666 lets the kernel apply the umask (and default ACLs)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
         os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
