@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +23,8 @@ from .samplers import NoiseFn, make_schedule, run_sampler
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_SCHEDULER = "dpmpp-2m-karras"
+DEFAULT_STEPS = 25
+DEFAULT_STRENGTH = 0.8  # image-to-image, as diffusers
 
 
 def default_dtype() -> mx.Dtype:
@@ -122,6 +125,17 @@ class Sampling:
         return self.total
 
 
+def finite(name: str, value: float) -> float:
+    """A number that must be finite (NaN or Inf would give a black picture): the value, or a UserError."""
+    if not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def all_finite(*arrays: mx.array | None) -> bool:
+    return all(a is None or bool(mx.isfinite(a).all()) for a in arrays)
+
+
 def seeded_noise(seed: int | None) -> NoiseFn:
     """A noise source: each call draws from its own split of the seed's key."""
     key = mx.random.key(seed if seed is not None else np.random.randint(0, 2**31 - 1))
@@ -209,6 +223,22 @@ class StableDiffusion:
     def default_size(self) -> int:
         return self.unet_config.sample_size * self.vae_scale_factor
 
+    def output_size(self, height: int | None, width: int | None,
+                    init_image: Image.Image | np.ndarray | None = None) -> tuple[int, int]:
+        """(height, width) a generation renders: as given, else the init image's size rounded down to a
+        multiple of the VAE's factor, else the model's native size. Fails for sizes that cannot be rendered."""
+        f = self.vae_scale_factor
+        if init_image is not None:
+            h0, w0 = init_image.shape[:2] if isinstance(init_image, np.ndarray) else init_image.size[::-1]
+            if w0 < f or h0 < f:  # it would give a 0-pixel size: refuse rather than ignore it
+                raise UserError(f"the init image is {w0}x{h0} pixels; it must be at least {f}x{f}")
+            height, width = height or h0 - h0 % f, width or w0 - w0 % f
+        height, width = height or self.default_size, width or self.default_size
+        for name, v in (("height", height), ("width", width)):
+            if v <= 0 or v % f:
+                raise UserError(f"{name} must be a positive multiple of {f}, got {v}")
+        return height, width
+
     # -- memory ---------------------------------------------------------------------------------------
 
     def estimate_memory(self, height: int, width: int, num_images: int = 1) -> int:
@@ -240,6 +270,7 @@ class StableDiffusion:
         (beside the adapter, or the one its shapes call for; `image_encoder` overrides) on first use."""
         from convert.ip_adapter import read_ip_adapter
 
+        finite("IP-Adapter scale", scale)
         file, hub_ref = hub.resolve_ip_adapter(ref)
         adapter = read_ip_adapter(file, self.dtype)
         if self._unet is None:  # check against the UNet's structure alone (MLX arrays are lazy: no memory)
@@ -264,7 +295,7 @@ class StableDiffusion:
         if len(scales) != len(self.adapters):
             raise UserError(f"{len(scales)} scales for {len(self.adapters)} loaded adapters")
         for loaded, scale in zip(self.adapters, scales):
-            loaded.scale = scale
+            loaded.scale = finite(f"IP-Adapter scale for {loaded.ref}", scale)
 
     def image_encoder_folder(self, index: int = 0) -> Path:
         """The converted folder of the vision tower adapter `index` reads (found and converted on first use,
@@ -302,23 +333,52 @@ class StableDiffusion:
             if p is None:
                 out.append((None, 0.0))
                 continue
+            scale = la.scale if p.scale is None else finite(f"image prompt scale for {la.ref}", p.scale)
+            for w in p.weights or []:
+                finite(f"image weight for {la.ref}", w)
             feats = p.features or self.encode_reference(p.images, i, p.fit, p.negative)
             want = la.adapter.config.image_proj
             if feats.hidden_states != want.reads_hidden_states or feats.cond.shape[-1] != want.input_dim:
                 kind = lambda h: "hidden states" if h else "image embeds"  # noqa: E731
                 raise UserError(f"adapter {la.ref} reads {want.input_dim}-d {kind(want.reads_hidden_states)}, "
                                 f"the embeddings given are {feats.cond.shape[-1]}-d {kind(feats.hidden_states)}")
-            scale = la.scale if p.scale is None else p.scale
             out.append((image_tokens(la.adapter, feats, p, batch, guided).astype(self.dtype), scale))
         return out
 
+    # -- non-finite numbers ---------------------------------------------------------------------------
+
+    def nonfinite_cause(self) -> str:
+        """Why a result holds NaN/Inf: the first loaded weight that does, else half-precision overflow or the
+        inputs. Run only after a failed check: it reads every weight once."""
+        from mlx.utils import tree_flatten
+
+        modules = {"UNet": self._unet, "VAE": self.vae,
+                   **{n.replace("_", " "): m for n, m in self._text_encoders.items()},
+                   **{f"image encoder {f.name}": m for f, m in self._encoders.items()},
+                   **{f"IP-Adapter {la.ref}": la.adapter for la in self.adapters}}
+        for name, module in modules.items():
+            for key, v in tree_flatten(module.parameters()) if module is not None else []:
+                if mx.issubdtype(v.dtype, mx.floating) and not all_finite(v):
+                    return f"the {name} weights hold NaN/Inf ({key})"
+        if self.dtype != mx.float32:
+            return f"{str(self.dtype).rpartition('.')[2]} overflowed; try float32 (--dtype float32)"
+        return "the inputs (image prompts, embeddings) hold NaN/Inf, or the model overflowed"
+
     # -- conditioning ---------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompts: list[str]) -> tuple[mx.array, mx.array | None]:
+    def encode_prompt(self, prompts: list[str], what: str = "prompt") -> tuple[mx.array, mx.array | None]:
         """(token embeddings (B, 77, D), pooled embedding or None), as diffusers' pipelines compute them.
 
         SD 1.x/2.x: the text encoder's last layer. SDXL: both encoders' penultimate layers joined, and the
-        second encoder's projected pooled output."""
+        second encoder's projected pooled output. A prompt longer than the tokenizer's 77 tokens is cut,
+        as diffusers does, with one warning line on stderr (`what` names it there)."""
+        tokenizer = self.tokenizers[0]  # both SDXL tokenizers split text alike
+        for text in dict.fromkeys(prompts):  # once per distinct prompt
+            ids = tokenizer(text, truncation=False, verbose=False)["input_ids"]
+            if (dropped := len(ids) - tokenizer.model_max_length) > 0:
+                cut = tokenizer.decode(ids[tokenizer.model_max_length - 1 : -1]).replace("\n", " ")
+                print(f"warning: the {what} is {len(ids)} tokens long; only {tokenizer.model_max_length} are read, "
+                      f"the last {dropped} are dropped: \"{cut}\"", file=sys.stderr)
         states, pooled = [], None
         for tokenizer, name in zip(self.tokenizers, self.text_encoder_names):
             ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -339,6 +399,8 @@ class StableDiffusion:
         z = self.vae.from_latents(latents.astype(self.vae.decoder.conv_in.weight.dtype))
         tile = tile or (LOW_MEMORY_TILE if self.low_memory else None)
         x = decode_tiled(self.vae, z, tile) if tile else self.vae.decode(z)
+        if not all_finite(x):  # NaN would turn into a black picture
+            raise UserError(f"the VAE decoder produced NaN/Inf: {self.nonfinite_cause()}")
         return mx.clip(x.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
 
     # -- sampling -------------------------------------------------------------------------------------
@@ -347,7 +409,7 @@ class StableDiffusion:
         self,
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
-        steps: int = 25,
+        steps: int = DEFAULT_STEPS,
         cfg: float = 7.5,
         seed: int | None = None,
         height: int | None = None,
@@ -355,7 +417,7 @@ class StableDiffusion:
         scheduler: str = DEFAULT_SCHEDULER,
         num_images: int = 1,
         init_image: Image.Image | np.ndarray | None = None,
-        strength: float = 0.8,
+        strength: float = DEFAULT_STRENGTH,
         latents: np.ndarray | mx.array | None = None,
         noise: NoiseFn | None = None,
         image_prompts: list[ImagePrompt | None] | None = None,
@@ -385,18 +447,10 @@ class StableDiffusion:
         noise = noise or seeded_noise(seed)
         f = self.vae_scale_factor
 
-        if init_image is not None:
-            if not 0 < strength <= 1:
-                raise UserError(f"strength must be in (0, 1], got {strength}")
-            if isinstance(init_image, Image.Image):
-                w0, h0 = init_image.size
-            else:
-                h0, w0 = init_image.shape[:2]
-            width, height = width or w0 - w0 % f, height or h0 - h0 % f
-        height, width = height or self.default_size, width or self.default_size
-        for name, v in (("height", height), ("width", width)):
-            if v <= 0 or v % f:
-                raise UserError(f"{name} must be a positive multiple of {f}, got {v}")
+        finite("cfg", cfg)
+        if init_image is not None and not 0 < strength <= 1:
+            raise UserError(f"strength must be in (0, 1], got {strength}")
+        height, width = self.output_size(height, width, init_image)
         shape = (batch, height // f, width // f, self.unet_config.in_channels)
 
         schedule = make_schedule(scheduler, self.scheduler_config, steps)
@@ -412,7 +466,13 @@ class StableDiffusion:
             x = x0.astype(mx.float32) + noise(shape) * float(sigmas[0])
         else:
             if latents is not None:
-                start_noise = mx.array(np.asarray(latents, dtype=np.float32))
+                given = np.asarray(latents.astype(mx.float32) if isinstance(latents, mx.array) and
+                                   mx.issubdtype(latents.dtype, mx.floating) else latents)
+                if not np.issubdtype(given.dtype, np.floating):
+                    raise UserError(f"latents must be floating point, got {given.dtype}")
+                if not np.isfinite(given).all():
+                    raise UserError("latents hold NaN or Inf values")
+                start_noise = mx.array(given.astype(np.float32))
                 expected = (batch, shape[3], shape[1], shape[2])
                 if tuple(start_noise.shape) != expected:
                     raise UserError(f"latents have shape {tuple(start_noise.shape)}, expected {expected} "
@@ -428,7 +488,7 @@ class StableDiffusion:
             if zero_negative:
                 neg_text, neg_pooled = mx.zeros_like(text), None if pooled is None else mx.zeros_like(pooled)
             else:
-                neg_text, neg_pooled = self.encode_prompt(negatives)
+                neg_text, neg_pooled = self.encode_prompt(negatives, "negative prompt")
             text = mx.concatenate([neg_text, text])
             pooled = None if pooled is None else mx.concatenate([neg_pooled, pooled])
         added = {}
@@ -437,6 +497,10 @@ class StableDiffusion:
             added = {"text_embeds": pooled, "time_ids": mx.array([ids] * text.shape[0], dtype=mx.float32)}
         ip = self._ip_tokens(image_prompts, batch, guided) if image_prompts else None
         mx.eval(text, x, added, [t for t, _ in ip or [] if t is not None])
+        for what, values in (("the text embeddings", [text, pooled]), ("the starting latents", [x]),
+                             ("the image-prompt tokens", [t for t, _ in ip or []])):
+            if not all_finite(*values):
+                raise UserError(f"{what} hold NaN/Inf: {self.nonfinite_cause()}")
         if self.low_memory:  # the encoders' work is done: give their memory to the UNet and the VAE
             self._text_encoders.clear()
             self._encoders.clear()
@@ -465,6 +529,8 @@ class StableDiffusion:
         def steps() -> Iterator[Step]:
             for i, x_i in enumerate(run_sampler(scheduler, self.scheduler_config, denoise, x, sigmas, noise)):
                 mx.eval(x_i)
+                if not all_finite(x_i):  # one small reduction per step
+                    raise UserError(f"sampling produced NaN/Inf at step {i + 1} of {total}: {self.nonfinite_cause()}")
                 if i == total - 1:
                     x_i = x_i / math.sqrt(float(sigmas[-1]) ** 2 + 1)  # from sigma space to diffusers' latents
                 yield Step(i, total, x_i)
