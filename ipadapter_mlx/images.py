@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from pathlib import Path
 
 import mlx.core as mx
@@ -12,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin
 
 from .errors import UserError
+from .files import atomic_file
 
 
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, as browsers show them
@@ -155,17 +155,6 @@ def save_png(image: Image.Image, path: str | Path, params: dict) -> Path:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters_text(params))
     info.add_text("ipadapter_mlx", json.dumps(params))
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # O_EXCL: a fresh file of our own; mode 0o666 lets the kernel apply the umask (and default ACLs)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
     return path

@@ -171,6 +171,10 @@ def encode_images(
 
 def combine(x: mx.array, weights: list[float], mode: str) -> mx.array:
     """Blend the features of several reference images (axis 0) before projection."""
+    divisor = weights[1:] if mode == "subtract" else weights
+    if mode in ("average", "norm-average", "subtract") and len(divisor) and sum(divisor) == 0:
+        raise UserError(f"--combine {mode}: the image weights it averages add up to 0 "
+                        f"({', '.join(map(str, divisor))}); nothing to divide by")
     w = mx.array(weights, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
     if mode == "concat":  # kept apart: their tokens are joined; a weight scales an image's features
         return x * w
@@ -234,22 +238,13 @@ EMBEDS_FORMAT = "ipadapter-mlx-embeds"
 def save_features(path: str, features: Features, info: dict | None = None) -> None:
     """A safetensors file with `cond` and `uncond` features; written to a temp file, then renamed."""
     import json
-    import os
-    import tempfile
-    from pathlib import Path
+
+    from .files import atomic_file
 
     meta = {"format": EMBEDS_FORMAT, "hidden_states": json.dumps(features.hidden_states),
             "info": json.dumps(info or {})}
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".safetensors")
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, {"cond": features.cond, "uncond": features.uncond}, metadata=meta)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(path) as tmp:
+        mx.save_safetensors(str(tmp), {"cond": features.cond, "uncond": features.uncond}, metadata=meta)
 
 
 def load_features(path: str) -> Features:

@@ -129,16 +129,18 @@ def test_bad_input_gives_one_line(case, run, mlx_dir, tmp_path):
     assert not (tmp_path / "out.png").exists()
 
 
-def test_warns_before_a_run_too_big_for_the_machine(run, monkeypatch):
+def test_refuses_a_run_too_big_for_the_machine(run, monkeypatch):
+    """The CPU budget is most of the RAM: a 1 MB machine refuses the run (before sampling) with the estimate."""
     from ipadapter_mlx import cli
 
-    monkeypatch.setattr(cli, "physical_memory", lambda: 2**20)  # a 1 MB machine
+    monkeypatch.setattr(cli, "physical_memory", lambda: 2**20)
     code, out, err = run()
-    assert code == 0
-    assert re.search(r"warning: this run needs about [\d.]+ GB and the machine has 0.0 GB.*--low-memory", err)
+    assert code == 2
+    assert re.search(r"error: this run needs about [\d.]+ GiB at 32x32, more than the 0.0 GiB the machine has.*"
+                     r"--low-memory", err)
     monkeypatch.setattr(cli, "physical_memory", lambda: 2**40)
     code, out, err = run()
-    assert code == 0 and "warning" not in err
+    assert code == 0 and "warning" not in err and "error" not in err
 
 
 def test_memory_budget_is_the_gpus_working_set_on_apple_silicon(monkeypatch):

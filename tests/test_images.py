@@ -211,6 +211,24 @@ def test_png_honours_the_umask(tmp_path, umask):
     assert os.listdir(tmp_path / "sub") == ["out.png"]  # no temp file left
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_embeddings_file_honours_the_umask(tmp_path, umask):
+    """`embed --output` goes through the same atomic writer: umask mode, no temp file left, readable back."""
+    import mlx.core as mx
+
+    from ipadapter_mlx.ip_adapter import Features, load_features, save_features
+
+    feats = Features(mx.ones((1, 4)), mx.zeros((1, 4)), hidden_states=False)
+    old = os.umask(umask)
+    try:
+        save_features(str(tmp_path / "e.safetensors"), feats)
+    finally:
+        os.umask(old)
+    assert ((tmp_path / "e.safetensors").stat().st_mode & 0o777) == 0o666 & ~umask
+    assert os.listdir(tmp_path) == ["e.safetensors"]
+    assert np.array_equal(np.array(load_features(str(tmp_path / "e.safetensors")).cond), np.ones((1, 4)))
+
+
 def test_png_to_an_unwritable_place_is_one_line(tmp_path):
     (tmp_path / "out.png").mkdir()
     with pytest.raises(UserError, match=r"cannot write .*out\.png"):
