@@ -15,7 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from ipadapter_mlx.argparsing import Parser
+from ipadapter_mlx.argparsing import Parser, show_log
 from ipadapter_mlx.errors import UserError
 
 EPILOG = """what OUTPUT holds:
@@ -43,7 +43,7 @@ def is_ip_adapter_file(path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ipadapter_mlx.hub import PRESETS
+    from ipadapter_mlx.discovery import PRESETS
 
     p = Parser(prog="python -m convert", description=__doc__.format(presets=textwrap.fill(", ".join(PRESETS), 90, subsequent_indent="  ")), epilog=EPILOG)
     p.add_argument("source", help="a model or an IP-Adapter (see above)")
@@ -58,14 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64, help="weights per quantization scale")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)
+    show_log()
     try:
         import mlx.core as mx
 
-        from ipadapter_mlx.hub import download_diffusers_repo, is_repo_id, resolve_config, resolve_ip_adapter, split_hub_path
+        from ipadapter_mlx.checkpoints.adapter_files import save_ip_adapter
+        from ipadapter_mlx.checkpoints.stable_diffusion import convert_diffusers_folder, convert_single_file
+        from ipadapter_mlx.discovery import resolve_ip_adapter
+        from ipadapter_mlx.folders import clean_stale
+        from ipadapter_mlx.hub import download_diffusers_repo, is_repo_id, resolve_config, split_hub_path
         from ipadapter_mlx.loading import is_mlx_folder
-
-        from .ip_adapter import save_ip_adapter
-        from .stable_diffusion import clean_stale, convert_diffusers_folder, convert_single_file
 
         out = Path(args.output)
         src = Path(args.source).expanduser()

@@ -39,7 +39,7 @@ def mlx_worker(shapes: dict, size: int, steps: int, dtype_name: str, quantize: i
     from mlx.utils import tree_flatten
     from PIL import Image
 
-    from convert.ip_adapter import infer_ip_adapter_config
+    from ipadapter_mlx.checkpoints.adapter_files import infer_ip_adapter_config
 
     from .config import CLIPTextConfig, CLIPVisionConfig, UNetConfig, VAEConfig
     from .ip_adapter import ImagePrompt, IPAdapter, cross_attention_slots, encode_images, image_tokens

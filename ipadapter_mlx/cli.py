@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .argparsing import Parser
+from .argparsing import Parser, show_log
 from .errors import UserError
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -85,7 +85,7 @@ def _put(group: dict, key: str, value) -> None:
 
 
 def _add_ip_options(p: argparse.ArgumentParser, embed: bool = False) -> None:
-    from .hub import PRESETS
+    from .discovery import PRESETS
     from .images import FITS
     from .ip_adapter import COMBINE_MODES
 
@@ -123,9 +123,9 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
 def _embed(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
-    from convert.ip_adapter import read_ip_adapter
+    from ipadapter_mlx.checkpoints.adapter_files import read_ip_adapter
 
-    from . import hub
+    from . import discovery
     from .images import open_image
     from .ip_adapter import encode_images, save_features
     from .loading import load_component
@@ -143,9 +143,9 @@ def _embed(args: argparse.Namespace) -> int:
     images = [open_image(p) for p in g["image"]]
     negative = open_image(g["negative_image"]) if g.get("negative_image") else None
     dtype = getattr(mx, args.dtype) if args.dtype else default_dtype()
-    file, hub_ref = hub.resolve_ip_adapter(g["ip_adapter"])
+    file, hub_ref = discovery.resolve_ip_adapter(g["ip_adapter"])
     adapter = read_ip_adapter(file, dtype)
-    folder, source = hub.resolve_image_encoder(adapter, file, hub_ref, g.get("image_encoder"))
+    folder, source = discovery.resolve_image_encoder(adapter, file, hub_ref, g.get("image_encoder"))
     encoder = load_component(folder, "image_encoder", dtype)
     hidden = adapter.config.image_proj.reads_hidden_states
     features = encode_images(encoder, images, hidden, g.get("image_fit", "crop"), negative)
@@ -400,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    show_log()
     from ._blas import slow_blas_warning
 
     if args.command in ("generate", "bench") and (note := slow_blas_warning()):

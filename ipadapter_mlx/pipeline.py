@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from . import hub
+from . import cache, discovery
 from .config import SchedulerConfig
 from .errors import UserError
 from .images import to_pil, to_pixels
@@ -21,6 +21,7 @@ from .config import UNetConfig
 from .loading import build, component_bytes, load_component, load_scheduler_config, read_json
 from .samplers import NoiseFn, make_schedule, run_sampler
 
+log = logging.getLogger(__name__)
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_SCHEDULER = "dpmpp-2m-karras"
 DEFAULT_STEPS = 25
@@ -190,7 +191,7 @@ class StableDiffusion:
                         quantize: tuple[int, int] | None = None, low_memory: bool = False,
                         **resolve_kw) -> "StableDiffusion":
         """`model`: a Hub repo id, a diffusers folder, a single .safetensors/.ckpt file, or a converted MLX folder."""
-        return cls(hub.resolve_model(model, **resolve_kw), dtype, quantize, low_memory)
+        return cls(cache.resolve_model(model, **resolve_kw), dtype, quantize, low_memory)
 
     @property
     def unet(self):
@@ -268,10 +269,10 @@ class StableDiffusion:
 
         Fails before any work when the adapter was made for another UNet. The image encoder is found
         (beside the adapter, or the one its shapes call for; `image_encoder` overrides) on first use."""
-        from convert.ip_adapter import read_ip_adapter
+        from ipadapter_mlx.checkpoints.adapter_files import read_ip_adapter
 
         finite("IP-Adapter scale", scale)
-        file, hub_ref = hub.resolve_ip_adapter(ref)
+        file, hub_ref = discovery.resolve_ip_adapter(ref)
         adapter = read_ip_adapter(file, self.dtype)
         if self._unet is None:  # check against the UNet's structure alone (MLX arrays are lazy: no memory)
             adapter.check_unet(build("unet", read_json(self.folder / "unet" / "config.json")))
@@ -302,8 +303,8 @@ class StableDiffusion:
         not loaded), and says which encoder it is."""
         la = self.adapters[index]
         if la.encoder_folder is None:
-            la.encoder_folder, source = hub.resolve_image_encoder(la.adapter, la.file, la.hub_ref, la.encoder_ref)
-            print(f"image encoder for {la.ref}: {source}", flush=True)
+            la.encoder_folder, source = discovery.resolve_image_encoder(la.adapter, la.file, la.hub_ref, la.encoder_ref)
+            log.info("image encoder for %s: %s", la.ref, source)
         return la.encoder_folder
 
     def image_encoder(self, index: int = 0):
@@ -377,8 +378,8 @@ class StableDiffusion:
             ids = tokenizer(text, truncation=False, verbose=False)["input_ids"]
             if (dropped := len(ids) - tokenizer.model_max_length) > 0:
                 cut = tokenizer.decode(ids[tokenizer.model_max_length - 1 : -1]).replace("\n", " ")
-                print(f"warning: the {what} is {len(ids)} tokens long; only {tokenizer.model_max_length} are read, "
-                      f"the last {dropped} are dropped: \"{cut}\"", file=sys.stderr)
+                log.warning(f"the {what} is {len(ids)} tokens long; only {tokenizer.model_max_length} are read, "
+                      f"the last {dropped} are dropped: \"{cut}\"")
         states, pooled = [], None
         for tokenizer, name in zip(self.tokenizers, self.text_encoder_names):
             ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,

@@ -127,7 +127,7 @@ def torch_pipe(diffusers_dir):
 
 @pytest.fixture(scope="session")
 def mlx_dir(diffusers_dir, tmp_path_factory) -> Path:
-    from convert.stable_diffusion import convert_diffusers_folder
+    from ipadapter_mlx.checkpoints.stable_diffusion import convert_diffusers_folder
 
     return convert_diffusers_folder(diffusers_dir, tmp_path_factory.mktemp("mlx") / "sd-tiny")
 

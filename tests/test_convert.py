@@ -19,9 +19,9 @@ from diffusers.loaders.single_file_utils import (
 from safetensors.torch import load_file, save_file
 
 from conftest import make_torch_pipeline, to_np
-from convert import keymaps
-from convert.stable_diffusion import convert_diffusers_folder, convert_single_file, infer_unet_config
-from convert.torch_pickle import load_torch_file
+from ipadapter_mlx.checkpoints import keymaps
+from ipadapter_mlx.checkpoints.stable_diffusion import convert_diffusers_folder, convert_single_file, infer_unet_config
+from ipadapter_mlx.checkpoints.torch_pickle import load_torch_file
 from ipadapter_mlx.config import UNetConfig, VAEConfig
 from ipadapter_mlx.errors import UserError
 from ipadapter_mlx.loading import load_component
@@ -193,7 +193,7 @@ def test_plain_pickle_and_garbage_are_refused(tmp_path):
 
 def test_convert_cli_ip_adapter(torch_pipe, tmp_path, capsys):
     from convert.__main__ import main
-    from convert.ip_adapter import read_ip_adapter
+    from ipadapter_mlx.checkpoints.adapter_files import read_ip_adapter
     from ip_fixtures import VARIANTS, make_adapter_repo
     from ipadapter_mlx.ip_adapter import IPAdapter, IPAdapterConfig
     from ipadapter_mlx.loading import read_json

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import psnr
-from convert.stable_diffusion import convert_diffusers_folder
+from ipadapter_mlx.checkpoints.stable_diffusion import convert_diffusers_folder
 from ipadapter_mlx import StableDiffusion
 from ipadapter_mlx.loading import load_component
 from ipadapter_mlx.quantize import QuantizedLinear, quantize_model

@@ -25,8 +25,8 @@ import pytest
 
 import ipadapter_mlx  # noqa: F401  (before mlx: BLAS routing)
 import mlx.core as mx
-from convert.torch_pickle import load_torch_file
-from convert.weights import read_weights
+from ipadapter_mlx.checkpoints.torch_pickle import load_torch_file
+from ipadapter_mlx.checkpoints.weights import read_weights
 from ipadapter_mlx.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,7 +255,7 @@ def _load(kind: str, path: Path):
     if kind == "weights":
         return read_weights(path)
     if kind == "adapter":
-        from convert.ip_adapter import read_ip_adapter
+        from ipadapter_mlx.checkpoints.adapter_files import read_ip_adapter
 
         return read_ip_adapter(path)
     from ipadapter_mlx.ip_adapter import load_features

@@ -101,13 +101,13 @@ def test_preprocessing_matches_clip_image_processor():
 def test_vision_tower_matches_transformers(adapter_repo):
     from transformers import CLIPVisionModelWithProjection
 
-    from ipadapter_mlx.hub import _converted_encoder
+    from ipadapter_mlx.cache import converted_encoder
     from ipadapter_mlx.loading import load_component
 
     for folder in ("models", "sdxl_models"):
         src = adapter_repo / folder / "image_encoder"
         ref_model = CLIPVisionModelWithProjection.from_pretrained(src).eval()
-        ours = load_component(_converted_encoder("local", src, None), "image_encoder", mx.float32)
+        ours = load_component(converted_encoder("local", src, None), "image_encoder", mx.float32)
         x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             ref = ref_model(x, output_hidden_states=True)
@@ -118,7 +118,7 @@ def test_vision_tower_matches_transformers(adapter_repo):
 
 @pytest.mark.parametrize("variant", ["base", "plus", "full-face", "vit-g"])
 def test_projection_matches_diffusers(variant, diffusers_dir, adapter_repo):
-    from convert.ip_adapter import read_ip_adapter
+    from ipadapter_mlx.checkpoints.adapter_files import read_ip_adapter
 
     pipe = diffusers_pipe(diffusers_dir, adapter_repo, [variant], [1.0])
     proj_ref = pipe.unet.encoder_hid_proj.image_projection_layers[0]

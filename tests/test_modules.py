@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import UNET_CONFIGS, make_torch_pipeline, record, to_np
-from convert.stable_diffusion import component_weights, diffusers_rename
-from convert.weights import fit_weights
+from ipadapter_mlx.checkpoints.stable_diffusion import component_weights, diffusers_rename
+from ipadapter_mlx.checkpoints.weights import fit_weights
 from ipadapter_mlx.loading import build, read_json
 
 TOL = 1e-4

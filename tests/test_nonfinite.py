@@ -183,6 +183,10 @@ def test_adapter_scales_and_weights_must_be_finite(mlx_dir, adapter_file, cli, t
 def test_prompt_cut_at_77_tokens_warns_once(mlx_pipe, mlx_dir, capsys):
     from transformers import CLIPTokenizer
 
+    from ipadapter_mlx.argparsing import show_log
+
+    show_log()  # the library logs the warning; the commands show it as one `warning:` line on stderr
+
     tokenizer = CLIPTokenizer.from_pretrained(str(mlx_dir / "tokenizer"))  # the reference count
     letters = "".join(np.random.default_rng(0).choice(list("abcdefghij"), 120))
     prompt, negative = letters[:100], letters[:76]  # one letter, one token here (a byte-level vocabulary)

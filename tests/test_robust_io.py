@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from convert.stable_diffusion import DEBRIS, clean_stale, convert_diffusers_folder, debris_path, write_mlx_folder
+from ipadapter_mlx.checkpoints.stable_diffusion import convert_diffusers_folder
+from ipadapter_mlx.folders import DEBRIS, clean_stale, debris_path, write_mlx_folder
 from ipadapter_mlx.loading import MARKER, is_mlx_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import os, shutil, signal, sys
 from pathlib import Path
-import convert.stable_diffusion as sd
+import ipadapter_mlx.folders as sd
 
 point, command, *args = sys.argv[1:]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
@@ -47,8 +48,8 @@ os.rename, shutil.rmtree, sd._copy_folder = patched_rename, patched_rmtree, patc
 if command == "convert":
     from convert.__main__ import main
     sys.exit(main(args))
-from ipadapter_mlx import hub
-print(hub.resolve_model(args[0]))
+from ipadapter_mlx import cache
+print(cache.resolve_model(args[0]))
 """
 
 
@@ -183,14 +184,16 @@ def test_force_replaces_a_folder(diffusers_dir, old_and_new, tmp_path):
 RACER = r"""
 import os, sys, time
 from pathlib import Path
-from ipadapter_mlx import hub
+from ipadapter_mlx import cache
+from ipadapter_mlx.argparsing import show_log
 from ipadapter_mlx.loading import load_component
 
+show_log()  # the library logs its progress ("converting unet ..."); shown on stdout as the commands do
 model, ready = sys.argv[1], Path(sys.argv[2])
 (ready / str(os.getpid())).touch()
 while len(list(ready.iterdir())) < 4:  # all four start converting together
     time.sleep(0.01)
-folder = hub.resolve_model(model)
+folder = cache.resolve_model(model)
 for name in ("text_encoder", "unet", "vae"):
     load_component(folder, name)
 print(folder)
@@ -283,9 +286,9 @@ def test_no_network_adapter_fails_at_once(tmp_path):
     script = ("import time\n"
               "def sleep(s): raise SystemExit(f'huggingface_hub retried (sleep {s})')\n"
               "time.sleep = sleep\n"
-              "from ipadapter_mlx import hub\n"
+              "from ipadapter_mlx import discovery\n"
               "from ipadapter_mlx.errors import UserError\n"
-              "try: hub.resolve_ip_adapter('sd15-plus')\n"
+              "try: discovery.resolve_ip_adapter('sd15-plus')\n"
               "except UserError as e: print(e)\n")
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env.update(HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:1", HF_HOME=str(tmp_path / "hf"))

@@ -49,7 +49,7 @@ def xl_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def xl(xl_dir, tmp_path_factory):
-    from convert.stable_diffusion import convert_diffusers_folder
+    from ipadapter_mlx.checkpoints.stable_diffusion import convert_diffusers_folder
 
     ref = diffusers.StableDiffusionXLPipeline.from_pretrained(xl_dir)
     return ref, StableDiffusion(convert_diffusers_folder(xl_dir, tmp_path_factory.mktemp("mlx") / "xl"), mx.float32)
@@ -179,7 +179,7 @@ def original_sdxl_checkpoint(folder: Path) -> dict:
     """The SDXL folder under original names: conditioner.embedders.0 (CLIP) and .1 (OpenCLIP layout)."""
     from safetensors.torch import load_file
 
-    from convert import keymaps
+    from ipadapter_mlx.checkpoints import keymaps
     from test_convert import original_checkpoint
 
     sd1_style = original_checkpoint(folder)  # UNet, VAE and the first text encoder, SD-style names
@@ -214,7 +214,7 @@ def test_single_file_sdxl_equals_diffusers_folder(xl, xl_dir, tmp_path):
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
     from safetensors.torch import load_file, save_file
 
-    from convert.stable_diffusion import convert_single_file, infer_unet_config
+    from ipadapter_mlx.checkpoints.stable_diffusion import convert_single_file, infer_unet_config
     from test_convert import assert_same_weights
 
     ckpt = original_sdxl_checkpoint(xl_dir)

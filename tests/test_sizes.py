@@ -76,7 +76,7 @@ def test_unet_any_latent_size(unets, layout, size):
 @pytest.fixture(scope="module")
 def sd8(tmp_path_factory):
     """A tiny SD pipeline with an 8x VAE and a 3-level UNet: (converted folder, diffusers pipe, ours)."""
-    from convert.stable_diffusion import convert_diffusers_folder
+    from ipadapter_mlx.checkpoints.stable_diffusion import convert_diffusers_folder
     from ipadapter_mlx import StableDiffusion
 
     parts = make_torch_pipeline("sd1", seed=3).components

@@ -7,7 +7,7 @@ it; the names inside each block are fixed tables below.
 
 from __future__ import annotations
 
-from ipadapter_mlx.config import UNetConfig, VAEConfig
+from ..config import UNetConfig, VAEConfig
 
 # Where each model lives inside an original single-file checkpoint.
 UNET_PREFIX = "model.diffusion_model."

@@ -9,8 +9,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ipadapter_mlx.errors import UserError
-from ipadapter_mlx.loading import read_safetensors
+from ..errors import UserError
+from ..loading import read_safetensors
 
 from .keymaps import IGNORED_SUFFIXES
 from .torch_pickle import load_torch_file, printable

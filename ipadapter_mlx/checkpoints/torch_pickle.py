@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from ipadapter_mlx.errors import UserError
+from ..errors import UserError
 
 # storage class name -> numpy dtype of its raw bytes (bfloat16 is read as uint16 and viewed in MLX)
 STORAGE_DTYPES = {

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ipadapter_mlx.errors import UserError
-from ipadapter_mlx.ip_adapter import IPAdapter, IPAdapterConfig
-from ipadapter_mlx.loading import build, read_json
-from ipadapter_mlx.models.image_proj import infer_image_proj_config
+from ..errors import UserError
+from ..ip_adapter import IPAdapter, IPAdapterConfig
+from ..loading import build, read_json
+from ..models.image_proj import infer_image_proj_config
 
-from .stable_diffusion import component_weights, diffusers_rename, quantized, write_mlx_folder
+from ..folders import write_mlx_folder
+from .stable_diffusion import component_weights, diffusers_rename, quantized
 from .torch_pickle import load_torch_file, printable
 from .weights import fit_weights, read_weights
 
