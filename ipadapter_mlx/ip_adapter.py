@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from PIL import Image
 
+from .conditioning import Site
 from .errors import UserError
 from .images import clip_pixels
 from .models.attention import Attention, IPAttention
@@ -30,20 +31,13 @@ def encoder_name(width: int, hidden: bool) -> str:
     return f"{width}-d {names[width]}" if width in names else f"{width}-d"
 
 
-def attention_layers(unet: UNet2DConditionModel) -> list[tuple[str, Attention]]:
-    """Every attention layer as diffusers' `attn_processors` walks them: down, up, then mid; attn1 before attn2."""
-    layers = []
-    for block in [*unet.down_blocks, *unet.up_blocks, unet.mid_block]:
-        for transformer in getattr(block, "attentions", []):
-            for tb in transformer.transformer_blocks:
-                layers += [("attn1", tb.attn1), ("attn2", tb.attn2)]
-    return layers
-
-
-def cross_attention_slots(unet: UNet2DConditionModel) -> dict[str, Attention]:
-    """Checkpoint index -> cross-attention layer. The index is the layer's position among all attention
-    processors, so the image layers sit at odd numbers (1, 3, ..., 31 for SD 1.5)."""
-    return {str(i): layer for i, (kind, layer) in enumerate(attention_layers(unet)) if kind == "attn2"}
+def cross_attention_slots(unet: UNet2DConditionModel) -> dict[str, tuple[Site, Attention]]:
+    """Checkpoint index -> the cross-attention layer it serves. The index is the layer's position among all
+    attention processors in diffusers' order (down, up, then mid blocks; attn1 before attn2), so the image
+    layers sit at odd numbers (1, 3, ..., 31 for SD 1.5)."""
+    group = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}
+    layers = sorted(unet.cross_attentions(), key=lambda sa: group[sa[0].name.split(".")[0]])  # stable
+    return {str(2 * k + 1): site_layer for k, site_layer in enumerate(layers)}
 
 
 @dataclass
@@ -102,8 +96,9 @@ class IPAdapter(nn.Module):
     def dtype(self) -> mx.Dtype:
         return next(iter(self.layers().values())).to_k_ip.weight.dtype
 
-    def check_unet(self, unet: UNet2DConditionModel) -> dict[str, Attention]:
-        """The slots this adapter fills; fails naming both sides when it was made for another UNet."""
+    def check_unet(self, unet: UNet2DConditionModel) -> dict[Site, IPAttention]:
+        """This adapter's layers by the cross-attention they serve; fails naming both sides when it was made
+        for another UNet. (The UNet is not changed: adapters stay separate modules.)"""
         slots = cross_attention_slots(unet)
         ctx = unet.config.cross_attention_dim[0]
         mine = self.config
@@ -113,10 +108,10 @@ class IPAdapter(nn.Module):
                 f"{mine.cross_attention_dim}-d text context ({model_family(mine.cross_attention_dim)}), "
                 f"this UNet has {len(slots)} of {ctx}-d ({model_family(ctx)})"
             )
-        for i, layer in slots.items():
+        for i, (_, layer) in slots.items():
             if layer.to_q.weight.shape[0] != mine.layers[i]:
                 raise UserError(f"adapter layer {i} is {mine.layers[i]} wide, the UNet's is {layer.to_q.weight.shape[0]}")
-        return slots
+        return {site: self.ip_adapter[int(i)] for i, (site, _) in slots.items()}
 
     def check_encoder(self, encoder_config) -> None:
         p = self.config.image_proj

@@ -1,4 +1,9 @@
-"""Text-to-image and image-to-image with classifier-free guidance; sampling is a generator over steps."""
+"""Text-to-image and image-to-image with classifier-free guidance; sampling is a generator over steps.
+
+`StableDiffusion` holds the components of a converted folder and orchestrates a generation: prompts through
+`PromptEncoder` (prompts.py), reference images through the `AdapterSet` (adapters.py), both into one
+`Conditioning` (conditioning.py), sampled with a `Denoiser` (denoiser.py); the memory model is memory.py.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +17,17 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from . import cache, discovery
-from .config import SchedulerConfig
-from .errors import UserError
+from . import cache, memory
+from .adapters import AdapterSet
+from .conditioning import Conditioning
+from .config import SchedulerConfig, UNetConfig
+from .denoiser import Denoiser, StepHook
+from .errors import UserError, finite
 from .images import to_pil, to_pixels
-from .ip_adapter import Features, ImagePrompt, IPAdapter, encode_images, image_tokens
-from .config import UNetConfig
-from .loading import build, component_bytes, load_component, load_scheduler_config, read_json
+from .ip_adapter import Features, ImagePrompt
+from .loading import build, load_component, load_scheduler_config, read_json
+from .memory import LOW_MEMORY_TILE
+from .prompts import PromptEncoder
 from .samplers import NoiseFn, make_schedule, run_sampler
 
 log = logging.getLogger(__name__)
@@ -40,54 +49,6 @@ class Step:
     index: int
     total: int
     latents: mx.array
-
-
-@dataclass
-class LoadedAdapter:
-    ref: str
-    adapter: IPAdapter
-    file: Path
-    hub_ref: tuple[str, str] | None
-    encoder_ref: str | None  # the user's --image-encoder, if any
-    scale: float
-    encoder_folder: Path | None = None
-
-
-# Activation memory, fitted to MLX's peak memory measured by `bench` with IP-Adapter-plus. GPU row: CUDA on an
-# H200, SDXL at 1024x1024 and SD 1.5 at 512x512, float16, each quantization and low-memory setting; every
-# measured peak lies at or under its estimate, by 2.4 GiB at most (Metal's convolutions may need less). CPU row:
-# the decoder at several sizes and widths, SDXL at 1024x1024 8-bit low-memory (8.1 GiB measured, 9.3 estimated).
-#   decoder: a fixed part plus bytes per output pixel per channel of the VAE's widest level. The CPU's
-#            convolution unfolds its input (9x for a 3x3 kernel), hence its larger slope (see EagerConv2d).
-#   UNet:    a fixed part plus a multiple of one first-level feature map of the CFG batch; on the CPU the
-#            attention is not fused, so its score matrices (and their softmax) are materialised as well.
-ACTIVATION_BYTES = {"gpu": {"decode_fixed": 1.4 * 2**30, "decode_per_px_ch": 60, "unet_fixed": 0.5 * 2**30,
-                            "unet_maps": 85},
-                    "cpu": {"decode_fixed": 0.05 * 2**30, "decode_per_px_ch": 120, "unet_fixed": 0.5 * 2**30,
-                            "unet_maps": 20}}
-
-
-def _backend() -> str:
-    return "gpu" if mx.default_device() == mx.gpu else "cpu"
-
-
-def decode_activation_bytes(channels: int, pixels: int) -> int:
-    """The VAE decoder's activations for `pixels` output pixels (all images of the batch)."""
-    a = ACTIVATION_BYTES[_backend()]
-    return int(a["decode_fixed"] + a["decode_per_px_ch"] * pixels * channels)
-
-
-def unet_activation_bytes(config, lat_h: int, lat_w: int, batch: int, itemsize: int) -> int:
-    """One UNet step's activations at this latent size and batch (CFG doubles it)."""
-    a = ACTIVATION_BYTES[_backend()]
-    total = a["unet_fixed"] + a["unet_maps"] * batch * lat_h * lat_w * config.block_out_channels[0] * itemsize
-    if _backend() == "cpu":  # unfused attention: scores and softmax, float32, at the largest attention level
-        total += max((2 * batch * config.num_attention_heads[i] * (lat_h * lat_w // 4**i) ** 2 * 4
-                      for i, kind in enumerate(config.down_block_types) if "Attn" in kind), default=0)
-    return int(total)
-
-
-LOW_MEMORY_TILE = 32  # latent pixels per side of a decoder tile in low-memory mode
 
 
 def decode_tiled(vae, z: mx.array, tile: int, overlap: int = 8) -> mx.array:
@@ -126,13 +87,6 @@ class Sampling:
         return self.total
 
 
-def finite(name: str, value: float) -> float:
-    """A number that must be finite (NaN or Inf would give a black picture): the value, or a UserError."""
-    if not math.isfinite(value):
-        raise UserError(f"{name} must be a finite number, got {value}")
-    return value
-
-
 def all_finite(*arrays: mx.array | None) -> bool:
     return all(a is None or bool(mx.isfinite(a).all()) for a in arrays)
 
@@ -150,41 +104,29 @@ def seeded_noise(seed: int | None) -> NoiseFn:
 
 
 class StableDiffusion:
-    """A loaded SD 1.x/2.x or SDXL pipeline: text encoder(s), UNet, VAE, tokenizer(s), the noise schedule.
-
-    The kind is read from the folder: SDXL has a second text encoder (`text_encoder_2`)."""
+    """A loaded SD 1.x/2.x or SDXL pipeline: text encoder(s), UNet, VAE, tokenizer(s), the noise schedule, and
+    the IP-Adapters loaded into it. The kind is read from the folder: SDXL has a second text encoder."""
 
     def __init__(self, folder: str | Path, dtype: mx.Dtype | None = None, quantize: tuple[int, int] | None = None,
                  low_memory: bool = False):
         """`quantize` = (bits, group_size) quantizes the Linear layers of the text encoder, UNet and image
         encoder on load. `low_memory` frees the text and image encoders after use and decodes in tiles."""
-        from transformers import CLIPTokenizer  # tokenizer files only; heavy import, so here
-
         self.folder = Path(folder)
         self.dtype = dtype or default_dtype()
         self.quantize = quantize
         self.low_memory = low_memory
-        self.text_encoder_names = [n for n in ("text_encoder", "text_encoder_2") if (self.folder / n).is_dir()]
-        self.is_sdxl = len(self.text_encoder_names) == 2
-        self._text_encoders: dict[str, object] = {}
+        self.prompts = PromptEncoder(self.folder, self.dtype, quantize)
         index = self.folder / "model_index.json"
         self.force_zeros_for_empty_prompt = self.is_sdxl and (
             read_json(index).get("force_zeros_for_empty_prompt", True) if index.is_file() else True)
-        self._unet = None
         self.unet_config = UNetConfig.from_dict(read_json(self.folder / "unet" / "config.json"))
+        self._unet = None
         if not low_memory:  # low-memory mode loads it after the encoders have run and been freed
             self._unet = load_component(folder, "unet", self.dtype, quantize)
         # the VAE stays float32 under half precision: one decode per image, and no black/NaN pictures
         self.vae = load_component(folder, "vae", mx.float32)
         self.scheduler_config: SchedulerConfig = load_scheduler_config(folder)
-        self.tokenizers = []
-        for name in ("tokenizer", "tokenizer_2")[: len(self.text_encoder_names)]:
-            try:
-                self.tokenizers.append(CLIPTokenizer.from_pretrained(str(self.folder / name)))
-            except Exception as e:
-                raise UserError(f"cannot load the tokenizer in {self.folder / name}: {e}") from None
-        self.adapters: list[LoadedAdapter] = []
-        self._encoders: dict[Path, "CLIPVisionModel"] = {}  # shared by the adapters that need the same one
+        self.adapters = AdapterSet(self.dtype, quantize)
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, dtype: mx.Dtype | None = None,
@@ -197,20 +139,23 @@ class StableDiffusion:
     def unet(self):
         if self._unet is None:
             self._unet = load_component(self.folder, "unet", self.dtype, self.quantize)
-            for la in self.adapters:
-                self._attach(la.adapter)
         return self._unet
 
-    def _attach(self, adapter: IPAdapter) -> None:
-        slots = adapter.check_unet(self._unet)
-        for index, layer in adapter.layers().items():
-            slots[index].ip.append(layer)
+    @property
+    def text_encoder_names(self) -> list[str]:
+        return self.prompts.names
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.prompts.is_sdxl
+
+    @property
+    def tokenizers(self) -> list:
+        return self.prompts.tokenizers
 
     def text_model(self, name: str = "text_encoder"):
         """A text encoder, loaded on first use (and again after a low-memory run freed it)."""
-        if name not in self._text_encoders:
-            self._text_encoders[name] = load_component(self.folder, name, self.dtype, self.quantize)
-        return self._text_encoders[name]
+        return self.prompts.model(name)
 
     @property
     def text_encoder(self):
@@ -240,111 +185,42 @@ class StableDiffusion:
                 raise UserError(f"{name} must be a positive multiple of {f}, got {v}")
         return height, width
 
-    # -- memory ---------------------------------------------------------------------------------------
-
     def estimate_memory(self, height: int, width: int, num_images: int = 1) -> int:
-        """Bytes a generation at this size needs at its peak: the weights resident then plus the larger of
-        the UNet's and the VAE decoder's activations. The activation terms are fitted to peaks measured with
-        `bench` (MLX's own allocator): see ACTIVATION_BYTES."""
-        from mlx.utils import tree_flatten
+        """Bytes a generation at this size needs at its peak (memory.py); the CLI refuses runs that exceed the
+        machine. An adapter's image encoder counts once `image_encoder_folder(index)` has found it."""
+        return memory.estimate_memory(self, height, width, num_images)
 
-        resident = [("unet", self.folder)]
-        if not self.low_memory:
-            resident += [(n, self.folder) for n in self.text_encoder_names]
-            resident += [("image_encoder", la.encoder_folder) for la in self.adapters if la.encoder_folder]
-        weights = sum(component_bytes(f, c, self.dtype, self.quantize) for c, f in resident)
-        weights += sum(v.nbytes for m in (self.vae, *(la.adapter for la in self.adapters))
-                       for _, v in tree_flatten(m.parameters()))
-        unet = unet_activation_bytes(self.unet_config, height // self.vae_scale_factor,
-                                     width // self.vae_scale_factor, 2 * num_images, self.dtype.size)
-        tile = LOW_MEMORY_TILE * self.vae_scale_factor if self.low_memory else None  # decode() tiles then
-        decode = decode_activation_bytes(self.vae.config.block_out_channels[0],
-                                         min(height, tile or height) * min(width, tile or width) * num_images)
-        return int(weights + max(unet, decode))
-
-    # -- IP-Adapters ----------------------------------------------------------------------------------
+    # -- IP-Adapters (adapters.py holds them) ---------------------------------------------------------
 
     def load_ip_adapter(self, ref: str, image_encoder: str | None = None, scale: float = 1.0) -> int:
         """Add an IP-Adapter (preset name, `REPO:PATH`, or file); returns its index for image_prompts.
 
         Fails before any work when the adapter was made for another UNet. The image encoder is found
         (beside the adapter, or the one its shapes call for; `image_encoder` overrides) on first use."""
-        from ipadapter_mlx.checkpoints.adapter_files import read_ip_adapter
-
-        finite("IP-Adapter scale", scale)
-        file, hub_ref = discovery.resolve_ip_adapter(ref)
-        adapter = read_ip_adapter(file, self.dtype)
-        if self._unet is None:  # check against the UNet's structure alone (MLX arrays are lazy: no memory)
-            adapter.check_unet(build("unet", read_json(self.folder / "unet" / "config.json")))
-        else:
-            self._attach(adapter)
-        self.adapters.append(LoadedAdapter(ref, adapter, file, hub_ref, image_encoder, scale))
-        return len(self.adapters) - 1
+        # without a loaded UNet its structure suffices (MLX arrays are lazy: building it costs no memory)
+        unet = self._unet if self._unet is not None else build("unet", read_json(self.folder / "unet" / "config.json"))
+        return self.adapters.load(ref, unet, image_encoder, scale)
 
     def unload_ip_adapter(self, index: int | None = None) -> None:
         """Remove one adapter (by index) or all; the UNet is then exactly the base model again."""
-        from .ip_adapter import cross_attention_slots
-
-        drop = list(range(len(self.adapters))) if index is None else [index]
-        slots = cross_attention_slots(self._unet) if self._unet is not None else {}
-        for i in sorted(drop, reverse=True):
-            gone = self.adapters.pop(i).adapter
-            for key, layer in gone.layers().items() if slots else []:
-                slots[key].ip = [x for x in slots[key].ip if x is not layer]
+        self.adapters.unload(index)
 
     def set_ip_adapter_scale(self, *scales: float) -> None:
-        if len(scales) != len(self.adapters):
-            raise UserError(f"{len(scales)} scales for {len(self.adapters)} loaded adapters")
-        for loaded, scale in zip(self.adapters, scales):
-            loaded.scale = finite(f"IP-Adapter scale for {loaded.ref}", scale)
+        self.adapters.set_scales(*scales)
 
     def image_encoder_folder(self, index: int = 0) -> Path:
         """The converted folder of the vision tower adapter `index` reads (found and converted on first use,
         not loaded), and says which encoder it is."""
-        la = self.adapters[index]
-        if la.encoder_folder is None:
-            la.encoder_folder, source = discovery.resolve_image_encoder(la.adapter, la.file, la.hub_ref, la.encoder_ref)
-            log.info("image encoder for %s: %s", la.ref, source)
-        return la.encoder_folder
+        return self.adapters.encoder_folder(index)
 
     def image_encoder(self, index: int = 0):
         """The CLIP vision tower adapter `index` reads (found, converted and loaded on first use)."""
-        from .loading import load_component
-
-        la = self.adapters[index]
-        self.image_encoder_folder(index)
-        if la.encoder_folder not in self._encoders:
-            self._encoders[la.encoder_folder] = load_component(la.encoder_folder, "image_encoder", self.dtype,
-                                                               self.quantize)
-        return self._encoders[la.encoder_folder]
+        return self.adapters.encoder(index)
 
     def encode_reference(self, images: list[Image.Image], index: int = 0, fit: str = "crop",
                          negative: Image.Image | None = None) -> Features:
         """CLIP features of reference images, as adapter `index` reads them (embeds or hidden states)."""
-        if not images:
-            raise UserError("no reference image given")
-        hidden = self.adapters[index].adapter.config.image_proj.reads_hidden_states
-        return encode_images(self.image_encoder(index), images, hidden, fit, negative)
-
-    def _ip_tokens(self, prompts: list[ImagePrompt | None], batch: int, guided: bool) -> list:
-        if len(prompts) != len(self.adapters):
-            raise UserError(f"{len(prompts)} image prompts for {len(self.adapters)} loaded IP-Adapters")
-        out = []
-        for i, (la, p) in enumerate(zip(self.adapters, prompts)):
-            if p is None:
-                out.append((None, 0.0))
-                continue
-            scale = la.scale if p.scale is None else finite(f"image prompt scale for {la.ref}", p.scale)
-            for w in p.weights or []:
-                finite(f"image weight for {la.ref}", w)
-            feats = p.features or self.encode_reference(p.images, i, p.fit, p.negative)
-            want = la.adapter.config.image_proj
-            if feats.hidden_states != want.reads_hidden_states or feats.cond.shape[-1] != want.input_dim:
-                kind = lambda h: "hidden states" if h else "image embeds"  # noqa: E731
-                raise UserError(f"adapter {la.ref} reads {want.input_dim}-d {kind(want.reads_hidden_states)}, "
-                                f"the embeddings given are {feats.cond.shape[-1]}-d {kind(feats.hidden_states)}")
-            out.append((image_tokens(la.adapter, feats, p, batch, guided).astype(self.dtype), scale))
-        return out
+        return self.adapters.encode(images, index, fit, negative)
 
     # -- non-finite numbers ---------------------------------------------------------------------------
 
@@ -354,8 +230,8 @@ class StableDiffusion:
         from mlx.utils import tree_flatten
 
         modules = {"UNet": self._unet, "VAE": self.vae,
-                   **{n.replace("_", " "): m for n, m in self._text_encoders.items()},
-                   **{f"image encoder {f.name}": m for f, m in self._encoders.items()},
+                   **{n.replace("_", " "): m for n, m in self.prompts.models.items()},
+                   **{f"image encoder {f.name}": m for f, m in self.adapters.encoders.items()},
                    **{f"IP-Adapter {la.ref}": la.adapter for la in self.adapters}}
         for name, module in modules.items():
             for key, v in tree_flatten(module.parameters()) if module is not None else []:
@@ -368,26 +244,9 @@ class StableDiffusion:
     # -- conditioning ---------------------------------------------------------------------------------
 
     def encode_prompt(self, prompts: list[str], what: str = "prompt") -> tuple[mx.array, mx.array | None]:
-        """(token embeddings (B, 77, D), pooled embedding or None), as diffusers' pipelines compute them.
-
-        SD 1.x/2.x: the text encoder's last layer. SDXL: both encoders' penultimate layers joined, and the
-        second encoder's projected pooled output. A prompt longer than the tokenizer's 77 tokens is cut,
-        as diffusers does, with one warning line on stderr (`what` names it there)."""
-        tokenizer = self.tokenizers[0]  # both SDXL tokenizers split text alike
-        for text in dict.fromkeys(prompts):  # once per distinct prompt
-            ids = tokenizer(text, truncation=False, verbose=False)["input_ids"]
-            if (dropped := len(ids) - tokenizer.model_max_length) > 0:
-                cut = tokenizer.decode(ids[tokenizer.model_max_length - 1 : -1]).replace("\n", " ")
-                log.warning(f"the {what} is {len(ids)} tokens long; only {tokenizer.model_max_length} are read, "
-                      f"the last {dropped} are dropped: \"{cut}\"")
-        states, pooled = [], None
-        for tokenizer, name in zip(self.tokenizers, self.text_encoder_names):
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="np")["input_ids"]
-            out = self.text_model(name)(mx.array(ids))
-            states.append(out.hidden_states[-2] if self.is_sdxl else out.last_hidden_state)
-            pooled = out.pooler_output
-        return mx.concatenate(states, axis=-1), (pooled if self.is_sdxl else None)
+        """(token embeddings (B, 77, D), pooled embedding or None), as diffusers' pipelines compute them
+        (prompts.py); a prompt over 77 tokens is cut with a warning naming `what`."""
+        return self.prompts(prompts, what)
 
     def encode_image(self, pixels: mx.array, noise: NoiseFn) -> mx.array:
         """(B, H, W, 3) in [-1, 1] -> scaled latents, sampled from the VAE's distribution."""
@@ -425,6 +284,7 @@ class StableDiffusion:
         original_size: tuple[int, int] | None = None,
         crop_coords: tuple[int, int] = (0, 0),
         target_size: tuple[int, int] | None = None,
+        hooks: list[StepHook] = (),
     ) -> "Sampling":
         """Iterate for a Step after every sampling step; the last Step's latents are the final (scaled) latents.
 
@@ -437,6 +297,7 @@ class StableDiffusion:
         SDXL micro-conditioning: `original_size` and `target_size` as (height, width), default the output
         size, and `crop_coords` (top, left), as diffusers' defaults. `negative_prompt=None` on SDXL gives zero
         negative embeddings (its force_zeros_for_empty_prompt), as diffusers does.
+        `hooks`: functions called at every step with the UNet's input (denoiser.py), which they may replace.
         """
         prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
         zero_negative = negative_prompt is None and self.force_zeros_for_empty_prompt
@@ -496,35 +357,20 @@ class StableDiffusion:
         if self.is_sdxl:
             ids = [*(original_size or (height, width)), *crop_coords, *(target_size or (height, width))]
             added = {"text_embeds": pooled, "time_ids": mx.array([ids] * text.shape[0], dtype=mx.float32)}
-        ip = self._ip_tokens(image_prompts, batch, guided) if image_prompts else None
-        mx.eval(text, x, added, [t for t, _ in ip or [] if t is not None])
+        images = self.adapters.conditions(image_prompts, batch, guided) if image_prompts else []
+        cond = Conditioning(text, added, images)
+        tokens = [c.tokens for c in images]
+        mx.eval(text, x, added, tokens)
         for what, values in (("the text embeddings", [text, pooled]), ("the starting latents", [x]),
-                             ("the image-prompt tokens", [t for t, _ in ip or []])):
+                             ("the image-prompt tokens", tokens)):
             if not all_finite(*values):
                 raise UserError(f"{what} hold NaN/Inf: {self.nonfinite_cause()}")
         if self.low_memory:  # the encoders' work is done: give their memory to the UNet and the VAE
-            self._text_encoders.clear()
-            self._encoders.clear()
+            self.prompts.free()
+            self.adapters.encoders.clear()
             mx.clear_cache()
-        prediction = self.scheduler_config.prediction_type
-
-        def denoise(x: mx.array, i: int) -> mx.array:
-            sigma = float(sigmas[i])
-            scale = 1.0 / math.sqrt(sigma**2 + 1)
-            x_in = (x * scale).astype(self.dtype)
-            if guided:
-                x_in = mx.concatenate([x_in, x_in])
-            t = mx.full((x_in.shape[0],), float(timesteps[i]))
-            out = self.unet(x_in, t, text, ip, **added).astype(mx.float32)
-            if guided:
-                uncond, cond = mx.split(out, 2)
-                out = uncond + cfg * (cond - uncond)
-            if prediction == "epsilon":
-                return x - sigma * out
-            if prediction == "v_prediction":
-                return x * scale**2 - out * sigma * scale
-            raise UserError(f"unsupported prediction_type {prediction!r}")
-
+        denoise = Denoiser(self.unet, cond, timesteps, sigmas, cfg, self.scheduler_config.prediction_type,
+                           self.dtype, list(hooks))
         total = len(timesteps)
 
         def steps() -> Iterator[Step]:

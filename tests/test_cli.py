@@ -197,7 +197,7 @@ def test_decoder_memory_model_matches_the_cpu():
     from ipadapter_mlx.bench import TINY
     from ipadapter_mlx.config import VAEConfig
     from ipadapter_mlx.models import AutoencoderKL
-    from ipadapter_mlx.pipeline import decode_activation_bytes
+    from ipadapter_mlx.memory import decode_activation_bytes
 
     if mx.default_device() != mx.cpu:
         pytest.skip("the GPU coefficients were measured on CUDA; this checks the CPU's")

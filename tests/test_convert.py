@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_torch_pipeline, to_np
 from ipadapter_mlx.checkpoints import keymaps
+from ipadapter_mlx.conditioning import StepConditioning
 from ipadapter_mlx.checkpoints.stable_diffusion import convert_diffusers_folder, convert_single_file, infer_unet_config
 from ipadapter_mlx.checkpoints.torch_pickle import load_torch_file
 from ipadapter_mlx.config import UNetConfig, VAEConfig
@@ -103,7 +104,7 @@ def test_single_file_equals_diffusers_folder(original, diffusers_dir, mlx_dir, t
     ctx = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = ref(x, torch.tensor([500.0]), ctx).sample
-    got = unet(mx.array(x.permute(0, 2, 3, 1).numpy()), mx.array([500.0]), mx.array(ctx.numpy()))
+    got = unet(mx.array(x.permute(0, 2, 3, 1).numpy()), mx.array([500.0]), StepConditioning(mx.array(ctx.numpy())))
     assert np.abs(to_np(got).transpose(0, 3, 1, 2) - to_np(expected)).max() < 1e-4
 
 

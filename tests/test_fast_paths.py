@@ -3,6 +3,8 @@
 import json
 
 import mlx.core as mx
+
+from ipadapter_mlx.conditioning import StepConditioning
 import mlx.nn as nn
 import numpy as np
 import pytest
@@ -35,7 +37,7 @@ def test_quantized_unet_close_to_float(mlx_dir, bits, bound):
     x = mx.random.normal((1, 16, 16, 4), key=mx.random.key(1))
     ctx = mx.random.normal((1, 7, 32), key=mx.random.key(2))
     t = mx.array([400.0])
-    assert rel_err(q(x, t, ctx), ref(x, t, ctx)) < bound
+    assert rel_err(q(x, t, StepConditioning(ctx)), ref(x, t, StepConditioning(ctx))) < bound
 
 
 def test_quantized_folder_loads_without_requantizing(diffusers_dir, mlx_dir, tmp_path):
@@ -45,7 +47,7 @@ def test_quantized_folder_loads_without_requantizing(diffusers_dir, mlx_dir, tmp
     on_load = load_component(mlx_dir, "unet", mx.float32, quantize=(8, 32))
     x = mx.random.normal((1, 8, 8, 4), key=mx.random.key(3))
     ctx = mx.random.normal((1, 5, 32), key=mx.random.key(4))
-    assert mx.array_equal(stored(x, mx.array([10.0]), ctx), on_load(x, mx.array([10.0]), ctx))
+    assert mx.array_equal(stored(x, mx.array([10.0]), StepConditioning(ctx)), on_load(x, mx.array([10.0]), StepConditioning(ctx)))
     # 8-bit Linear weights at rest: a quarter of float32, plus one scale and bias per 32 weights
     q, f = mx.load(str(out / "unet" / "model.safetensors")), mx.load(str(mlx_dir / "unet" / "model.safetensors"))
     name = "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"
@@ -75,7 +77,7 @@ def test_low_memory_mode(mlx_dir):
     low = StableDiffusion(mlx_dir, mx.float32, low_memory=True)
     assert low._unet is None  # loaded only once the encoders are done
     got = np.array(low.generate("a fox", **kw))  # 48x40 latents: decoded as overlapping 32x32 tiles
-    assert not low._text_encoders  # freed after encoding
+    assert not low.prompts.models  # freed after encoding
     assert psnr(got, ref) > 25  # tiles see less context in the VAE's attention: close, not identical
 
 

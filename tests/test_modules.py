@@ -1,6 +1,8 @@
 """Per-module parity with the PyTorch reference (float32, max abs error ~1e-4)."""
 
 import mlx.core as mx
+
+from ipadapter_mlx.conditioning import StepConditioning
 import numpy as np
 import pytest
 import torch
@@ -43,7 +45,7 @@ def test_unet(layout, tmp_path):
     t = torch.tensor([981.0, 3.0])
     with torch.no_grad():
         ref = pipe.unet(x, t, ctx).sample
-    out = ours(mx.array(x.permute(0, 2, 3, 1).numpy()), mx.array(t.numpy()), mx.array(ctx.numpy()))
+    out = ours(mx.array(x.permute(0, 2, 3, 1).numpy()), mx.array(t.numpy()), StepConditioning(mx.array(ctx.numpy())))
     err = record(f"UNet ({layout} layout)", np.abs(to_np(out).transpose(0, 3, 1, 2) - to_np(ref)).max(), "abs")
     assert err < TOL, err
 

@@ -156,7 +156,7 @@ def test_adapter_scales_and_weights_must_be_finite(mlx_dir, adapter_file, cli, t
     pipe = StableDiffusion(mlx_dir, dtype=mx.float32)
     with pytest.raises(UserError, match="IP-Adapter scale must be a finite number, got nan"):
         pipe.load_ip_adapter(str(adapter_file), scale=math.nan)
-    assert pipe.adapters == []
+    assert len(pipe.adapters) == 0
     pipe.load_ip_adapter(str(adapter_file))
     with pytest.raises(UserError, match="IP-Adapter scale for .* must be a finite number, got inf"):
         pipe.set_ip_adapter_scale(math.inf)

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import diffusers
 import mlx.core as mx
+
+from ipadapter_mlx.conditioning import StepConditioning
 import numpy as np
 import pytest
 import torch
@@ -64,8 +66,9 @@ def test_unet_and_second_text_encoder(xl):
     with torch.no_grad():
         expected = ref.unet(x, torch.tensor([900.0, 20.0]), ctx,
                             added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
-    got = ours.unet(mx.array(x.permute(0, 2, 3, 1).numpy()), mx.array([900.0, 20.0]), mx.array(ctx.numpy()),
-                    text_embeds=mx.array(pooled.numpy()), time_ids=mx.array(ids.numpy()))
+    added = {"text_embeds": mx.array(pooled.numpy()), "time_ids": mx.array(ids.numpy())}
+    got = ours.unet(mx.array(x.permute(0, 2, 3, 1).numpy()), mx.array([900.0, 20.0]),
+                    StepConditioning(mx.array(ctx.numpy()), added))
     assert record("SDXL UNet", np.abs(to_np(got).transpose(0, 3, 1, 2) - to_np(expected)).max(), "abs") < 1e-4
     tokens = ref.tokenizer_2(["a red fox"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():

@@ -64,9 +64,11 @@ def test_unet_any_latent_size(unets, layout, size):
         pooled, ids = torch.randn(1, 32, generator=g), torch.tensor([[size[0] * 8.0, size[1] * 8, 0, 0, 64, 64]])
         kw = dict(added_cond_kwargs={"text_embeds": pooled, "time_ids": ids})
         ours_kw = dict(text_embeds=mx.array(pooled.numpy()), time_ids=mx.array(ids.numpy()))
+    from ipadapter_mlx.conditioning import StepConditioning
+
     with torch.no_grad():
         expected = ref(x, t, ctx, **kw).sample
-    got = ours(mx.array(x.permute(0, 2, 3, 1).numpy()), mx.array(t.numpy()), mx.array(ctx.numpy()), **ours_kw)
+    got = ours(mx.array(x.permute(0, 2, 3, 1).numpy()), mx.array(t.numpy()), StepConditioning(mx.array(ctx.numpy()), ours_kw))
     assert got.shape == (1, *size, 4)
     err = record(f"UNet ({layout} layout) at {size[0]}x{size[1]} latents",
                  np.abs(to_np(got).transpose(0, 3, 1, 2) - to_np(expected)).max(), "abs")

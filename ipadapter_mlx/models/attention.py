@@ -64,19 +64,18 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
         self.to_out = [nn.Linear(inner, query_dim)]
-        self.ip: list[IPAttention] = []  # filled by an IP-Adapter, one entry per loaded adapter
+        self.name = ""  # diffusers' module name; the UNet sets it (the conditioning is looked up by it)
 
     def __call__(
         self,
         x: mx.array,
         context: mx.array | None = None,
-        ip_tokens: list[tuple[mx.array, float]] | None = None,
+        image: list[tuple[IPAttention, mx.array, float]] = (),
     ) -> mx.array:
+        """`image`: (the adapter's layer, its tokens, its scale) per adapter acting here at this step."""
         ctx = x if context is None else context
         q = self.to_q(x)
         out = attention(q, self.to_k(ctx), self.to_v(ctx), self.heads)
-        for layer, (tokens, scale) in zip(self.ip, ip_tokens or []):
-            if scale != 0 and tokens is not None:
-                ip_out = attention(q, layer.to_k_ip(tokens), layer.to_v_ip(tokens), self.heads)
-                out = out + scale * ip_out
+        for layer, tokens, scale in image:
+            out = out + scale * attention(q, layer.to_k_ip(tokens), layer.to_v_ip(tokens), self.heads)
         return self.to_out[0](out)

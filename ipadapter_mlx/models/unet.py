@@ -11,6 +11,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..conditioning import Site, StepConditioning
 from ..config import UNetConfig
 from ..errors import UserError
 from .attention import Attention
@@ -107,9 +108,9 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def __call__(self, x, context, ip_tokens=None):
+    def __call__(self, x: mx.array, cond: StepConditioning) -> mx.array:
         x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context, ip_tokens)
+        x = x + self.attn2(self.norm2(x), cond.text, cond.image_attention(self.attn2.name))
         return x + self.ff(self.norm3(x))
 
 
@@ -123,11 +124,11 @@ class Transformer2DModel(nn.Module):
         self.transformer_blocks = [BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth)]
         self.proj_out = nn.Linear(channels, channels)
 
-    def __call__(self, x, context, ip_tokens=None):
+    def __call__(self, x: mx.array, cond: StepConditioning) -> mx.array:
         B, H, W, C = x.shape
         h = self.proj_in(self.norm(x).reshape(B, H * W, C))
         for block in self.transformer_blocks:
-            h = block(h, context, ip_tokens)
+            h = block(h, cond)
         return x + self.proj_out(h).reshape(B, H, W, C)
 
 
@@ -184,14 +185,14 @@ class UNetBlock2D(nn.Module):
         if add_upsample:
             self.upsamplers = [Upsample2D(out_ch)]
 
-    def __call__(self, x, temb, context, ip_tokens=None, skips: list[mx.array] | None = None):
+    def __call__(self, x, temb, cond: StepConditioning, skips: list[mx.array] | None = None):
         outputs = []
         for j, resnet in enumerate(self.resnets):
             if skips is not None:
                 x = mx.concatenate([x, skips.pop()], axis=-1)
             x = resnet(x, temb)
             if "attentions" in self:
-                x = self.attentions[j](x, context, ip_tokens)
+                x = self.attentions[j](x, cond)
             outputs.append(x)
         if "downsamplers" in self:
             x = self.downsamplers[0](x)
@@ -209,9 +210,9 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         self.resnets = [ResnetBlock2D(ch, ch, temb_ch, groups, eps) for _ in range(2)]
         self.attentions = [Transformer2DModel(ch, heads, depth, context_dim, groups)]
 
-    def __call__(self, x, temb, context, ip_tokens=None):
+    def __call__(self, x, temb, cond: StepConditioning):
         x = self.resnets[0](x, temb)
-        x = self.attentions[0](x, context, ip_tokens)
+        x = self.attentions[0](x, cond)
         return self.resnets[1](x, temb)
 
 
@@ -260,22 +261,30 @@ class UNet2DConditionModel(nn.Module):
             )
         self.conv_norm_out = group_norm(g, ch[0], eps)
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
+        for site, attn in self.cross_attentions():
+            attn.name = site.name
 
-    def __call__(
-        self,
-        x: mx.array,
-        timestep: mx.array,
-        encoder_hidden_states: mx.array,
-        ip_tokens: list[tuple[mx.array, float]] | None = None,
-        text_embeds: mx.array | None = None,
-        time_ids: mx.array | None = None,
-    ) -> mx.array:
-        """x: (B, H, W, C) latents; timestep: (B,) floats; encoder_hidden_states: (B, L, D) text tokens.
+    def transformers(self) -> list[tuple[str, "Transformer2DModel"]]:
+        """(diffusers name, module) of every Transformer2DModel, in ComfyUI's order: input, middle, output."""
+        out = [(f"down_blocks.{i}.attentions.{j}", t) for i, b in enumerate(self.down_blocks)
+               for j, t in enumerate(getattr(b, "attentions", []))]
+        out += [("mid_block.attentions.0", self.mid_block.attentions[0])]
+        out += [(f"up_blocks.{i}.attentions.{j}", t) for i, b in enumerate(self.up_blocks)
+                for j, t in enumerate(getattr(b, "attentions", []))]
+        return out
 
-        `ip_tokens`, one (tokens, scale) per loaded IP-Adapter, reaches every cross-attention layer.
-        SDXL also takes `text_embeds` (B, pooled) and `time_ids` (B, 6): original size, crop, target size.
-        """
+    def cross_attentions(self) -> list[tuple[Site, "Attention"]]:
+        """Every cross-attention layer (attn2) with its Site, in ComfyUI's order (the mid block between)."""
+        return [(Site(f"{name}.transformer_blocks.{k}.attn2", index), tb.attn2)
+                for index, (name, t) in enumerate(self.transformers())
+                for k, tb in enumerate(t.transformer_blocks)]
+
+    def __call__(self, x: mx.array, timestep: mx.array, cond: StepConditioning) -> mx.array:
+        """x: (B, H, W, C) latents; timestep: (B,) floats; `cond`: the text context (B, L, D), SDXL's added
+        inputs (`text_embeds` (B, pooled), `time_ids` (B, 6): original size, crop, target size) and what each
+        cross-attention layer's image attention reads at this step."""
         c = self.config
+        text_embeds, time_ids = cond.added.get("text_embeds"), cond.added.get("time_ids")
         temb = timestep_embedding(timestep, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
         temb = self.time_embedding(temb.astype(x.dtype))
         if "add_embedding" in self:
@@ -287,9 +296,9 @@ class UNet2DConditionModel(nn.Module):
         x = self.conv_in(x)
         skips = [x]
         for block in self.down_blocks:
-            x, out = block(x, temb, encoder_hidden_states, ip_tokens)
+            x, out = block(x, temb, cond)
             skips.extend(out)
-        x = self.mid_block(x, temb, encoder_hidden_states, ip_tokens)
+        x = self.mid_block(x, temb, cond)
         for block in self.up_blocks:
-            x, _ = block(x, temb, encoder_hidden_states, ip_tokens, skips=skips)
+            x, _ = block(x, temb, cond, skips=skips)
         return self.conv_out(nn.silu(self.conv_norm_out(x)))

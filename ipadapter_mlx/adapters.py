@@ -1,0 +1,122 @@
+"""The IP-Adapters loaded into a pipeline, as a set: load, unload, scales, their image encoders, and each
+generation's image conditions. Adapters stay separate modules: the UNet's own parameters never change."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+from PIL import Image
+
+from . import discovery
+from .conditioning import ImageCondition, Site
+from .errors import UserError, finite
+from .ip_adapter import Features, ImagePrompt, IPAdapter, encode_images, image_tokens
+from .loading import load_component
+from .models.attention import IPAttention
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedAdapter:
+    ref: str
+    adapter: IPAdapter
+    layers: dict[Site, IPAttention]  # the cross-attention each of its layers serves
+    file: Path
+    hub_ref: tuple[str, str] | None
+    encoder_ref: str | None  # the user's --image-encoder, if any
+    scale: float
+    encoder_folder: Path | None = None
+
+
+class AdapterSet:
+    """Loaded adapters in load order (index them like a list) and the vision towers they share."""
+
+    def __init__(self, dtype: mx.Dtype, quantize: tuple[int, int] | None = None):
+        self.dtype, self.quantize = dtype, quantize
+        self.loaded: list[LoadedAdapter] = []
+        self.encoders: dict[Path, object] = {}  # converted folder -> CLIPVisionModel, shared between adapters
+
+    def __len__(self) -> int:
+        return len(self.loaded)
+
+    def __getitem__(self, index: int) -> LoadedAdapter:
+        return self.loaded[index]
+
+    def __iter__(self):
+        return iter(self.loaded)
+
+    def load(self, ref: str, unet, image_encoder: str | None = None, scale: float = 1.0) -> int:
+        """Add an adapter (preset, `REPO:PATH`, file or converted folder), checked against `unet` (its structure
+        is enough: a lazily built UNet costs no memory); returns its index."""
+        from .checkpoints.adapter_files import read_ip_adapter
+
+        finite("IP-Adapter scale", scale)
+        file, hub_ref = discovery.resolve_ip_adapter(ref)
+        adapter = read_ip_adapter(file, self.dtype)
+        self.loaded.append(LoadedAdapter(ref, adapter, adapter.check_unet(unet), file, hub_ref, image_encoder, scale))
+        return len(self.loaded) - 1
+
+    def unload(self, index: int | None = None) -> None:
+        if index is None:
+            self.loaded.clear()
+        else:
+            self.loaded.pop(index)
+
+    def set_scales(self, *scales: float) -> None:
+        if len(scales) != len(self.loaded):
+            raise UserError(f"{len(scales)} scales for {len(self.loaded)} loaded adapters")
+        for loaded, scale in zip(self.loaded, scales):
+            loaded.scale = finite(f"IP-Adapter scale for {loaded.ref}", scale)
+
+    # -- image encoders -------------------------------------------------------------------------------
+
+    def encoder_folder(self, index: int = 0) -> Path:
+        """The converted folder of the vision tower adapter `index` reads (found and converted on first use,
+        not loaded)."""
+        la = self.loaded[index]
+        if la.encoder_folder is None:
+            la.encoder_folder, source = discovery.resolve_image_encoder(la.adapter, la.file, la.hub_ref,
+                                                                        la.encoder_ref)
+            log.info("image encoder for %s: %s", la.ref, source)
+        return la.encoder_folder
+
+    def encoder(self, index: int = 0):
+        folder = self.encoder_folder(index)
+        if folder not in self.encoders:
+            self.encoders[folder] = load_component(folder, "image_encoder", self.dtype, self.quantize)
+        return self.encoders[folder]
+
+    def encode(self, images: list[Image.Image], index: int = 0, fit: str = "crop",
+               negative: Image.Image | None = None) -> Features:
+        """CLIP features of reference images, as adapter `index` reads them (embeds or hidden states)."""
+        if not images:
+            raise UserError("no reference image given")
+        hidden = self.loaded[index].adapter.config.image_proj.reads_hidden_states
+        return encode_images(self.encoder(index), images, hidden, fit, negative)
+
+    # -- one generation -------------------------------------------------------------------------------
+
+    def conditions(self, prompts: list[ImagePrompt | None], batch: int, guided: bool) -> list[ImageCondition]:
+        """One ImageCondition per adapter given an ImagePrompt (None leaves an adapter out of this call)."""
+        if len(prompts) != len(self.loaded):
+            raise UserError(f"{len(prompts)} image prompts for {len(self.loaded)} loaded IP-Adapters")
+        out = []
+        for i, (la, p) in enumerate(zip(self.loaded, prompts)):
+            if p is None:
+                continue
+            scale = la.scale if p.scale is None else finite(f"image prompt scale for {la.ref}", p.scale)
+            for w in p.weights or []:
+                finite(f"image weight for {la.ref}", w)
+            feats = p.features or self.encode(p.images, i, p.fit, p.negative)
+            want = la.adapter.config.image_proj
+            if feats.hidden_states != want.reads_hidden_states or feats.cond.shape[-1] != want.input_dim:
+                kind = lambda h: "hidden states" if h else "image embeds"  # noqa: E731
+                raise UserError(f"adapter {la.ref} reads {want.input_dim}-d {kind(want.reads_hidden_states)}, "
+                                f"the embeddings given are {feats.cond.shape[-1]}-d {kind(feats.hidden_states)}")
+            tokens = image_tokens(la.adapter, feats, p, batch, guided).astype(self.dtype)
+            out.append(ImageCondition(la.layers, tokens, scale))
+        return out

@@ -1,0 +1,67 @@
+"""Text prompts -> the UNet's text context: the tokenizer(s) and CLIP text encoder(s) of a converted folder."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlx.core as mx
+
+from .errors import UserError
+from .loading import load_component
+
+log = logging.getLogger(__name__)
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # the second: SDXL
+
+
+class PromptEncoder:
+    """SD 1.x/2.x: one encoder, its last layer. SDXL: two, their penultimate layers joined, and the second
+    encoder's projected pooled output. Encoders load on first use (and again after `free`)."""
+
+    def __init__(self, folder: str | Path, dtype: mx.Dtype, quantize: tuple[int, int] | None = None):
+        from transformers import CLIPTokenizer  # tokenizer files only; heavy import, so here
+
+        self.folder, self.dtype, self.quantize = Path(folder), dtype, quantize
+        self.names = [n for n in TEXT_ENCODERS if (self.folder / n).is_dir()]
+        self.tokenizers = []
+        for name in ("tokenizer", "tokenizer_2")[: len(self.names)]:
+            try:
+                self.tokenizers.append(CLIPTokenizer.from_pretrained(str(self.folder / name)))
+            except Exception as e:
+                raise UserError(f"cannot load the tokenizer in {self.folder / name}: {e}") from None
+        self.models: dict[str, object] = {}
+
+    @property
+    def is_sdxl(self) -> bool:
+        return len(self.names) == 2
+
+    def model(self, name: str = "text_encoder"):
+        if name not in self.models:
+            self.models[name] = load_component(self.folder, name, self.dtype, self.quantize)
+        return self.models[name]
+
+    def free(self) -> None:
+        self.models.clear()
+
+    def warn_if_cut(self, prompts: list[str], what: str) -> None:
+        """A prompt longer than the tokenizer's 77 tokens is cut, as diffusers does; say what is dropped, once
+        per distinct prompt."""
+        tokenizer = self.tokenizers[0]  # both SDXL tokenizers split text alike
+        for text in dict.fromkeys(prompts):
+            ids = tokenizer(text, truncation=False, verbose=False)["input_ids"]
+            if (dropped := len(ids) - tokenizer.model_max_length) > 0:
+                cut = tokenizer.decode(ids[tokenizer.model_max_length - 1 : -1]).replace("\n", " ")
+                log.warning(f"the {what} is {len(ids)} tokens long; only {tokenizer.model_max_length} are read, "
+                            f"the last {dropped} are dropped: \"{cut}\"")
+
+    def __call__(self, prompts: list[str], what: str = "prompt") -> tuple[mx.array, mx.array | None]:
+        """(token embeddings (B, 77, D), pooled embedding or None), as diffusers' pipelines compute them."""
+        self.warn_if_cut(prompts, what)
+        states, pooled = [], None
+        for tokenizer, name in zip(self.tokenizers, self.names):
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="np")["input_ids"]
+            out = self.model(name)(mx.array(ids))
+            states.append(out.hidden_states[-2] if self.is_sdxl else out.last_hidden_state)
+            pooled = out.pooler_output
+        return mx.concatenate(states, axis=-1), (pooled if self.is_sdxl else None)
