@@ -1,10 +1,12 @@
-"""`python -m ipadapter_mlx bench`: seconds per UNet step, encoder and VAE times, whole generation and peak
+"""`python -m ipadapter_mlx bench`: seconds per sampling step, encoder and VAE times, whole generation and peak
 memory, for MLX and (with --compare diffusers) diffusers on the same shapes, each in its own process.
 
-Random weights at real SD 1.5 (or SDXL, `--model-kind sdxl`) + ViT-H/14 + IP-Adapter-plus shapes: timing and
-memory do not depend on the values. Speed targets live here, never in tests. On a GPU both sides run there
-(MLX's Metal or CUDA backend, torch's CUDA) and memory is the GPU's; on the CPU, the processes' peak RSS.
-generation_s is each side's first generation in a fresh process (one-time kernel compilation included).
+The MLX side is the real pipeline (StableDiffusion, load_ip_adapter, generate) on random weights at real SD 1.5
+(or SDXL, `--model-kind sdxl`) + ViT-H/14 + IP-Adapter-plus shapes, written as a converted folder (synthetic.py):
+timing and memory do not depend on the values. The diffusers side (bench_diffusers.py) builds the same shapes
+in diffusers. Speed targets live here, never in tests. On a GPU both sides run there (MLX's Metal or CUDA
+backend, torch's CUDA) and memory is the GPU's; on the CPU, the processes' peak RSS. generation_s is each side's
+first generation in a fresh process (one-time kernel compilation included).
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from . import _blas
-from .bench_shapes import SD15, SDXL, SHAPES, TINY, TINY_SDXL, added_conditioning, ip_adapter_weights, paired, peak_rss_gib, timed  # noqa: F401
+from .bench_shapes import SHAPES, peak_rss_gib, timed
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -28,149 +31,90 @@ from .bench_shapes import SD15, SDXL, SHAPES, TINY, TINY_SDXL, added_conditionin
 
 def mlx_worker(shapes: dict, size: int, steps: int, dtype_name: str, quantize: int | None, repeat: int,
                low_memory: bool = False) -> dict:
-    """One whole generation first (its peak memory per phase is reported), then per-component timings.
-
-    low_memory follows the pipeline's low-memory order: each encoder is built, used and freed before the
-    UNet is built, so they never share memory with it."""
-    import gc
+    """The real pipeline on random weights written as a converted folder (synthetic.py): one whole generation
+    first (its peak memory per phase is reported), then per-component timings through the pipeline's own
+    methods. Low-memory mode is the pipeline's: encoders freed before the UNet loads, the VAE decoded in tiles."""
+    import tempfile
 
     import mlx.core as mx
     import numpy as np
     from mlx.utils import tree_flatten
     from PIL import Image
 
-    from ipadapter_mlx.checkpoints.adapter_files import infer_ip_adapter_config
-
-    from .config import CLIPTextConfig, CLIPVisionConfig, UNetConfig, VAEConfig
-    from .ip_adapter import ImagePrompt, IPAdapter, cross_attention_slots, encode_images, image_tokens
-    from .models import AutoencoderKL, CLIPTextModel, CLIPVisionModel, UNet2DConditionModel
-    from .pipeline import LOW_MEMORY_TILE, decode_tiled
-    from .quantize import quantize_model
+    from .ip_adapter import ImagePrompt
+    from .pipeline import StableDiffusion
+    from .synthetic import random_image_encoder, random_ip_adapter, random_pipeline
 
     dtype = getattr(mx, dtype_name)
-
-    def make(cls, config, quantizable=True, model_dtype=dtype):
-        m = cls(config)
-        m.set_dtype(model_dtype)
-        if quantize and quantizable:
-            quantize_model(m, bits=quantize)
-        mx.eval(m.parameters())
-        return m
-
-    lat = size // 8
-    x = mx.random.normal((2, lat, lat, 4)).astype(dtype)
-    t = mx.array([500.0, 500.0])
     ref = Image.fromarray(np.random.default_rng(1).integers(0, 256, (256, 256, 3), dtype=np.uint8))
-    models = {}
-    t0 = time.perf_counter()
-
-    text_names = [n for n in ("text_encoder", "text_encoder_2") if n in shapes]
-
-    def encode_text():
-        """(context, pooled) for a CFG batch of 2, as the pipeline computes them."""
-        states, pooled = [], None
-        for n in text_names:
-            if n not in models:
-                models[n] = make(CLIPTextModel, CLIPTextConfig.from_dict(shapes[n]))
-            out = models[n](mx.zeros((2, 77), dtype=mx.int32))
-            states.append(out.hidden_states[-2] if len(text_names) == 2 else out.last_hidden_state)
-            pooled = out.pooler_output
-        return mx.concatenate(states, axis=-1), pooled
-
-    def image_encoder():
-        if "enc" not in models:
-            models["enc"] = make(CLIPVisionModel, CLIPVisionConfig.from_dict(shapes["image_encoder"]))
-        return models["enc"]
-
-    def unet_and_adapter():
-        if "unet" not in models:
-            unet = make(UNet2DConditionModel, UNetConfig.from_dict(shapes["unet"]))
-            slots = cross_attention_slots(unet)
-            weights = ip_adapter_weights(shapes, {i: a.to_q.weight.shape[0] for i, a in slots.items()},
-                                         np.random.default_rng(0))
-            adapter = IPAdapter(infer_ip_adapter_config({k: mx.array(v) for k, v in weights.items()}))
-            adapter.load_weights([(k, mx.array(v)) for k, v in weights.items()])
-            adapter.set_dtype(dtype)
-            for i, layer in adapter.layers().items():
-                slots[i].ip.append(layer)
-            models["unet"], models["adapter"] = unet, adapter
-        return models["unet"], models["adapter"]
-
-    def vae():
-        if "vae" not in models:
-            # float32 under half precision too, as the pipeline loads it
-            models["vae"] = make(AutoencoderKL, VAEConfig.from_dict(shapes["vae"]), False, mx.float32)
-        return models["vae"]
-
-    def free(*names):
-        for n in names:
-            models.pop(n, None)
-        gc.collect()
+    prompt = [ImagePrompt(images=[ref])]
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="ipadapter-mlx-bench-") as tmp:
+        t0 = time.perf_counter()
+        folder = random_pipeline(Path(tmp) / "model", shapes, dtype)
+        encoder = random_image_encoder(Path(tmp) / "image-encoder", shapes["image_encoder"], dtype)
+        adapter = random_ip_adapter(Path(tmp) / "ip-adapter.safetensors", shapes)
+        results["build_s"] = time.perf_counter() - t0
         mx.clear_cache()
 
-    if not low_memory:
-        encode_text(), image_encoder(), unet_and_adapter(), vae()
-    results = {"build_s": time.perf_counter() - t0}
+        # -- the whole generation, as `generate` runs it; the peak of MLX's memory in each phase (what is
+        # resident then plus that phase's activations) is what the README's memory table is built from
+        peaks = results["phase_peak_gib"] = {}
 
-    # -- the whole generation, in the pipeline's order; the peak of MLX's memory in each phase (what is
-    # resident then plus that phase's activations) is what the README's memory table is built from
-    peaks = results["phase_peak_gib"] = {}
+        def phase(name):
+            peaks[name] = mx.get_peak_memory() / 2**30
+            mx.reset_peak_memory()
 
-    def phase(name):
-        peaks[name] = mx.get_peak_memory() / 2**30
         mx.reset_peak_memory()
+        t0 = time.perf_counter()
+        pipe = StableDiffusion(folder, dtype, (quantize, 64) if quantize else None, low_memory)
+        pipe.load_ip_adapter(str(adapter), image_encoder=str(encoder))
+        results["load_s"] = time.perf_counter() - t0
+        phase("load")
+        t0 = time.perf_counter()
+        kw = dict(steps=steps, height=size, width=size, seed=0, scheduler="euler")
+        sampling = pipe.generate_latents("a photo", image_prompts=prompt, **kw)  # encodes prompt and image
+        phase("encoders")
+        for step in sampling:
+            pass
+        phase("unet")
+        mx.eval(pipe.decode(step.latents))
+        phase("vae_decode")
+        results["generation_s"] = time.perf_counter() - t0
+        results["peak_mlx_gib"] = max(peaks.values())
+        results["peak_rss_gib"] = peak_rss_gib()
+        if mx.default_device() == mx.gpu:
+            results["peak_gpu_gib"] = results["peak_mlx_gib"]
 
-    mx.reset_peak_memory()
-    t0 = time.perf_counter()
-    ctx, pooled = encode_text()
-    added = added_conditioning(shapes, lambda v: mx.array(v, dtype=mx.float32), pooled, size)
-    mx.eval(ctx, added)
-    phase("text_encoders")
-    feats = encode_images(image_encoder(), [ref], hidden_states=True)
-    mx.eval(feats.cond)
-    phase("image_encoder")
-    if low_memory:
-        free(*text_names, "enc")
-    unet, adapter = unet_and_adapter()
-    vae()
-    mx.reset_peak_memory()  # building random weights is no part of a generation (a real run reads them)
-    tokens = image_tokens(adapter, feats, ImagePrompt(), 1, guided=True).astype(dtype)
-    y = x
-    for _ in range(steps):
-        y = unet(y, t, ctx, [(tokens, 1.0)], **added)
-        mx.eval(y)
-    phase("unet")
+        # -- per component, each through the pipeline: one sampling step (the sampler's own work included)
+        def one_step(prompts):
+            sampling = pipe.generate_latents("a photo", image_prompts=prompts, **{**kw, "steps": 1})
 
-    def decode(z):  # tiled in low-memory mode, as the pipeline decodes
-        z = z[:1].astype(mx.float32)
-        mx.eval(decode_tiled(vae(), z, LOW_MEMORY_TILE) if low_memory else vae().decode(z))
+            def run():
+                for _ in sampling:
+                    pass
+            return run
 
-    decode(y)
-    phase("vae_decode")
-    results["generation_s"] = time.perf_counter() - t0
-    results["peak_mlx_gib"] = max(peaks.values())
-    results["peak_rss_gib"] = peak_rss_gib()
-    if mx.default_device() == mx.gpu:
-        results["peak_gpu_gib"] = results["peak_mlx_gib"]
-    encode_text(), image_encoder(), vae()
-    sizes = {n: sum(v.nbytes for _, v in tree_flatten(m.parameters())) / 2**30 for n, m in models.items()}
-    ip_layers = [layer.parameters() for layer in models["adapter"].layers().values()]
-    sizes["unet"] -= sum(v.nbytes for _, v in tree_flatten(ip_layers)) / 2**30  # attached to it: count them once
-    results["component_weights_gib"] = sizes
-    results["weights_gib"] = sum(sizes.values())  # what a converted folder of this setting holds on disk
+        def paired_steps():
+            with_ip, without = [], []
+            for _ in range(max(repeat, 1) + 1):  # the first pair warms up
+                for runs, prompts in ((with_ip, prompt), (without, None)):
+                    run = one_step(prompts)  # encoding is outside the timing
+                    t = time.perf_counter()
+                    run()
+                    runs.append(time.perf_counter() - t)
+            return statistics.median(with_ip[1:]), statistics.median(without[1:])
 
-    # -- per component
-    def step(ip):
-        mx.eval(unet(x, t, ctx, ip, **added))
-
-    results["unet_step_s"], results["unet_step_plain_s"] = paired(lambda: step([(tokens, 1.0)]),
-                                                                   lambda: step(None), repeat)
-    results["ip_overhead"] = results["unet_step_s"] / results["unet_step_plain_s"] - 1
-    results["vae_decode_s"] = timed(lambda: decode(x), max(1, repeat // 2))
-    if low_memory:
-        free("unet", "adapter")
-    results["image_encoder_s"] = timed(
-        lambda: mx.eval(encode_images(image_encoder(), [ref], hidden_states=True).cond), repeat)
+        results["unet_step_s"], results["unet_step_plain_s"] = paired_steps()
+        results["ip_overhead"] = results["unet_step_s"] / results["unet_step_plain_s"] - 1
+        latents = step.latents
+        results["vae_decode_s"] = timed(lambda: mx.eval(pipe.decode(latents)), max(1, repeat // 2))
+        results["image_encoder_s"] = timed(lambda: mx.eval(pipe.encode_reference([ref], 0).cond), repeat)
+        modules = {"unet": pipe.unet, "vae": pipe.vae, "adapter": pipe.adapters[0].adapter,
+                   **{n: pipe.text_model(n) for n in pipe.text_encoder_names}, "image_encoder": pipe.image_encoder(0)}
+        sizes = {n: sum(v.nbytes for _, v in tree_flatten(m.parameters())) / 2**30 for n, m in modules.items()}
+        results["component_weights_gib"] = sizes
+        results["weights_gib"] = sum(sizes.values())  # what a converted folder of this setting holds on disk
     results["device"] = str(mx.default_device())
     results["blas"] = _blas.state.describe()
     return results

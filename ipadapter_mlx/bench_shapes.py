@@ -84,20 +84,6 @@ def timed(fn, repeat: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def paired(with_ip, without, repeat: int) -> tuple[float, float]:
-    """Medians of alternating runs, so that a slow moment of the machine hits both sides alike."""
-    with_ip(), without()
-    a, b = [], []
-    for _ in range(max(repeat, 1)):
-        t = time.perf_counter()
-        with_ip()
-        a.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        without()
-        b.append(time.perf_counter() - t)
-    return sorted(a)[len(a) // 2], sorted(b)[len(b) // 2]
-
-
 def ip_adapter_weights(shapes: dict, unet_cross_dims: dict[str, int], rng) -> dict:
     """Random tencent-format IP-Adapter-plus weights for these shapes (numpy, flat keys)."""
     import numpy as np

@@ -22,9 +22,20 @@ import ipadapter_mlx  # noqa: E402,F401  (before anything loads mlx: it routes M
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+from ipadapter_mlx.synthetic import write_tokenizer  # noqa: E402  (real CLIP tokenizer files, tiny vocab)
+
+try:  # the PyTorch reference: a test-only dependency. Without it the MLX-only tests run, parity tests skip.
+    import diffusers
+    import torch
+    import transformers
+except ImportError:
+    torch = diffusers = transformers = None
+NO_TORCH = "parity test: needs the PyTorch reference (pip install torch==2.13.0 '.[test]')"
+
+
+def needs_torch() -> None:
+    if torch is None:
+        pytest.skip(NO_TORCH)
 
 # SD 1.5's scheduler_config.json, as published.
 SD15_SCHEDULER = {
@@ -70,35 +81,8 @@ def perturb(module, seed: int):
     return module.eval()
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def write_tokenizer(folder: Path) -> Path:
-    """A CLIP BPE tokenizer with a byte-level vocabulary (no merges): real files, tiny vocab."""
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = list(bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = 512, 513
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-    }))
-    return folder
-
-
 def make_torch_pipeline(unet_config: str = "sd1", seed: int = 0):
+    needs_torch()
     tok_dir = write_tokenizer(SCRATCH / "tokenizer")
     torch.manual_seed(seed)
     unet = perturb(diffusers.UNet2DConditionModel(**UNET_CONFIGS[unet_config]), seed + 1)
@@ -122,14 +106,22 @@ def diffusers_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def torch_pipe(diffusers_dir):
     """The reference: diffusers' pipeline loaded from that folder, as a user would load it."""
+    needs_torch()
     return diffusers.StableDiffusionPipeline.from_pretrained(diffusers_dir, safety_checker=None)
 
 
 @pytest.fixture(scope="session")
-def mlx_dir(diffusers_dir, tmp_path_factory) -> Path:
+def mlx_dir(request, tmp_path_factory) -> Path:
+    """The tiny model converted from `diffusers_dir` (the same weights as torch_pipe); without torch, the same
+    shapes with MLX's random weights, for the tests that compare with no reference."""
     from ipadapter_mlx.checkpoints.stable_diffusion import convert_diffusers_folder
+    from ipadapter_mlx.synthetic import random_pipeline
 
-    return convert_diffusers_folder(diffusers_dir, tmp_path_factory.mktemp("mlx") / "sd-tiny")
+    dst = tmp_path_factory.mktemp("mlx") / "sd-tiny"
+    if torch is None:
+        shapes = {"text_encoder": TEXT_CONFIG, "unet": UNET_CONFIGS["sd1"], "vae": {**VAE_CONFIG, "scaling_factor": 0.18215}}
+        return random_pipeline(dst, shapes)
+    return convert_diffusers_folder(request.getfixturevalue("diffusers_dir"), dst)
 
 
 @pytest.fixture(scope="session")

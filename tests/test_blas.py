@@ -122,8 +122,10 @@ def test_reference_switch_leaves_mlx_alone():
 def test_bench_torch_side_runs_in_a_clean_process():
     """The diffusers side of `bench` loads neither MLX nor any BLAS of ours: it is the torch a plain
     diffusers script gets."""
+    from conftest import needs_torch
     from ipadapter_mlx.bench import _run_worker
 
+    needs_torch()
     r = _run_worker({"framework": "diffusers", "size": 64, "dtype": "float32", "quantize": None,
                      "low_memory": False, "steps": 1, "repeat": 1, "tiny": True, "model_kind": "sd15"}, 600)
     assert "error" not in r, r

@@ -2,6 +2,10 @@
 independent references: numpy formulas written from the documented semantics, and diffusers given the same
 negative embeddings."""
 
+import pytest
+
+pytest.importorskip("torch", reason="parity test: needs the PyTorch reference (pip install torch==2.13.0 '.[test]')")
+
 import diffusers
 import mlx.core as mx
 import numpy as np

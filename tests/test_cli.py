@@ -194,7 +194,7 @@ def test_decoder_memory_model_matches_the_cpu():
     """The decoder's activation bytes per pixel (fitted at real SD shapes) hold for another VAE and size."""
     import mlx.core as mx
 
-    from ipadapter_mlx.bench import TINY
+    from ipadapter_mlx.bench_shapes import TINY
     from ipadapter_mlx.config import VAEConfig
     from ipadapter_mlx.models import AutoencoderKL
     from ipadapter_mlx.memory import decode_activation_bytes

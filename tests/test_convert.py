@@ -1,5 +1,9 @@
 """Converters: diffusers .bin folders, original single files (.safetensors / .ckpt), the restricted unpickler."""
 
+import pytest
+
+pytest.importorskip("torch", reason="parity test: needs the PyTorch reference (pip install torch==2.13.0 '.[test]')")
+
 import json
 import os
 import pickle

@@ -1,5 +1,9 @@
 """Every script in examples/ runs (on the tiny model and adapters), so they cannot rot."""
 
+import pytest
+
+pytest.importorskip("torch", reason="parity test: needs the PyTorch reference (pip install torch==2.13.0 '.[test]')")
+
 import runpy
 import sys
 from pathlib import Path

@@ -1,5 +1,9 @@
 """IP-Adapter parity with diffusers' load_ip_adapter pipelines, every public variant, float32."""
 
+import pytest
+
+pytest.importorskip("torch", reason="parity test: needs the PyTorch reference (pip install torch==2.13.0 '.[test]')")
+
 import diffusers
 import mlx.core as mx
 import numpy as np

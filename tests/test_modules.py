@@ -1,5 +1,9 @@
 """Per-module parity with the PyTorch reference (float32, max abs error ~1e-4)."""
 
+import pytest
+
+pytest.importorskip("torch", reason="parity test: needs the PyTorch reference (pip install torch==2.13.0 '.[test]')")
+
 import mlx.core as mx
 
 from ipadapter_mlx.conditioning import StepConditioning

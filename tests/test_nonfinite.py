@@ -1,6 +1,10 @@
 """NaN and Inf never become a black PNG with exit 0; a too-small init image is an error; a prompt cut at 77
 tokens is said so. The CLI (generate_latents, then decode) and the Python API (generate) alike."""
 
+import pytest
+
+pytest.importorskip("torch", reason="parity test: needs the PyTorch reference (pip install torch==2.13.0 '.[test]')")
+
 import math
 import re
 import shutil

@@ -1,5 +1,9 @@
 """Whole-pipeline parity with diffusers' StableDiffusionPipeline / Img2ImgPipeline: same weights, same noise."""
 
+import pytest
+
+pytest.importorskip("torch", reason="parity test: needs the PyTorch reference (pip install torch==2.13.0 '.[test]')")
+
 import diffusers
 import mlx.core as mx
 import numpy as np

@@ -1,5 +1,9 @@
 """Timesteps and sigmas of every sampler against diffusers' schedulers built from the same config."""
 
+import pytest
+
+pytest.importorskip("torch", reason="parity test: needs the PyTorch reference (pip install torch==2.13.0 '.[test]')")
+
 import diffusers
 import numpy as np
 import pytest

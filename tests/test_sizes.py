@@ -5,6 +5,10 @@ side halved by a stride-2 downsampling comes back to its exact size. The tiny mo
 200x136 pixels are 25x17 latents, as SD 1.5 gets them.
 """
 
+import pytest
+
+pytest.importorskip("torch", reason="parity test: needs the PyTorch reference (pip install torch==2.13.0 '.[test]')")
+
 
 import diffusers
 import mlx.core as mx
