@@ -42,6 +42,23 @@ def is_ip_adapter_file(path: Path) -> bool:
     return path.suffix == ".bin" and path.stat().st_size < 2**31 and path.name.startswith("ip-adapter")
 
 
+def check_output(out: Path, src: Path, force: bool) -> None:
+    """OUTPUT must be a new path, or with --force a converted folder (what --force replaces, and nothing else:
+    never a folder of the user's files, the source, or a folder holding the source)."""
+    from ipadapter_mlx.loading import is_mlx_folder
+
+    if str(out) in ("", ".", "..") or out.resolve() in (Path.cwd().resolve(), Path("/").resolve()):
+        raise UserError(f"OUTPUT {str(out)!r} is not a folder to write; name a new one")
+    if src.exists() and (out.resolve() == src.resolve() or out.resolve() in src.resolve().parents):
+        raise UserError(f"OUTPUT {out} is or holds the source {src}; name a new folder")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise UserError(f"{out} already exists (use --force to replace it)")
+        if not (out.is_dir() and is_mlx_folder(out)):
+            raise UserError(f"{out} exists and is not a converted MLX folder: --force replaces only those "
+                            "(move it away yourself if you mean to)")
+
+
 def main(argv: list[str] | None = None) -> int:
     from ipadapter_mlx.discovery import PRESETS
 
@@ -75,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             # exit 2, not 0: OUTPUT is not written, so a script that goes on to use it must stop here
             raise UserError(f"{src} is already a converted MLX folder; nothing to do (use it as it is)")
         clean_stale(out.parent)  # first: it may put back an OUTPUT that an interrupted --force had set aside
-        if out.exists() and not args.force:
-            raise UserError(f"{out} already exists (use --force to replace it)")
+        check_output(out, src, args.force)
         dtype = getattr(mx, args.dtype) if args.dtype else None
         q = (args.quantize, args.group_size) if args.quantize else None
         if args.source in PRESETS or split_hub_path(args.source) or (src.is_file() and is_ip_adapter_file(src)):

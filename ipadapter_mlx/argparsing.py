@@ -16,7 +16,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help = action.help or ""
-        if "%(default)" not in help and action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+        if "default" not in help and action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
             help += " (default: %(default)s)"
         return help
 

@@ -33,9 +33,12 @@ def _key(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
-def _local_fingerprint(path: Path) -> str:
+def _local_fingerprint(path: Path, *extra: str) -> str:
+    """The identity of a local source: its resolved path, every file's size and time, and `extra` (whatever
+    else decides the conversion, e.g. the --config and --tokenizer given for a single file)."""
+    path = path.resolve()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return _key(str(path.resolve()), *(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files))
+    return _key(str(path), *extra, *(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files))
 
 
 def _dtype_name(dtype: mx.Dtype | None) -> str:
@@ -63,7 +66,8 @@ def resolve_model(
     if path.exists():
         if path.is_dir() and is_mlx_folder(path):
             return path
-        dst = cache_root() / "converted" / f"{path.stem}-{_local_fingerprint(path)}-{_dtype_name(dtype)}"
+        extra = [] if path.is_dir() else [f"config={config}", f"tokenizer={tokenizer}"]
+        dst = cache_root() / "converted" / f"{path.stem}-{_local_fingerprint(path, *extra)}-{_dtype_name(dtype)}"
         if path.is_dir():
             return convert_once(dst, lambda: convert_diffusers_folder(path, dst, dtype))
         if path.suffix not in SINGLE_FILE_SUFFIXES:

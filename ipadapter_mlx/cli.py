@@ -92,7 +92,8 @@ def _add_ip_options(p: argparse.ArgumentParser, embed: bool = False) -> None:
     g = p.add_argument_group("IP-Adapter (exactly one: its shapes say which features to compute)" if embed else
                              "IP-Adapter (repeat --ip-adapter for several; options apply to the one before them)")
     g.add_argument("--ip-adapter", action=_IPOption, dest="ip_adapter",
-                   help=f"preset ({', '.join(PRESETS)}), REPO:PATH on the Hub, or a local .bin/.safetensors")
+                   help=f"preset ({', '.join(PRESETS)}), REPO:PATH on the Hub, a local .bin/.safetensors, "
+                        "or a folder from `python -m convert`")
     g.add_argument("--image", action=_IPOption, dest="image", help="a reference image (repeatable)")
     g.add_argument("--image-encoder", action=_IPOption, dest="image_encoder",
                    help="override the CLIP vision tower: folder, REPO:PATH, or repo id")
@@ -116,7 +117,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
                        description="Encode reference images once with the CLIP vision tower one IP-Adapter reads; "
                                    "`generate --image-embeds FILE` then skips the encoder.")
     _add_ip_options(p, embed=True)
-    p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float32 on the CPU, float16 on a GPU")
     p.add_argument("--output", required=True, help=".safetensors path")
 
 
@@ -211,6 +212,12 @@ def check_memory(pipe, args: argparse.Namespace, height: int, width: int) -> Non
     print(f"warning: {message}; running anyway (--no-memory-check): it may swap or be stopped", file=sys.stderr)
 
 
+def output_paths(output: str, count: int) -> list[Path]:
+    """The PNGs a run writes: --output itself, or with several images NAME_1.png, NAME_2.png, ..."""
+    out = Path(output)
+    return [out] if count == 1 else [out.with_name(f"{out.stem}_{i + 1}{out.suffix}") for i in range(count)]
+
+
 def check_writable(output: str) -> None:
     """Fail before any work when the output cannot be written (a folder, a file where a folder should be,
     a read-only place)."""
@@ -233,7 +240,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                                    "optionally steered by reference images through IP-Adapters.")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="Hub repo id, diffusers folder, single .safetensors/.ckpt file, or converted MLX folder")
-    p.add_argument("--prompt", default="", help="text prompt")
+    p.add_argument("--prompt", default="", help="text prompt (default: none)")
     p.add_argument("--negative-prompt", default=None,
                    help="default: none (SD 1.x: the empty prompt; SDXL: zero embeddings, as diffusers)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps")
@@ -256,7 +263,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="PNG path; with several images, _1, _2, ... are added before the extension")
     p.add_argument("--original-size", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="SDXL micro-conditioning (default: the output size)")
-    p.add_argument("--crop-coords", type=int, nargs=2, metavar=("TOP", "LEFT"), default=(0, 0),
+    p.add_argument("--crop-coords", type=int, nargs=2, metavar=("TOP", "LEFT"), default=[0, 0],
                    help="SDXL micro-conditioning (default: 0 0)")
     p.add_argument("--target-size", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="SDXL micro-conditioning (default: the output size)")
@@ -290,7 +297,8 @@ def _generate(args: argparse.Namespace) -> int:
             raise UserError(f"--{name} must be a positive multiple of 8, got {v}")
     if not args.output.lower().endswith(".png"):
         raise UserError(f"--output must be a .png path, got {args.output}")
-    check_writable(args.output)
+    for path in output_paths(args.output, min(args.num_images, 10_000)):
+        check_writable(str(path))
     if args.strength is not None and not args.init_image:
         raise UserError("--strength is for image-to-image: give an --init-image too")
     init = open_image(args.init_image) if args.init_image else None
@@ -355,9 +363,7 @@ def _generate(args: argparse.Namespace) -> int:
             {k: v for k, v in g.items() if v not in ([], None)} | {"scale": pipe.adapters[i].scale}
             for i, g in enumerate(groups)
         ]
-    out = Path(args.output)
-    for i, image in enumerate(to_pil(images)):
-        path = out if len(images) == 1 else out.with_name(f"{out.stem}_{i + 1}{out.suffix}")
+    for i, (image, path) in enumerate(zip(to_pil(images), output_paths(args.output, len(images)))):
         save_png(image, path, {**params, "image_index": i} if len(images) > 1 else params)
         print(path)
     if args.verbose:
@@ -370,13 +376,17 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def read_latents(path: str):
-    """--latents: a .npy array of floats (np.load refuses pickled objects; .npz archives are not arrays)."""
+    """--latents: a .npy array of floats. Mapped first, so a header that declares more than the file holds is
+    refused before anything is allocated; pickled objects are refused; .npz archives are not arrays."""
     import numpy as np
 
     if not path.endswith(".npy"):
         raise UserError(f"--latents must be a .npy file (np.save of one array), got {path}")
     try:
-        latents = np.load(path, allow_pickle=False)
+        latents = np.load(path, mmap_mode="r", allow_pickle=False)
+        if isinstance(latents, np.ndarray) and latents.size > 2**28:
+            raise ValueError(f"{latents.shape} is far more than any picture's starting noise")
+        latents = np.array(latents) if isinstance(latents, np.ndarray) else latents
     except (OSError, ValueError, EOFError) as e:
         raise UserError(f"cannot read --latents {path}: {e}") from None
     if not isinstance(latents, np.ndarray) or not np.issubdtype(latents.dtype, np.floating):

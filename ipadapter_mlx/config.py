@@ -6,10 +6,47 @@ ones diffusers/transformers use when a key is absent.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import UserError
+
+# What a config.json may declare. A file is untrusted: `layers_per_block: 1e9` would build modules forever,
+# so counts and widths are bounded far above every published model (SDXL: 10 layers, 2816-d, 49408 tokens).
+MAX_COUNT = 256  # layers, heads, blocks per level
+MAX_SIZE = 2**18  # widths, vocabulary, positions, pixels
+COUNTS = {"num_hidden_layers", "num_attention_heads", "layers_per_block", "transformer_layers_per_block"}
+
+
+class ConfigFile:
+    """`from_dict` for every config below: the subclass's `_parse`, every failure one UserError, every number
+    checked for type and range before anything is built from it."""
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        if not isinstance(d, dict):
+            raise UserError(f"{cls.__name__}: config.json is not a JSON object")
+        try:
+            config = cls._parse(d)
+        except UserError:
+            raise
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as e:
+            raise UserError(f"{cls.__name__}: config.json is incomplete or invalid ({type(e).__name__}: "
+                            f"{str(e)[:120]})") from None
+        for f in fields(config):  # the annotation says which JSON types a field takes
+            value = getattr(config, f.name)
+            kinds = [t for t, word in ((str, "str"), (bool, "bool"), (int, "int"), (float, "float"), (dict, "dict"),
+                                       (type(None), "None")) if word in str(f.type)]
+            limit = MAX_COUNT if f.name in COUNTS else MAX_SIZE
+            for v in value if isinstance(value, list) else [value]:
+                ok = (type(v) in kinds or (type(v) is int and float in kinds)) and not (
+                    type(v) is int and not 0 <= v <= limit or type(v) is float and not math.isfinite(v))
+                if not ok or (isinstance(value, list) and len(value) > MAX_COUNT):
+                    expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+                    raise UserError(f"{cls.__name__}: config.json has {f.name}={str(value)[:60]}: expected {expected}"
+                                    f"{f' (whole numbers 0..{limit})' if int in kinds else ''}")
+        return config
 
 
 def _per_block(value: Any, n: int, name: str) -> list[int]:
@@ -22,7 +59,7 @@ def _per_block(value: Any, n: int, name: str) -> list[int]:
 
 
 @dataclass
-class CLIPTextConfig:
+class CLIPTextConfig(ConfigFile):
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -35,7 +72,7 @@ class CLIPTextConfig:
     eos_token_id: int | None = None  # None: pool at the highest token id (transformers' legacy rule for id 2)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CLIPTextConfig":
+    def _parse(cls, d: dict) -> "CLIPTextConfig":
         d = d.get("text_config", d)
         has_proj = any("WithProjection" in a for a in d.get("architectures", []) or [])
         return cls(
@@ -53,7 +90,7 @@ class CLIPTextConfig:
 
 
 @dataclass
-class CLIPVisionConfig:
+class CLIPVisionConfig(ConfigFile):
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
@@ -66,7 +103,7 @@ class CLIPVisionConfig:
     layer_norm_eps: float = 1e-5
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CLIPVisionConfig":
+    def _parse(cls, d: dict) -> "CLIPVisionConfig":
         top = d
         d = d.get("vision_config", d)
         return cls(
@@ -84,7 +121,7 @@ class CLIPVisionConfig:
 
 
 @dataclass
-class UNetConfig:
+class UNetConfig(ConfigFile):
     in_channels: int
     out_channels: int
     block_out_channels: list[int]
@@ -106,7 +143,7 @@ class UNetConfig:
     projection_class_embeddings_input_dim: int = 0
 
     @classmethod
-    def from_dict(cls, d: dict) -> "UNetConfig":
+    def _parse(cls, d: dict) -> "UNetConfig":
         for key, ok in [
             ("addition_embed_type", (None, "text_time")),
             ("class_embed_type", (None,)),
@@ -144,7 +181,7 @@ class UNetConfig:
 
 
 @dataclass
-class VAEConfig:
+class VAEConfig(ConfigFile):
     in_channels: int = 3
     out_channels: int = 3
     latent_channels: int = 4
@@ -158,14 +195,14 @@ class VAEConfig:
     use_post_quant_conv: bool = True
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VAEConfig":
+    def _parse(cls, d: dict) -> "VAEConfig":
         names = cls.__dataclass_fields__
         kw = {k: d[k] for k in names if k in d and d[k] is not None}
         return cls(**kw)
 
 
 @dataclass
-class SchedulerConfig:
+class SchedulerConfig(ConfigFile):
     """The training noise schedule plus the raw keys a sampler may read (spacing, offsets, ...)."""
 
     num_train_timesteps: int = 1000
@@ -176,7 +213,7 @@ class SchedulerConfig:
     raw: dict = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SchedulerConfig":
+    def _parse(cls, d: dict) -> "SchedulerConfig":
         if d.get("trained_betas"):
             raise UserError("scheduler config: trained_betas are not supported")
         if d.get("beta_schedule", "linear") not in ("linear", "scaled_linear", "squaredcos_cap_v2"):

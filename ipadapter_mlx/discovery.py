@@ -65,6 +65,8 @@ def _parse_encoder_ref(ref: str) -> tuple[str, str | Path]:
     path = Path(ref).expanduser()
     if path.is_dir():
         return ("local", path)
+    if path.exists():
+        raise UserError(f"image encoder {ref} is a file; give its folder (config.json and the weights)")
     if split_hub_path(ref):
         return split_hub_path(ref)
     if is_repo_id(ref):

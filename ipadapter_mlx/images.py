@@ -21,9 +21,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB. 16-bit greyscale is scaled to 8 bits (value / 257; PIL's own convert
     clips it to white), transparency (alpha, LA, a palette's or a tRNS colour) is composited on BACKGROUND
     (white), CMYK, L and 1 are converted by PIL. (PIL itself reads 16-bit RGB(A) PNGs as 8-bit.)"""
-    if image.mode in SIXTEEN_BIT:
+    if image.mode in SIXTEEN_BIT or image.mode == "F":
         arr = np.asarray(image).astype(np.float64)
-        grey = Image.fromarray(np.clip(np.round(arr / 257), 0, 255).astype(np.uint8))
+        # 16-bit: value / 257. 32-bit integers and floats carry no range of their own: stretch what is there
+        top = 65535 if image.mode != "F" and arr.max(initial=0) <= 65535 else max(arr.max(initial=0), 1e-12)
+        if image.mode == "F" and 0 <= arr.min(initial=0) and arr.max(initial=0) <= 1:
+            top = 1.0  # floats in 0..1, the usual convention
+        grey = Image.fromarray(np.clip(np.round(np.nan_to_num(arr) / top * 255), 0, 255).astype(np.uint8))
         t = image.info.get("transparency")
         image = grey if not isinstance(t, int) else Image.merge(
             "LA", (grey, Image.fromarray(np.where(arr == t, 0, 255).astype(np.uint8))))

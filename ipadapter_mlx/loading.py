@@ -143,10 +143,13 @@ def load_component(
     missing = sorted(set(params) - set(weights))
     extra = sorted(set(weights) - set(params))
     bad = [k for k in params if k in weights and weights[k].shape != params[k].shape]
-    if missing or extra or bad:
+    kind = [k for k in params if k in weights and mx.issubdtype(weights[k].dtype, mx.floating)
+            != mx.issubdtype(params[k].dtype, mx.floating)]  # int32 where floats belong: silent zeros
+    if missing or extra or bad or kind:
         detail = "; ".join(
             f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
-            for label, names in (("missing", missing), ("unexpected", extra), ("wrong shape", bad))
+            for label, names in (("missing", missing), ("unexpected", extra), ("wrong shape", bad),
+                                 ("wrong dtype", kind))
             if names
         )
         raise UserError(f"{path}: weights do not fit {component}/config.json ({detail})")

@@ -299,19 +299,30 @@ class StableDiffusion:
         negative embeddings (its force_zeros_for_empty_prompt), as diffusers does.
         `hooks`: functions called at every step with the UNet's input (denoiser.py), which they may replace.
         """
+        if num_images < 1:
+            raise UserError(f"num_images must be at least 1, got {num_images}")
         prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise UserError("no prompt given (an empty list)")
         zero_negative = negative_prompt is None and self.force_zeros_for_empty_prompt
         negative_prompt = "" if negative_prompt is None else negative_prompt
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts):
             raise UserError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
         batch = len(prompts)
+        if seed is not None and not (type(seed) is int and 0 <= seed < 2**64):
+            raise UserError(f"seed must be a whole number in 0..2**64-1, got {seed!r}")
         noise = noise or seeded_noise(seed)
         f = self.vae_scale_factor
 
         finite("cfg", cfg)
         if init_image is not None and not 0 < strength <= 1:
             raise UserError(f"strength must be in (0, 1], got {strength}")
+        if init_image is None and strength != DEFAULT_STRENGTH:
+            raise UserError("strength is for image-to-image: give an init_image too")
+        train_steps = self.scheduler_config.num_train_timesteps
+        if not 1 <= steps <= train_steps:
+            raise UserError(f"steps must be in 1..{train_steps} (the model's training timesteps), got {steps}")
         height, width = self.output_size(height, width, init_image)
         shape = (batch, height // f, width // f, self.unet_config.in_channels)
 

@@ -75,6 +75,8 @@ def fit_weights(
             unused.append(key)
             continue
         value = _fit(name, value, params[name].shape)
+        if mx.issubdtype(params[name].dtype, mx.floating) != mx.issubdtype(value.dtype, mx.floating):
+            raise UserError(f"{what}: {key} holds {value.dtype} values, the model needs {params[name].dtype}")
         out[name] = value.astype(dtype) if dtype is not None and mx.issubdtype(value.dtype, mx.floating) else value
     missing = [k for k in params if k not in out]
     if unused or missing:
