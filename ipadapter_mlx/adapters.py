@@ -10,7 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 from PIL import Image
 
-from . import discovery
+from . import discovery, steering
 from .conditioning import ImageCondition, Site
 from .errors import UserError, finite
 from .ip_adapter import Features, ImagePrompt, IPAdapter, encode_images, image_tokens
@@ -28,7 +28,7 @@ class LoadedAdapter:
     file: Path
     hub_ref: tuple[str, str] | None
     encoder_ref: str | None  # the user's --image-encoder, if any
-    scale: float
+    scale: float | dict  # a number, or diffusers' per-block dict
     encoder_folder: Path | None = None
 
 
@@ -49,15 +49,18 @@ class AdapterSet:
     def __iter__(self):
         return iter(self.loaded)
 
-    def load(self, ref: str, unet, image_encoder: str | None = None, scale: float = 1.0) -> int:
+    def load(self, ref: str, unet, image_encoder: str | None = None, scale: float | dict = 1.0) -> int:
         """Add an adapter (preset, `REPO:PATH`, file or converted folder), checked against `unet` (its structure
         is enough: a lazily built UNet costs no memory); returns its index."""
         from .checkpoints.adapter_files import read_ip_adapter
 
-        finite("IP-Adapter scale", scale)
+        if not isinstance(scale, dict):
+            finite("IP-Adapter scale", scale)
         file, hub_ref = discovery.resolve_ip_adapter(ref)
         adapter = read_ip_adapter(file, self.dtype)
-        self.loaded.append(LoadedAdapter(ref, adapter, adapter.check_unet(unet), file, hub_ref, image_encoder, scale))
+        layers = adapter.check_unet(unet)
+        steering.block_scales(scale, layers)  # a per-block dict is checked against this UNet now
+        self.loaded.append(LoadedAdapter(ref, adapter, layers, file, hub_ref, image_encoder, scale))
         return len(self.loaded) - 1
 
     def unload(self, index: int | None = None) -> None:
@@ -66,11 +69,16 @@ class AdapterSet:
         else:
             self.loaded.pop(index)
 
-    def set_scales(self, *scales: float) -> None:
+    def set_scales(self, *scales: float | dict) -> None:
+        """One scale per adapter: a number or diffusers' per-block dict (checked against the adapter's layers)."""
         if len(scales) != len(self.loaded):
             raise UserError(f"{len(scales)} scales for {len(self.loaded)} loaded adapters")
         for loaded, scale in zip(self.loaded, scales):
-            loaded.scale = finite(f"IP-Adapter scale for {loaded.ref}", scale)
+            if not isinstance(scale, dict):
+                finite(f"IP-Adapter scale for {loaded.ref}", scale)
+            steering.block_scales(scale, loaded.layers)
+        for loaded, scale in zip(self.loaded, scales):
+            loaded.scale = scale
 
     # -- image encoders -------------------------------------------------------------------------------
 
@@ -100,15 +108,21 @@ class AdapterSet:
 
     # -- one generation -------------------------------------------------------------------------------
 
-    def conditions(self, prompts: list[ImagePrompt | None], batch: int, guided: bool) -> list[ImageCondition]:
-        """One ImageCondition per adapter given an ImagePrompt (None leaves an adapter out of this call)."""
+    def conditions(self, prompts: list[ImagePrompt | None], batch: int, guided: bool,
+                   timeline: steering.Timeline | None = None) -> list[ImageCondition]:
+        """One ImageCondition per adapter given an ImagePrompt (None leaves an adapter out of this call); its
+        scale rule from the prompt's steering options (`timeline`: the run's steps, for start/end)."""
         if len(prompts) != len(self.loaded):
             raise UserError(f"{len(prompts)} image prompts for {len(self.loaded)} loaded IP-Adapters")
         out = []
         for i, (la, p) in enumerate(zip(self.loaded, prompts)):
             if p is None:
                 continue
-            scale = la.scale if p.scale is None else finite(f"image prompt scale for {la.ref}", p.scale)
+            scale = la.scale if p.scale is None else p.scale
+            if not isinstance(scale, dict):
+                finite(f"image prompt scale for {la.ref}", scale)
+            rule = steering.scale_rule(la.layers, scale, p.weight_type, p.layer_weights, p.composition_weight,
+                                       p.start_at, p.end_at, p.timing, timeline)
             for w in p.weights or []:
                 finite(f"image weight for {la.ref}", w)
             feats = p.features or self.encode(p.images, i, p.fit, p.negative)
@@ -118,5 +132,5 @@ class AdapterSet:
                 raise UserError(f"adapter {la.ref} reads {want.input_dim}-d {kind(want.reads_hidden_states)}, "
                                 f"the embeddings given are {feats.cond.shape[-1]}-d {kind(feats.hidden_states)}")
             tokens = image_tokens(la.adapter, feats, p, batch, guided).astype(self.dtype)
-            out.append(ImageCondition(la.layers, tokens, scale))
+            out.append(ImageCondition(la.layers, tokens, rule))
         return out

@@ -44,8 +44,32 @@ def seed_number(text: str) -> int:
     return value
 
 
+def scale_value(text: str) -> float | dict:
+    """--scale: a number, or a JSON object in diffusers' set_ip_adapter_scale form."""
+    import json
+
+    if not text.lstrip().startswith("{"):
+        return finite_float(text)
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"malformed JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a number or a JSON object, got {text!r:.80}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {text}")
+    return value
+
+
 IP_OPTIONS = ("image", "image_weight", "scale", "negative_image", "image_embeds", "combine", "image_encoder",
-              "image_fit")
+              "image_fit", "weight_type", "layer_weights", "composition_weight", "start_at", "end_at", "timing")
+STEERING = {"weight_type": "linear", "layer_weights": None, "composition_weight": 1.0, "start_at": 0.0,
+            "end_at": 1.0, "timing": "step"}  # ImagePrompt's fields and defaults
 
 
 class _IPOption(argparse.Action):
@@ -88,6 +112,7 @@ def _add_ip_options(p: argparse.ArgumentParser, embed: bool = False) -> None:
     from .discovery import PRESETS
     from .images import FITS
     from .ip_adapter import COMBINE_MODES
+    from .steering import TIMINGS, WEIGHT_TYPES
 
     g = p.add_argument_group("IP-Adapter (exactly one: its shapes say which features to compute)" if embed else
                              "IP-Adapter (repeat --ip-adapter for several; options apply to the one before them)")
@@ -104,12 +129,27 @@ def _add_ip_options(p: argparse.ArgumentParser, embed: bool = False) -> None:
     if not embed:
         g.add_argument("--image-weight", action=_IPOption, dest="image_weight", type=finite_float,
                        help="weight of each --image, in order (repeatable; default 1)")
-        g.add_argument("--scale", action=_IPOption, dest="scale", type=finite_float,
-                       help="adapter strength (default 1.0)")
+        g.add_argument("--scale", action=_IPOption, dest="scale", type=scale_value,
+                       help="adapter strength (default 1.0), or per block as diffusers' set_ip_adapter_scale takes "
+                            """it: '{"up": {"block_0": [0.0, 1.0, 0.0]}}' (blocks not named get 0)""")
         g.add_argument("--image-embeds", action=_IPOption, dest="image_embeds",
                        help="embeddings from `embed`, instead of --image (no vision tower is loaded)")
         g.add_argument("--combine", action=_IPOption, dest="combine", choices=COMBINE_MODES,
                        help="several images: concat tokens (default, as diffusers), average, norm-average, subtract")
+        g.add_argument("--weight-type", action=_IPOption, dest="weight_type", choices=WEIGHT_TYPES,
+                       metavar="TYPE", help="how the scale spreads over the layers, as ComfyUI_IPAdapter_plus "
+                                            f"names them: {', '.join(WEIGHT_TYPES)} (default linear)")
+        g.add_argument("--layer-weights", action=_IPOption, dest="layer_weights", metavar="INDEX:W,...",
+                       help="weight per transformer index (input, middle, output), e.g. 3:1.0,6:0.5; others get 0")
+        g.add_argument("--composition-weight", action=_IPOption, dest="composition_weight", type=finite_float,
+                       help="style-and-composition types: the weight on the composition layers (default 1.0)")
+        g.add_argument("--start-at", action=_IPOption, dest="start_at", type=fraction,
+                       help="fraction of the steps before the image prompt acts (default 0)")
+        g.add_argument("--end-at", action=_IPOption, dest="end_at", type=fraction,
+                       help="fraction of the steps after which it stops (default 1)")
+        g.add_argument("--timing", action=_IPOption, dest="timing", choices=TIMINGS,
+                       help="step: off at step i of N when i/N < start or (i+1)/N > end (diffusers, default); "
+                            "sigma: ComfyUI's, on while the noise level is within the two mapped to sigmas")
 
 
 def _add_embed(sub: argparse._SubParsersAction) -> None:
@@ -174,6 +214,7 @@ def _image_prompts(pipe, groups: list[dict]) -> list:
             images=images, features=features, weights=g["image_weight"] or None,
             negative=open_image(g["negative_image"]) if g.get("negative_image") else None,
             combine=g.get("combine", "concat"), fit=g.get("image_fit", "crop"),
+            **{k: g.get(k, default) for k, default in STEERING.items()},
         ))
     return prompts
 
@@ -286,6 +327,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .images import open_image, save_png, to_pil
     from .loading import read_json
     from .pipeline import DEFAULT_STRENGTH, StableDiffusion, default_dtype
+    from .steering import check_window
 
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
@@ -308,7 +350,8 @@ def _generate(args: argparse.Namespace) -> int:
             raise UserError("--latents is the text-to-image starting noise; it does not combine with --init-image")
         latents = read_latents(args.latents)
     groups = ip_groups(getattr(args, "ip_args", None) or [])
-    for g in groups:  # check the files before loading anything big
+    for g in groups:  # check the files and the window before loading anything big
+        check_window(g.get("start_at", 0.0), g.get("end_at", 1.0))
         for path in g["image"] + ([g["negative_image"]] if g.get("negative_image") else []):
             open_image(path)
     seed = args.seed if args.seed is not None else int(np.random.randint(0, 2**31 - 1))

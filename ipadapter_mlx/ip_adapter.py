@@ -196,8 +196,17 @@ class ImagePrompt:
     weights: list[float] | None = None  # one per image (default 1)
     negative: Image.Image | None = None  # replaces the null image in the unconditional branch
     combine: str = "concat"
-    scale: float | None = None  # None: the adapter's own scale (load_ip_adapter / set_ip_adapter_scale)
+    # None: the adapter's own scale (load_ip_adapter / set_ip_adapter_scale); a number, or diffusers' per-block
+    # dict ({"up": {"block_0": [0.0, 1.0, 0.0]}}: the style block of SDXL)
+    scale: float | dict | None = None
     fit: str = "crop"  # "crop" (CLIPImageProcessor's centre crop) or "pad" (keep the whole image)
+    # steering (steering.py): ComfyUI_IPAdapter_plus' weight types and layer weights, and when it acts
+    weight_type: str = "linear"
+    layer_weights: str | dict | None = None  # "3:1.0,6:0.5": transformer index -> weight factor
+    composition_weight: float = 1.0  # the style-and-composition types' weight on the composition layers
+    start_at: float = 0.0  # fractions of the steps (timing "step") or ComfyUI's percentages (timing "sigma")
+    end_at: float = 1.0
+    timing: str = "step"
 
 
 def image_tokens(adapter: IPAdapter, features: Features, prompt: ImagePrompt, batch: int, guided: bool) -> mx.array:

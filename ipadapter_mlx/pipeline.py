@@ -28,7 +28,8 @@ from .ip_adapter import Features, ImagePrompt
 from .loading import build, load_component, load_scheduler_config, read_json
 from .memory import LOW_MEMORY_TILE
 from .prompts import PromptEncoder
-from .samplers import NoiseFn, make_schedule, run_sampler
+from .samplers import NoiseFn, alphas_cumprod, make_schedule, run_sampler
+from .steering import Timeline
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -192,7 +193,7 @@ class StableDiffusion:
 
     # -- IP-Adapters (adapters.py holds them) ---------------------------------------------------------
 
-    def load_ip_adapter(self, ref: str, image_encoder: str | None = None, scale: float = 1.0) -> int:
+    def load_ip_adapter(self, ref: str, image_encoder: str | None = None, scale: float | dict = 1.0) -> int:
         """Add an IP-Adapter (preset name, `REPO:PATH`, or file); returns its index for image_prompts.
 
         Fails before any work when the adapter was made for another UNet. The image encoder is found
@@ -205,7 +206,9 @@ class StableDiffusion:
         """Remove one adapter (by index) or all; the UNet is then exactly the base model again."""
         self.adapters.unload(index)
 
-    def set_ip_adapter_scale(self, *scales: float) -> None:
+    def set_ip_adapter_scale(self, *scales: float | dict) -> None:
+        """One scale per loaded adapter: a number, or a per-block dict in diffusers' form, e.g.
+        `{"up": {"block_0": [0.0, 1.0, 0.0]}}` (blocks not named get 0)."""
         self.adapters.set_scales(*scales)
 
     def image_encoder_folder(self, index: int = 0) -> Path:
@@ -368,7 +371,9 @@ class StableDiffusion:
         if self.is_sdxl:
             ids = [*(original_size or (height, width)), *crop_coords, *(target_size or (height, width))]
             added = {"text_embeds": pooled, "time_ids": mx.array([ids] * text.shape[0], dtype=mx.float32)}
-        images = self.adapters.conditions(image_prompts, batch, guided) if image_prompts else []
+        ac = alphas_cumprod(self.scheduler_config)  # the training schedule: ComfyUI's percentages map onto it
+        timeline = Timeline(len(timesteps), np.sqrt((1 - ac) / ac))
+        images = self.adapters.conditions(image_prompts, batch, guided, timeline) if image_prompts else []
         cond = Conditioning(text, added, images)
         tokens = [c.tokens for c in images]
         mx.eval(text, x, added, tokens)
