@@ -120,6 +120,118 @@ def mlx_worker(shapes: dict, size: int, steps: int, dtype_name: str, quantize: i
     return results
 
 
+def profile_worker(shapes: dict, size: int, dtype_name: str, repeat: int) -> dict:
+    """Where one UNet step (with IP-Adapter, CFG batch 2) and one VAE decode spend their time, by kind of op.
+
+    Each timed op (convolution, linear, GroupNorm, LayerNorm, the attention core, SiLU, GELU) is evaluated on its
+    own, its inputs first: "other" is what is left of the profiled total (residual adds, concatenations,
+    upsampling, reshapes and copies). Evaluating op by op removes what little overlap the CPU backend has, so
+    the plain (unprofiled) time is reported beside the profiled total."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    import tempfile
+
+    from .bench_shapes import added_conditioning
+    from .checkpoints.adapter_files import read_ip_adapter
+    from .conditioning import Conditioning, ImageCondition
+    from .config import UNetConfig, VAEConfig
+    from .models import AutoencoderKL, UNet2DConditionModel
+    from .models import attention as attention_module
+    from .models import cpu
+    from .models.ops import EagerConv2d, GroupNorm
+    from .synthetic import random_ip_adapter
+
+    dtype = getattr(mx, dtype_name)
+    unet = UNet2DConditionModel(UNetConfig.from_dict(shapes["unet"]))
+    unet.set_dtype(dtype)
+    with tempfile.TemporaryDirectory(prefix="ipadapter-mlx-bench-") as tmp:
+        adapter = read_ip_adapter(random_ip_adapter(Path(tmp) / "ip-adapter.safetensors", shapes), dtype)
+    vae = AutoencoderKL(VAEConfig.from_dict(shapes["vae"]))
+    mx.eval(unet.parameters(), vae.parameters())
+
+    lat = size // 8
+    x = mx.random.normal((2, lat, lat, 4)).astype(dtype)
+    t = mx.array([500.0, 500.0])
+    width = shapes["unet"]["cross_attention_dim"]
+    ctx = mx.random.normal((2, 77, width)).astype(dtype)
+    pooled = mx.zeros((2, shapes.get("text_encoder_2", {}).get("projection_dim", 0)), dtype=dtype)
+    added = added_conditioning(shapes, lambda v: mx.array(v, dtype=mx.float32), pooled, size)
+    tokens = mx.random.normal((2, shapes["resampler"]["queries"], width)).astype(dtype)
+    cond = Conditioning(ctx, added, [ImageCondition(adapter.check_unet(unet), tokens, 1.0)]).at(0, 1.0)
+    z = mx.random.normal((1, lat, lat, 4))
+    phases = {"unet_step": lambda: mx.eval(unet(x, t, cond)),
+              "vae_decode": lambda: mx.eval(vae.decode(z))}
+
+    kinds: dict[str, list[float]] = {}
+    depth = [0]
+
+    def timed_op(kind, fn):
+        def wrapper(*args, **kwargs):
+            if depth[0]:  # inside another timed op: counted there
+                return fn(*args, **kwargs)
+            mx.eval([a for a in (*args, *kwargs.values()) if isinstance(a, mx.array)])
+            depth[0] += 1
+            t0 = time.perf_counter()
+            try:
+                out = fn(*args, **kwargs)
+                mx.eval(out)
+            finally:
+                depth[0] -= 1
+            entry = kinds.setdefault(kind, [0.0, 0])
+            entry[0] += time.perf_counter() - t0
+            entry[1] += 1
+            return out
+        return wrapper
+
+    def conv_kind(conv):
+        return f"conv {conv.weight.shape[1]}x{conv.weight.shape[2]}"
+
+    # (owner, attribute, kind); kind None: convolutions, one kind per kernel size (3x3 ones unfold their input)
+    patches = [(nn.Conv2d, "__call__", None), (EagerConv2d, "__call__", None), (nn.Linear, "__call__", "linear"),
+               (nn.QuantizedLinear, "__call__", "linear"), (GroupNorm, "__call__", "group_norm"),
+               (nn.LayerNorm, "__call__", "layer_norm"),
+               (attention_module, "attention", "attention (q k^T, softmax, p v)"),
+               (nn, "silu", "silu"), (nn, "gelu", "gelu"), (cpu, "silu", "silu"), (cpu, "gelu", "gelu")]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    results = {"size": size, "dtype": dtype_name}
+    for name, run_phase in phases.items():
+        plain = timed(run_phase, repeat)
+        for owner, attr, kind in patches:
+            fn = getattr(owner, attr)
+            if kind is None:
+                def per_shape(self, *args, _fn=fn, **kw):
+                    return timed_op(conv_kind(self), lambda *a: _fn(self, *a, **kw))(*args)
+                setattr(owner, attr, per_shape)
+            else:
+                setattr(owner, attr, timed_op(kind, fn))
+        try:
+            run_phase()  # warm-up under the profiler too
+            kinds.clear()
+            t0 = time.perf_counter()
+            run_phase()
+            total = time.perf_counter() - t0
+        finally:
+            for owner, attr, fn in saved:
+                setattr(owner, attr, fn)
+        ops = {k: {"s": v[0], "calls": v[1]} for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])}
+        ops["other (element-wise, copies)"] = {"s": total - sum(v[0] for v in kinds.values()), "calls": None}
+        results[name] = {"plain_s": plain, "profiled_s": total, "ops": ops}
+    results["blas"] = _blas.state.describe()
+    return results
+
+
+def format_profile(profile: dict) -> str:
+    lines = [f"profile at {profile['size']}px {profile['dtype']}, MLX's BLAS: {profile['blas']}"]
+    for phase in ("unet_step", "vae_decode"):
+        p = profile[phase]
+        lines.append(f"{phase}: {p['plain_s']:.3f} s plain, {p['profiled_s']:.3f} s evaluated op by op")
+        for kind, o in p["ops"].items():
+            calls = f"{o['calls']:>4} calls" if o["calls"] else " " * 10
+            lines.append(f"  {kind:<34} {o['s']:8.3f} s {100 * o['s'] / p['profiled_s']:5.1f}%  {calls}")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -170,6 +282,12 @@ def run(args: argparse.Namespace) -> dict:
                     "model_kind": args.model_kind}
             print(f"diffusers {size}px {dtype} ...", file=sys.stderr, flush=True)
             report["runs"].append({**spec, **_run_worker(spec, args.timeout)})
+    for size in args.sizes if getattr(args, "profile", False) else []:
+        for dtype in args.dtype:
+            spec = {"framework": "mlx", "profile": True, "size": size, "dtype": dtype, "repeat": args.repeat,
+                    "tiny": args.tiny, "model_kind": args.model_kind}
+            print(f"profile mlx {size}px {dtype} ...", file=sys.stderr, flush=True)
+            report.setdefault("profiles", []).append({**spec, **_run_worker(spec, args.timeout)})
     _ratios(report)
     return report
 
@@ -245,6 +363,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=int, default=3600, help="seconds per measured setting")
     p.add_argument("--output", default="bench.json", help="JSON report")
     p.add_argument("--plot", default=None, help="also draw the comparison as a PNG")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one MLX UNet step and one VAE decode per size and dtype, by kind of op")
 
 
 def main_bench(args: argparse.Namespace) -> int:
@@ -256,6 +376,8 @@ def main_bench(args: argparse.Namespace) -> int:
           f"CPU: {report['machine']['processor']}, MLX's BLAS: {_blas.state.describe()}"
           + (f", torch's BLAS: {torch_blas}" if torch_blas else ""))
     print(format_table(report))
+    for profile in report.get("profiles", []):
+        print(f"profile error: {profile['error']}" if "error" in profile else format_profile(profile))
     if args.plot:
         plot(report, args.plot)
     print(args.output)
@@ -264,6 +386,10 @@ def main_bench(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     spec = json.loads(sys.argv[sys.argv.index("--worker") + 1])
-    out = mlx_worker(SHAPES[(spec.get("model_kind", "sd15"), spec["tiny"])], spec["size"], spec["steps"],
-                     spec["dtype"], spec["quantize"], spec["repeat"], spec["low_memory"])
+    shapes = SHAPES[(spec.get("model_kind", "sd15"), spec["tiny"])]
+    if spec.get("profile"):
+        out = profile_worker(shapes, spec["size"], spec["dtype"], spec["repeat"])
+    else:
+        out = mlx_worker(shapes, spec["size"], spec["steps"], spec["dtype"], spec["quantize"], spec["repeat"],
+                         spec["low_memory"])
     print(json.dumps(out))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import cpu
+
 
 # Head widths Metal's fused attention kernel takes. SD 1.5's widest layers use 40: padded with zeros to 64 they
 # get the fused kernel and the same result (zero columns add nothing to q.k, and the padded outputs are cut).
@@ -22,9 +24,12 @@ def padded_head_dim(d: int) -> int:
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, pad_to: int | None = None) -> mx.array:
-    """Multi-head softmax(q k^T / sqrt(d)) v over (B, L, heads*d) inputs."""
+    """Multi-head softmax(q k^T / sqrt(d)) v over (B, L, heads*d) inputs. On the CPU `cpu_attention`, unless
+    `pad_to` asks for MLX's fused kernel at a padded head width."""
     B, Lq, D = q.shape
     d = D // heads
+    if mx.default_device() == mx.cpu and pad_to is None:
+        return cpu_attention(q, k, v, heads)
     q = q.reshape(B, Lq, heads, d).transpose(0, 2, 1, 3)
     k = k.reshape(B, k.shape[1], heads, d).transpose(0, 2, 1, 3)
     v = v.reshape(B, v.shape[1], heads, d).transpose(0, 2, 1, 3)
@@ -35,6 +40,19 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, pad_to: int | N
     if width != d:
         out = out[..., :d]
     return out.transpose(0, 2, 1, 3).reshape(B, Lq, D)
+
+
+def cpu_attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
+    """`attention` on the CPU backend: heads folded into the batch, softmax by `cpu.attention` (MLX's own CPU
+    softmax is scalar: 5-7x slower at SD's shapes), in float32 whatever the model's dtype."""
+    B, Lq, D = q.shape
+    d = D // heads
+
+    def split(t: mx.array) -> mx.array:
+        return t.astype(mx.float32).reshape(B, -1, heads, d).transpose(0, 2, 1, 3).reshape(B * heads, -1, d)
+
+    out = cpu.attention(split(q), split(k), split(v), scale=d**-0.5)
+    return out.reshape(B, heads, Lq, d).transpose(0, 2, 1, 3).reshape(B, Lq, D).astype(q.dtype)
 
 
 class IPAttention(nn.Module):

@@ -7,7 +7,7 @@ import mlx.nn as nn
 
 from ..config import VAEConfig
 from .attention import Attention
-from .ops import EagerConv2d
+from .ops import EagerConv2d, silu
 from .unet import Downsample2D, ResnetBlock2D, Upsample2D, group_norm
 
 EPS = 1e-6  # diffusers' VAE blocks use 1e-6 everywhere
@@ -77,7 +77,7 @@ class Encoder(nn.Module):
         for b in self.down_blocks:
             x = b(x)
         x = self.mid_block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(silu(self.conv_norm_out(x)))
 
 
 class Decoder(nn.Module):
@@ -96,7 +96,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for b in self.up_blocks:
             x = b(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(silu(self.conv_norm_out(x)))
 
 
 class AutoencoderKL(nn.Module):
