@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from . import _blas
+from .errors import UserError
 from .bench_shapes import SHAPES, peak_rss_gib, timed
 
 
@@ -344,23 +345,45 @@ def plot(report: dict, path: str) -> None:
     img.save(path)
 
 
+def positive(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def multiple_of_8(text: str) -> int:
+    value = positive(text)
+    if value % 8 or value > 8192:
+        raise argparse.ArgumentTypeError(f"expected a multiple of 8 up to 8192, got {text}")
+    return value
+
+
+def quantize_choice(text: str) -> int | None:
+    if text not in ("none", "8", "4"):
+        raise argparse.ArgumentTypeError(f"expected none, 8 or 4, got {text!r}")
+    return None if text == "none" else int(text)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="speed and peak memory against diffusers, at real SD 1.5 or SDXL + "
                                      "IP-Adapter-plus shapes (random weights)", description=__doc__)
     p.add_argument("--model-kind", choices=["sd15", "sdxl"], default="sd15",
                    help="sd15: SD 1.5 + IP-Adapter-plus; sdxl: SDXL base + IP-Adapter-plus-sdxl-vit-h")
-    p.add_argument("--sizes", type=int, nargs="+", default=None, help="picture sizes (default: 256 512; --tiny: 64)")
-    p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--quantize", type=lambda v: None if v == "none" else int(v), nargs="+", default=[None],
+    p.add_argument("--sizes", type=multiple_of_8, nargs="+", default=None,
+                   help="picture sizes, multiples of 8 (default: 256 512; --tiny: 64)")
+    p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float16", "bfloat16"],
+                   help="(default: float32)")
+    p.add_argument("--quantize", type=quantize_choice, nargs="+", default=[None],
                    help="none, 8 and/or 4")
     p.add_argument("--low-memory", choices=["off", "on", "both"], default="both",
                    help="measure the low-memory order (encoders freed before the UNet) too")
-    p.add_argument("--steps", type=int, default=2, help="steps in the whole-generation timing")
-    p.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (median)")
+    p.add_argument("--steps", type=positive, default=2, help="steps in the whole-generation timing")
+    p.add_argument("--repeat", type=positive, default=3, help="timed runs per measurement (median)")
     p.add_argument("--compare", nargs="*", choices=["diffusers"], help="also run diffusers (needs torch)")
     p.add_argument("--tiny", action="store_true",
                    help="miniature shapes at 64x64: checks the benchmark itself in seconds; its times mean nothing")
-    p.add_argument("--timeout", type=int, default=3600, help="seconds per measured setting")
+    p.add_argument("--timeout", type=positive, default=3600, help="seconds per measured setting")
     p.add_argument("--output", default="bench.json", help="JSON report")
     p.add_argument("--plot", default=None, help="also draw the comparison as a PNG")
     p.add_argument("--profile", action="store_true",
@@ -368,9 +391,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main_bench(args: argparse.Namespace) -> int:
+    from .cli import check_writable
+    from .files import atomic_file
+
     args.sizes = args.sizes or ([64] if args.tiny else [256, 512])
+    for path in filter(None, (args.output, args.plot)):  # before the run, not after it
+        check_writable(path)
     report = run(args)
-    Path(args.output).write_text(json.dumps(report, indent=2))
+    with atomic_file(args.output) as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
     torch_blas = next((r["torch_blas"] for r in report["runs"] if r.get("torch_blas")), None)
     print(f"device: {next((r.get('device') for r in report['runs'] if r.get('device')), '?')}, "
           f"CPU: {report['machine']['processor']}, MLX's BLAS: {_blas.state.describe()}"
@@ -381,6 +410,8 @@ def main_bench(args: argparse.Namespace) -> int:
     if args.plot:
         plot(report, args.plot)
     print(args.output)
+    if all("error" in r for r in report["runs"]):
+        raise UserError("every measured setting failed (see the table)")
     return 0
 
 
