@@ -39,7 +39,19 @@ def is_ip_adapter_file(path: Path) -> bool:
             return any(k.startswith("ip_adapter.") for k in check_safetensors(path))
         except UserError:
             return False  # not readable: the model converter reports it
-    return path.suffix == ".bin" and path.stat().st_size < 2**31 and path.name.startswith("ip-adapter")
+    if path.suffix not in (".bin", ".pt", ".pth"):
+        return False
+    import zipfile
+
+    try:  # the tencent format's two top-level keys are plain strings in the pickle (tensors live elsewhere)
+        with zipfile.ZipFile(path) as archive:
+            pkl = next((i for i in archive.infolist() if i.filename.endswith("data.pkl")), None)
+            if pkl is None or pkl.file_size > 64 << 20:
+                return False
+            data = archive.read(pkl)
+    except (OSError, zipfile.BadZipFile, ValueError, NotImplementedError, UnicodeDecodeError):
+        return False  # not readable: the model converter reports it
+    return b"image_proj" in data and b"ip_adapter" in data
 
 
 def check_output(out: Path, src: Path, force: bool) -> None:

@@ -148,3 +148,15 @@ def test_float_and_32_bit_images_keep_their_range(tmp_path):
     Image.fromarray(ramp, mode="I").save(tmp_path / "i.tiff")
     got = np.asarray(open_image(tmp_path / "i.tiff"))[..., 0].astype(float)
     assert np.abs(got - ramp / 1_000_000 * 255).max() <= 1  # stretched, not white
+
+
+def test_adapter_bin_recognised_by_content_not_name(tmp_path):
+    """A tencent-format adapter renamed `mystyle.bin` is still converted as an adapter."""
+    torch = pytest.importorskip("torch")
+    from convert.__main__ import is_ip_adapter_file
+
+    torch.save({"image_proj": {"proj.weight": torch.zeros(2, 2)}, "ip_adapter": {"1.to_k_ip.weight": torch.zeros(2, 2)}},
+               tmp_path / "mystyle.bin")
+    torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(2)}}, tmp_path / "ip-adapter-model.bin")
+    assert is_ip_adapter_file(tmp_path / "mystyle.bin")
+    assert not is_ip_adapter_file(tmp_path / "ip-adapter-model.bin")
