@@ -357,7 +357,7 @@ class StableDiffusion:
         if self.is_sdxl:
             ids = [*(original_size or (height, width)), *crop_coords, *(target_size or (height, width))]
             added = {"text_embeds": pooled, "time_ids": mx.array([ids] * text.shape[0], dtype=mx.float32)}
-        images = self.adapters.conditions(image_prompts, batch, guided) if image_prompts else []
+        images = self.adapters.conditions(image_prompts, batch, guided, (height, width)) if image_prompts else []
         cond = Conditioning(text, added, images)
         tokens = [c.tokens for c in images]
         mx.eval(text, x, added, tokens)
