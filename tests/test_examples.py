@@ -27,11 +27,12 @@ def repo(torch_pipe, tmp_path_factory):
     ("text_and_image.py", ["--prompt", "a lighthouse"]),
     ("blend_references.py", ["--image", "{ref2}", "--weight", "1", "--weight", "0.5"]),
     ("image_to_image.py", ["--init", "{ref2}"]),
+    ("two_regions.py", ["--image", "{ref2}"]),
 ])
 def test_example_runs(script, args, repo, mlx_dir, tmp_path, monkeypatch):
     reference_image(1).save(tmp_path / "ref.png")
     reference_image(2, (32, 32)).save(tmp_path / "ref2.png")
-    adapter = "plus" if script in ("text_and_image.py", "blend_references.py") else "base"
+    adapter = "plus" if script in ("text_and_image.py", "blend_references.py", "two_regions.py") else "base"
     argv = [script, "--model", str(mlx_dir), "--ip-adapter", str(repo / "models" / VARIANTS[adapter][0]),
             "--image", str(tmp_path / "ref.png"), "--steps", "2", "--output", str(tmp_path / "out.png")]
     argv += [a.format(ref2=tmp_path / "ref2.png") for a in args]
