@@ -12,7 +12,7 @@ from ipadapter_mlx import ImagePrompt, StableDiffusion
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--image", action="append", required=True)
 parser.add_argument("--weight", action="append", type=float, help="one per --image (default 1)")
-parser.add_argument("--combine", default="average", choices=["concat", "average", "norm-average", "subtract"])
+parser.add_argument("--combine", default="average", choices=["concat", "average", "norm-average", "subtract", "add", "max", "min"])
 parser.add_argument("--prompt", default="best quality, high quality")
 parser.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5")
 parser.add_argument("--ip-adapter", default="sd15-plus")

@@ -8,14 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 from PIL import Image
 
 from . import discovery, steering
 from .conditioning import ImageCondition, Site
 from .errors import UserError, finite
+from .images import mask_array
 from .ip_adapter import Features, ImagePrompt, IPAdapter, encode_images, image_tokens
 from .loading import load_component
-from .models.attention import IPAttention
+from .models.attention import EMBEDS_SCALINGS, IPAttention
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +111,11 @@ class AdapterSet:
     # -- one generation -------------------------------------------------------------------------------
 
     def conditions(self, prompts: list[ImagePrompt | None], batch: int, guided: bool,
-                   timeline: steering.Timeline | None = None) -> list[ImageCondition]:
+                   timeline: steering.Timeline | None = None,
+                   size: tuple[int, int] | None = None) -> list[ImageCondition]:
         """One ImageCondition per adapter given an ImagePrompt (None leaves an adapter out of this call); its
-        scale rule from the prompt's steering options (`timeline`: the run's steps, for start/end)."""
+        scale rule from the prompt's steering options (`timeline`: the run's steps, for start/end); `size`:
+        the picture's (height, width), which masks are resized to."""
         if len(prompts) != len(self.loaded):
             raise UserError(f"{len(prompts)} image prompts for {len(self.loaded)} loaded IP-Adapters")
         out = []
@@ -131,6 +135,23 @@ class AdapterSet:
                 kind = lambda h: "hidden states" if h else "image embeds"  # noqa: E731
                 raise UserError(f"adapter {la.ref} reads {want.input_dim}-d {kind(want.reads_hidden_states)}, "
                                 f"the embeddings given are {feats.cond.shape[-1]}-d {kind(feats.hidden_states)}")
+            if p.embeds_scaling not in EMBEDS_SCALINGS:
+                raise UserError(f"unknown embeds scaling {p.embeds_scaling!r} (choose from {', '.join(EMBEDS_SCALINGS)})")
+            masks = self._masks(la.ref, p, feats.cond.shape[0], size)
             tokens = image_tokens(la.adapter, feats, p, batch, guided).astype(self.dtype)
-            out.append(ImageCondition(la.layers, tokens, rule))
+            out.append(ImageCondition(la.layers, tokens, rule, masks, p.embeds_scaling))
         return out
+
+    @staticmethod
+    def _masks(ref: str, p: ImagePrompt, n: int, size: tuple[int, int] | None) -> np.ndarray | None:
+        """(n, height, width) 0/1 masks, one per image; their images are attended one by one (diffusers)."""
+        if p.masks is None:
+            return None
+        if len(p.masks) != n:
+            raise UserError(f"IP-Adapter {ref}: {len(p.masks)} masks for {n} images (give one per image)")
+        if n > 1 and p.combine != "concat":
+            raise UserError(f"IP-Adapter {ref}: masks need --combine concat (each masked image is attended on its "
+                            f"own), got {p.combine}")
+        if size is None:
+            raise UserError("masks need the picture's size")
+        return np.stack([mask_array(m, size[::-1]) for m in p.masks])

@@ -67,9 +67,11 @@ def fraction(text: str) -> float:
 
 
 IP_OPTIONS = ("image", "image_weight", "scale", "negative_image", "image_embeds", "combine", "image_encoder",
-              "image_fit", "weight_type", "layer_weights", "composition_weight", "start_at", "end_at", "timing")
+              "image_fit", "weight_type", "layer_weights", "composition_weight", "start_at", "end_at", "timing",
+              "mask", "embeds_scaling")
 STEERING = {"weight_type": "linear", "layer_weights": None, "composition_weight": 1.0, "start_at": 0.0,
             "end_at": 1.0, "timing": "step"}  # ImagePrompt's fields and defaults
+LISTS = ("image", "image_weight", "image_embeds", "mask")  # repeatable, one per image
 
 
 class _IPOption(argparse.Action):
@@ -86,7 +88,7 @@ def ip_groups(pairs: list[tuple[str, str]]) -> list[dict]:
     pending: list[tuple[str, str]] = []
     for key, value in pairs:
         if key == "ip_adapter":
-            groups.append({"ip_adapter": value, "image": [], "image_weight": [], "image_embeds": []})
+            groups.append({"ip_adapter": value, **{k: [] for k in LISTS}})
             for k, v in pending:
                 _put(groups[-1], k, v)
             pending = []
@@ -100,7 +102,7 @@ def ip_groups(pairs: list[tuple[str, str]]) -> list[dict]:
 
 
 def _put(group: dict, key: str, value) -> None:
-    if key in ("image", "image_weight", "image_embeds"):
+    if key in LISTS:
         group[key].append(value)
     elif key in group:
         raise UserError(f"--{key.replace('_', '-')} given twice for IP-Adapter {group['ip_adapter']}")
@@ -113,6 +115,7 @@ def _add_ip_options(p: argparse.ArgumentParser, embed: bool = False) -> None:
     from .images import FITS
     from .ip_adapter import COMBINE_MODES
     from .steering import TIMINGS, WEIGHT_TYPES
+    from .models.attention import EMBEDS_SCALINGS
 
     g = p.add_argument_group("IP-Adapter (exactly one: its shapes say which features to compute)" if embed else
                              "IP-Adapter (repeat --ip-adapter for several; options apply to the one before them)")
@@ -135,7 +138,8 @@ def _add_ip_options(p: argparse.ArgumentParser, embed: bool = False) -> None:
         g.add_argument("--image-embeds", action=_IPOption, dest="image_embeds",
                        help="embeddings from `embed`, instead of --image (no vision tower is loaded)")
         g.add_argument("--combine", action=_IPOption, dest="combine", choices=COMBINE_MODES,
-                       help="several images: concat tokens (default, as diffusers), average, norm-average, subtract")
+                       help="several images: concat tokens (default, as diffusers), average, norm-average, subtract; "
+                            "add, max, min (ComfyUI)")
         g.add_argument("--weight-type", action=_IPOption, dest="weight_type", choices=WEIGHT_TYPES,
                        metavar="TYPE", help="how the scale spreads over the layers, as ComfyUI_IPAdapter_plus "
                                             f"names them: {', '.join(WEIGHT_TYPES)} (default linear)")
@@ -150,6 +154,11 @@ def _add_ip_options(p: argparse.ArgumentParser, embed: bool = False) -> None:
         g.add_argument("--timing", action=_IPOption, dest="timing", choices=TIMINGS,
                        help="step: off at step i of N when i/N < start or (i+1)/N > end (diffusers, default); "
                             "sigma: ComfyUI's, on while the noise level is within the two mapped to sigmas")
+        g.add_argument("--mask", action=_IPOption, dest="mask",
+                       help="after each --image: that image acts only where this picture is white (one per image)")
+        g.add_argument("--embeds-scaling", action=_IPOption, dest="embeds_scaling", choices=EMBEDS_SCALINGS,
+                       help="how --scale enters the attention (ComfyUI): V (default, as diffusers), K+V, "
+                            "K+V-C-penalty, K+mean-V")
 
 
 def _add_embed(sub: argparse._SubParsersAction) -> None:
@@ -209,12 +218,15 @@ def _image_prompts(pipe, groups: list[dict]) -> list:
         n = len(images) if images else features.cond.shape[0]
         if g["image_weight"] and len(g["image_weight"]) != n:
             raise UserError(f"IP-Adapter {g['ip_adapter']}: {len(g['image_weight'])} --image-weight for {n} images")
+        if g["mask"] and len(g["mask"]) != n:
+            raise UserError(f"IP-Adapter {g['ip_adapter']}: {len(g['mask'])} --mask for {n} images (one per image)")
         pipe.load_ip_adapter(g["ip_adapter"], image_encoder=g.get("image_encoder"), scale=g.get("scale", 1.0))
         prompts.append(ImagePrompt(
             images=images, features=features, weights=g["image_weight"] or None,
             negative=open_image(g["negative_image"]) if g.get("negative_image") else None,
             combine=g.get("combine", "concat"), fit=g.get("image_fit", "crop"),
             **{k: g.get(k, default) for k, default in STEERING.items()},
+            masks=[open_image(p) for p in g["mask"]] or None, embeds_scaling=g.get("embeds_scaling", "V"),
         ))
     return prompts
 

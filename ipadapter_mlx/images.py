@@ -67,6 +67,16 @@ def to_pixels(image: Image.Image | np.ndarray, size: tuple[int, int] | None = No
     return mx.array(arr[None] * 2.0 - 1.0)
 
 
+def mask_array(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """A regional mask -> (h, w) float32 0/1 for a (w, h) picture, as diffusers' IPAdapterMaskProcessor:
+    resized (lanczos), greyscale, white from 0.5 up."""
+    image = to_rgb(image)
+    if image.size != tuple(size):
+        image = image.resize(size, Image.LANCZOS)
+    grey = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    return (grey >= 0.5).astype(np.float32)
+
+
 # CLIPImageProcessor's defaults, which every IP-Adapter was trained with
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)

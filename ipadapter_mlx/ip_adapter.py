@@ -21,7 +21,7 @@ from .models.clip import CLIPVisionModel
 from .models.image_proj import ImageProjConfig, build_image_proj
 from .models.unet import UNet2DConditionModel
 
-COMBINE_MODES = ("concat", "average", "norm-average", "subtract")
+COMBINE_MODES = ("concat", "average", "norm-average", "subtract", "add", "max", "min")
 
 
 def encoder_name(width: int, hidden: bool) -> str:
@@ -184,6 +184,8 @@ def combine(x: mx.array, weights: list[float], mode: str) -> mx.array:
             raise UserError("--combine subtract needs at least two images")
         rest = (x[1:] * w[1:]).sum(0, keepdims=True) / w[1:].sum()
         return x[:1] * w[:1] - rest
+    if mode in ("add", "max", "min"):  # ComfyUI's IPAdapterCombineEmbeds over the weighted features
+        return getattr(mx, {"add": "sum"}.get(mode, mode))(x * w, axis=0, keepdims=True)
     raise UserError(f"unknown combine mode {mode!r} (choose from {', '.join(COMBINE_MODES)})")
 
 
@@ -207,6 +209,8 @@ class ImagePrompt:
     start_at: float = 0.0  # fractions of the steps (timing "step") or ComfyUI's percentages (timing "sigma")
     end_at: float = 1.0
     timing: str = "step"
+    masks: list[Image.Image] | None = None  # one per image: each acts only where its mask is white
+    embeds_scaling: str = "V"  # how the scale enters the attention (EMBEDS_SCALINGS, ComfyUI's names)
 
 
 def image_tokens(adapter: IPAdapter, features: Features, prompt: ImagePrompt, batch: int, guided: bool) -> mx.array:

@@ -14,12 +14,13 @@ from .loading import component_bytes
 # measured peak lies at or under its estimate, by 2.4 GiB at most (Metal's convolutions may need less). CPU row:
 # the decoder at several sizes and widths, SDXL at 1024x1024 8-bit low-memory (8.1 GiB measured, 9.3 estimated).
 #   decoder: a fixed part plus bytes per output pixel per channel of the VAE's widest level. The CPU's
-#            convolution unfolds its input (9x for a 3x3 kernel), hence its larger slope (see EagerConv2d).
+#            convolution is evaluated as it comes (EagerConv2d) as nine accumulated products: 52 bytes per pixel
+#            per channel measured at SD 1.5's widths (256 and 512 px) and a tiny VAE alike, 56 allowed.
 #   UNet:    a fixed part plus a multiple of one first-level feature map of the CFG batch; on the CPU the
 #            attention is not fused, so its score matrices (and their softmax) are materialised as well.
 ACTIVATION_BYTES = {"gpu": {"decode_fixed": 1.4 * 2**30, "decode_per_px_ch": 60, "unet_fixed": 0.5 * 2**30,
                             "unet_maps": 85},
-                    "cpu": {"decode_fixed": 0.05 * 2**30, "decode_per_px_ch": 120, "unet_fixed": 0.5 * 2**30,
+                    "cpu": {"decode_fixed": 0.05 * 2**30, "decode_per_px_ch": 56, "unet_fixed": 0.5 * 2**30,
                             "unet_maps": 20}}
 
 

@@ -38,6 +38,9 @@ def expected_blend(x: np.ndarray, w: list[float], mode: str) -> np.ndarray:
         return direction * (length * wb).sum(0, keepdims=True) / sum(w)
     if mode == "subtract":
         return x[:1] * w[0] - (x[1:] * wb[1:]).sum(0, keepdims=True) / sum(w[1:])
+    # ComfyUI's IPAdapterCombineEmbeds (torch.sum / max / min over dim 0) of the weighted images
+    if mode in ("add", "max", "min"):
+        return {"add": np.sum, "max": np.max, "min": np.min}[mode](x * wb, axis=0, keepdims=True)
     raise AssertionError(mode)
 
 

@@ -1,7 +1,8 @@
 """Attention, and the decoupled image attention of IP-Adapter: the paper's idea lives here and only here.
 
 `out = to_out( Attn(q, K_text, V_text) + sum_i scale_i * Attn(q, to_k_ip_i(c_i), to_v_ip_i(c_i)) )`
-Each image-token set has its own softmax. With no adapter loaded `self.ip` is empty and costs nothing.
+Each image-token set has its own softmax. With no adapter acting on a layer it costs nothing. How scale_i enters
+is ComfyUI_IPAdapter_plus' "embeds scaling" (`scale_embeds`); a regional mask multiplies an output where it acts.
 """
 
 from __future__ import annotations
@@ -55,6 +56,24 @@ def cpu_attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array
     return out.reshape(B, heads, Lq, d).transpose(0, 2, 1, 3).reshape(B, Lq, D).astype(q.dtype)
 
 
+# ComfyUI's embeds_scaling: 'V only', 'K+V', 'K+V w/ C penalty', 'K+mean(V) w/ C penalty'
+EMBEDS_SCALINGS = ("V", "K+V", "K+V-C-penalty", "K+mean-V")
+
+
+def scale_embeds(k: mx.array, v: mx.array, w: float, mode: str) -> tuple[mx.array, mx.array, float]:
+    """(keys, values, output weight) of an image attention of scale `w`, as ComfyUI's CrossAttentionPatch:
+    V scales the output (diffusers' scale); K+V the keys and values; the C penalties first take w * C / 1280
+    (C: the layer's width), and K+mean-V then scales only the values' mean over the tokens."""
+    if mode == "V":
+        return k, v, w
+    if mode in ("K+V-C-penalty", "K+mean-V"):
+        w = w * k.shape[-1] / 1280
+    if mode == "K+mean-V":
+        mean = v.mean(axis=1, keepdims=True)
+        return k * w, v - mean + mean * w, 1.0
+    return k * w, v * w, 1.0
+
+
 class IPAttention(nn.Module):
     """One adapter's `to_k_ip` / `to_v_ip` for one cross-attention layer (bias-free, as in the checkpoints)."""
 
@@ -88,12 +107,15 @@ class Attention(nn.Module):
         self,
         x: mx.array,
         context: mx.array | None = None,
-        image: list[tuple[IPAttention, mx.array, float]] = (),
+        image: list = (),
     ) -> mx.array:
-        """`image`: (the adapter's layer, its tokens, its scale) per adapter acting here at this step."""
+        """`image`: the ImageAttentions (conditioning.py) acting here at this step, masks already at this
+        layer's query count."""
         ctx = x if context is None else context
         q = self.to_q(x)
         out = attention(q, self.to_k(ctx), self.to_v(ctx), self.heads)
-        for layer, tokens, scale in image:
-            out = out + scale * attention(q, layer.to_k_ip(tokens), layer.to_v_ip(tokens), self.heads)
+        for a in image:
+            k, v, w = scale_embeds(a.layer.to_k_ip(a.tokens), a.layer.to_v_ip(a.tokens), a.scale, a.scaling)
+            ip = attention(q, k, v, self.heads)
+            out = out + w * (ip if a.mask is None else ip * a.mask)
         return self.to_out[0](out)

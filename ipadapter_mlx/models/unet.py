@@ -110,7 +110,7 @@ class BasicTransformerBlock(nn.Module):
 
     def __call__(self, x: mx.array, cond: StepConditioning) -> mx.array:
         x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), cond.text, cond.image_attention(self.attn2.name))
+        x = x + self.attn2(self.norm2(x), cond.text, cond.image_attention(self.attn2.name, x.shape[1]))
         return x + self.ff(self.norm3(x))
 
 

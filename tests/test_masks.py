@@ -1,0 +1,182 @@
+"""Regional masks against diffusers' `ip_adapter_masks` (two images on one adapter, two adapters with one mask
+each), the mask downsampling against `IPAdapterMaskProcessor.downsample`, ComfyUI's embeds scaling against its
+formulas written here from CrossAttentionPatch.py, and bad masks from the CLI."""
+
+import pytest
+
+pytest.importorskip("torch", reason="parity test: needs the PyTorch reference (pip install torch==2.13.0 '.[test]')")
+
+import re
+import warnings
+
+import diffusers
+import mlx.core as mx
+import numpy as np
+import torch
+from diffusers.image_processor import IPAdapterMaskProcessor
+from PIL import Image
+
+from conftest import psnr, record
+from ip_fixtures import VARIANTS
+from ipadapter_mlx import StableDiffusion, UserError
+from ipadapter_mlx.conditioning import ImageAttention, downsample_mask
+from ipadapter_mlx.ip_adapter import ImagePrompt
+from ipadapter_mlx.models.attention import EMBEDS_SCALINGS, Attention, IPAttention
+from test_ip_adapter import STEPS, adapter_repo, diffusers_pipe, reference_image  # noqa: F401 (fixture)
+from test_ip_cli import cli, h94  # noqa: F401 (fixtures)
+
+H, W = 32, 48  # not square: the masks' aspect ratio matters in the downsampling
+
+
+def half(side: str, size=(W, H), soft=False) -> Image.Image:
+    """A white left or right part (a little past the middle, so the regions overlap), in RGB as a file would be."""
+    x = np.arange(size[0])[None, :].repeat(size[1], 0)
+    white = x < 0.6 * size[0] if side == "left" else x >= 0.4 * size[0]
+    return Image.fromarray((white * 255).astype(np.uint8)).convert("RGB")
+
+
+@pytest.mark.parametrize("mask_hw,queries", [((32, 48), 96), ((32, 48), 24), ((64, 40), 40), ((30, 30), 50),
+                                              ((32, 48), 97)])
+def test_downsample_matches_diffusers(mask_hw, queries):
+    """Bicubic (torch's), the grid from the aspect ratio, and the cut or zero padding when shapes differ."""
+    mask = (np.random.default_rng(queries).random(mask_hw) > 0.5).astype(np.float32)
+    with warnings.catch_warnings():  # diffusers warns when it pads or cuts (the last two cases)
+        warnings.simplefilter("ignore")
+        want = IPAdapterMaskProcessor.downsample(torch.from_numpy(mask)[None], 1, queries, 1)[0, :, 0].numpy()
+    assert np.abs(downsample_mask(mask, queries) - want).max() < 1e-5
+
+
+def run_masked(diffusers_dir, mlx_dir, repo, variants, images, masks, scales):
+    """The same masked generation through diffusers (masks from IPAdapterMaskProcessor().preprocess, given as
+    cross_attention_kwargs) and through ours (PIL masks in ImagePrompt.masks)."""
+    latents = torch.randn(1, 4, H // 2, W // 2, generator=torch.Generator().manual_seed(0))
+    processor = IPAdapterMaskProcessor()
+    torch_masks = [processor.preprocess(m, height=H, width=W) for m in masks]
+    torch_masks = [m.reshape(1, m.shape[0], m.shape[2], m.shape[3]) for m in torch_masks]
+    ref = diffusers_pipe(diffusers_dir, repo, variants, scales)(
+        "a cat", ip_adapter_image=images, num_inference_steps=STEPS, guidance_scale=6.0, height=H, width=W,
+        latents=latents, output_type="np", cross_attention_kwargs={"ip_adapter_masks": torch_masks},
+    ).images
+    ours = StableDiffusion(mlx_dir, dtype=mx.float32)
+    for v in variants:
+        ours.load_ip_adapter(str(repo / "models" / VARIANTS[v][0]))
+
+    def generate(with_masks=True):
+        prompts = [ImagePrompt(images=im, scale=s, masks=m if with_masks else None)
+                   for im, m, s in zip(images, masks, scales)]
+        return np.array(ours.generate("a cat", steps=STEPS, cfg=6.0, height=H, width=W, scheduler="euler",
+                                      latents=latents.numpy(), image_prompts=prompts, return_array=True))
+
+    return generate(), ref, generate(False)
+
+
+def test_two_images_one_adapter_match_diffusers(diffusers_dir, mlx_dir, adapter_repo):  # noqa: F811
+    images = [[reference_image(2), reference_image(3)]]
+    masks = [[half("left"), half("right")]]
+    got, ref, unmasked = run_masked(diffusers_dir, mlx_dir, adapter_repo, ["plus"], images, masks, [0.9])
+    assert record("masks: plus, two images, left/right", psnr(got, ref), "dB") >= 40
+    assert psnr(got, unmasked) < 40  # the masks really change the picture
+
+
+def test_two_adapters_one_mask_each_match_diffusers(diffusers_dir, mlx_dir, adapter_repo):  # noqa: F811
+    images = [[reference_image(4)], [reference_image(5, (200, 260))]]
+    masks = [[half("left")], [half("right", (96, 64))]]  # the second at twice the size: resized to the picture
+    got, ref, unmasked = run_masked(diffusers_dir, mlx_dir, adapter_repo, ["plus", "plus-face"], images, masks,
+                                    [0.8, 1.2])
+    assert record("masks: plus + plus-face, one region each", psnr(got, ref), "dB") >= 40
+    assert psnr(got, unmasked) < 40
+
+
+# ---------------------------------------------------------------------------------------------------
+# Embeds scaling, one attention layer, against ComfyUI's CrossAttentionPatch written in numpy
+
+
+def np_attention(q, k, v, heads):
+    B, L, C = q.shape
+    d = C // heads
+    split = lambda t: t.reshape(B, t.shape[1], heads, d).transpose(0, 2, 1, 3)  # noqa: E731
+    s = split(q) @ split(k).transpose(0, 1, 3, 2) / np.sqrt(d)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return ((p / p.sum(-1, keepdims=True)) @ split(v)).transpose(0, 2, 1, 3).reshape(B, L, C)
+
+
+def comfy_out_ip(q, ip_k, ip_v, weight, mode, heads):
+    """CrossAttentionPatch.__call__'s out_ip for one adapter, mode by mode."""
+    if mode == "K+mean-V":  # 'K+mean(V) w/ C penalty'
+        weight = weight * ip_k.shape[2] / 1280.0
+        ip_k = ip_k * weight
+        mean = ip_v.mean(axis=1, keepdims=True)
+        return np_attention(q, ip_k, (ip_v - mean) + mean * weight, heads)
+    if mode == "K+V-C-penalty":  # 'K+V w/ C penalty'
+        weight = weight * ip_k.shape[2] / 1280.0
+        return np_attention(q, ip_k * weight, ip_v * weight, heads)
+    if mode == "K+V":
+        return np_attention(q, ip_k * weight, ip_v * weight, heads)
+    return np_attention(q, ip_k, ip_v, heads) * weight  # 'V only'
+
+
+@pytest.mark.parametrize("mode", EMBEDS_SCALINGS)
+@pytest.mark.parametrize("width", [64, 320])
+def test_embeds_scaling_matches_comfyui(mode, width):
+    heads, ctx, rng = 4, 16, np.random.default_rng(width)
+    attn, ips = Attention(width, heads, width // heads, context_dim=ctx), [IPAttention(ctx, width) for _ in "ab"]
+    x, text = rng.standard_normal((2, 12, width)), rng.standard_normal((2, 7, ctx))
+    tokens = [rng.standard_normal((2, n, ctx)) for n in (4, 6)]
+    mask = (rng.random((12, 1)) > 0.5)
+    scales = [0.7, -1.3]
+    f32 = lambda a: mx.array(a.astype(np.float32))  # noqa: E731
+    image = [ImageAttention(ips[0], f32(tokens[0]), scales[0], None, mode),
+             ImageAttention(ips[1], f32(tokens[1]), scales[1], f32(mask), mode)]
+    got = np.array(attn(f32(x), f32(text), image))
+
+    w = lambda layer: np.array(layer.weight, np.float64).T  # noqa: E731
+    q = x @ w(attn.to_q)
+    out = np_attention(q, text @ w(attn.to_k), text @ w(attn.to_v), heads)
+    for ip, t, s, m in zip(ips, tokens, scales, [1.0, mask]):
+        out = out + comfy_out_ip(q, t @ w(ip.to_k_ip), t @ w(ip.to_v_ip), s, mode, heads) * m
+    want = out @ w(attn.to_out[0]) + np.array(attn.to_out[0].bias)
+    assert np.abs(got - want).max() < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_masks_one_line_each(cli, h94, tmp_path, capsys):  # noqa: F811
+    models = h94[0] / "models"
+    plus = str(models / VARIANTS["plus"][0])
+    ref, ref2 = str(tmp_path / "ref.png"), str(tmp_path / "ref2.png")
+    half("left").save(tmp_path / "m.png")
+    (tmp_path / "notes.png").write_text("not a picture")
+    m = str(tmp_path / "m.png")
+    cases = [
+        (["--ip-adapter", plus, "--image", ref, "--mask", str(tmp_path / "missing.png")], r"image not found: .*missing"),
+        (["--ip-adapter", plus, "--image", ref, "--mask", str(tmp_path / "notes.png")], r"cannot read image .*notes"),
+        (["--ip-adapter", plus, "--image", ref, "--image", ref2, "--mask", m], r"1 --mask for 2 images"),
+        (["--ip-adapter", plus, "--image", ref, "--mask", m, "--mask", m], r"2 --mask for 1 images"),
+        (["--ip-adapter", plus, "--image", ref, "--mask", m, "--image", ref2, "--mask", m, "--combine", "average"],
+         r"masks need --combine concat"),
+        (["--ip-adapter", plus, "--image", ref, "--embeds-scaling", "K"], r"invalid choice: 'K'"),
+    ]
+    for args, message in cases:
+        try:
+            code, out, err = cli("generate", *args, "--output", str(tmp_path / "out.png"))
+        except SystemExit as e:  # argparse refuses an unknown choice itself, in one line
+            code, err = e.code, capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert code != 0 and len(lines) == 1 and re.search(message, lines[0]), (args, err)
+        assert not (tmp_path / "out.png").exists()
+
+
+def test_masks_and_scaling_from_the_cli(cli, h94, tmp_path):  # noqa: F811
+    """Two adapters, one region each (one with K+V scaling), a third blending two images by max."""
+    models = h94[0] / "models"
+    half("left", (32, 32)).save(tmp_path / "l.png")
+    half("right", (32, 32)).save(tmp_path / "r.png")
+    code, _, err = cli("generate", "--ip-adapter", str(models / VARIANTS["plus"][0]), "--image",
+                       str(tmp_path / "ref.png"), "--mask", str(tmp_path / "l.png"), "--embeds-scaling", "K+V",
+                       "--ip-adapter", str(models / VARIANTS["base"][0]), "--image", str(tmp_path / "ref.png"),
+                       "--mask", str(tmp_path / "r.png"), "--ip-adapter", str(models / VARIANTS["light"][0]),
+                       "--image", str(tmp_path / "ref.png"), "--image", str(tmp_path / "ref2.png"), "--combine", "max",
+                       "--output", str(tmp_path / "out.png"))
+    assert code == 0 and (tmp_path / "out.png").exists(), err
