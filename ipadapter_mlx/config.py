@@ -39,10 +39,10 @@ class ConfigFile:
             kinds = [t for t, word in ((str, "str"), (bool, "bool"), (int, "int"), (float, "float"), (dict, "dict"),
                                        (type(None), "None")) if word in str(f.type)]
             limit = MAX_COUNT if f.name in COUNTS else MAX_SIZE
-            for v in value if isinstance(value, list) else [value]:
+            for v in value if isinstance(value, (list, tuple)) else [value]:
                 ok = (type(v) in kinds or (type(v) is int and float in kinds)) and not (
                     type(v) is int and not 0 <= v <= limit or type(v) is float and not math.isfinite(v))
-                if not ok or (isinstance(value, list) and len(value) > MAX_COUNT):
+                if not ok or (isinstance(value, (list, tuple)) and len(value) > MAX_COUNT):
                     expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
                     raise UserError(f"{cls.__name__}: config.json has {f.name}={str(value)[:60]}: expected {expected}"
                                     f"{f' (whole numbers 0..{limit})' if int in kinds else ''}")

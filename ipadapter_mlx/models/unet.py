@@ -15,7 +15,7 @@ from ..conditioning import Site, StepConditioning
 from ..config import UNetConfig
 from ..errors import UserError
 from .attention import Attention
-from .ops import GroupNorm
+from .ops import GroupNorm, gelu, silu
 
 
 def group_norm(groups: int, channels: int, eps: float) -> GroupNorm:
@@ -70,10 +70,10 @@ class ResnetBlock2D(nn.Module):
             self.conv_shortcut = conv(in_ch, out_ch, 1)
 
     def __call__(self, x: mx.array, temb: mx.array | None = None) -> mx.array:
-        h = self.conv1(nn.silu(self.norm1(x)))
+        h = self.conv1(silu(self.norm1(x)))
         if temb is not None:
-            h = h + self.time_emb_proj(nn.silu(temb))[:, None, None, :]
-        h = self.conv2(nn.silu(self.norm2(h)))
+            h = h + self.time_emb_proj(silu(temb))[:, None, None, :]
+        h = self.conv2(silu(self.norm2(h)))
         if "conv_shortcut" in self:
             x = self.conv_shortcut(x)
         return x + h
@@ -86,7 +86,7 @@ class GEGLU(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         h, gate = mx.split(self.proj(x), 2, axis=-1)
-        return h * nn.gelu(gate)
+        return h * gelu(gate)
 
 
 class FeedForward(nn.Module):
@@ -301,4 +301,4 @@ class UNet2DConditionModel(nn.Module):
         x = self.mid_block(x, temb, cond)
         for block in self.up_blocks:
             x, _ = block(x, temb, cond, skips=skips)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(silu(self.conv_norm_out(x)))
