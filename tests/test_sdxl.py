@@ -34,20 +34,24 @@ UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32
 H, W, STEPS = 32, 48, 4
 
 
-@pytest.fixture(scope="module")
-def xl_dir(tmp_path_factory) -> Path:
-    tok = write_tokenizer(tmp_path_factory.mktemp("tok"))
+def make_sdxl_pipeline(unet: dict, tokenizer_dir: Path):
+    """A tiny StableDiffusionXLPipeline with this UNet layout: two text encoders, perturbed random weights."""
     torch.manual_seed(0)
-    pipe = diffusers.StableDiffusionXLPipeline(
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    return diffusers.StableDiffusionXLPipeline(
         vae=perturb(diffusers.AutoencoderKL(**VAE_CONFIG, scaling_factor=0.13025), 1),
         text_encoder=perturb(transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT_CONFIG)), 2),
         text_encoder_2=perturb(transformers.CLIPTextModelWithProjection(
-            transformers.CLIPTextConfig(**TEXT_CONFIG, projection_dim=32, )), 3),
-        tokenizer=transformers.CLIPTokenizer.from_pretrained(str(tok)),
-        tokenizer_2=transformers.CLIPTokenizer.from_pretrained(str(tok)),
-        unet=perturb(diffusers.UNet2DConditionModel(**UNET), 4),
+            transformers.CLIPTextConfig(**TEXT_CONFIG, projection_dim=32)), 3),
+        tokenizer=tokenizer, tokenizer_2=tokenizer,
+        unet=perturb(diffusers.UNet2DConditionModel(**unet), 4),
         scheduler=diffusers.EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
     )
+
+
+@pytest.fixture(scope="module")
+def xl_dir(tmp_path_factory) -> Path:
+    pipe = make_sdxl_pipeline(UNET, write_tokenizer(tmp_path_factory.mktemp("tok")))
     path = tmp_path_factory.mktemp("sdxl-tiny")
     pipe.save_pretrained(path)
     return path

@@ -10,15 +10,14 @@ import diffusers
 import mlx.core as mx
 import numpy as np
 import torch
-import transformers
 from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
 
-from conftest import TEXT_CONFIG, VAE_CONFIG, perturb, psnr, record, write_tokenizer
+from conftest import psnr, record, write_tokenizer
 from ip_fixtures import SDXL_VARIANTS, VARIANTS, make_adapter_repo
 from ipadapter_mlx import ImagePrompt, StableDiffusion, steering
 from ipadapter_mlx.errors import UserError
 from test_ip_adapter import H, STEPS, W, adapter_repo, diffusers_pipe, reference_image, run_both, start_noise  # noqa: F401
-from test_sdxl import SDXL_SCHEDULER
+from test_sdxl import make_sdxl_pipeline
 
 SD15_DICTS = [{"down": {"block_0": [0.0, 1.0]}, "up": {"block_1": [0.5, 0.0, 1.2]}, "mid": 0.3},
               {"up": 0.7}, {"down": {"block_0": [0.9]}, "mid": [0.4]}]
@@ -129,18 +128,7 @@ XL_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=
 def xl11(tmp_path_factory):
     from ipadapter_mlx.checkpoints.stable_diffusion import convert_diffusers_folder
 
-    tok = write_tokenizer(tmp_path_factory.mktemp("tok"))
-    torch.manual_seed(0)
-    pipe = diffusers.StableDiffusionXLPipeline(
-        vae=perturb(diffusers.AutoencoderKL(**VAE_CONFIG, scaling_factor=0.13025), 1),
-        text_encoder=perturb(transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT_CONFIG)), 2),
-        text_encoder_2=perturb(transformers.CLIPTextModelWithProjection(
-            transformers.CLIPTextConfig(**TEXT_CONFIG, projection_dim=32)), 3),
-        tokenizer=transformers.CLIPTokenizer.from_pretrained(str(tok)),
-        tokenizer_2=transformers.CLIPTokenizer.from_pretrained(str(tok)),
-        unet=perturb(diffusers.UNet2DConditionModel(**XL_UNET), 4),
-        scheduler=diffusers.EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
-    )
+    pipe = make_sdxl_pipeline(XL_UNET, write_tokenizer(tmp_path_factory.mktemp("tok")))
     path = tmp_path_factory.mktemp("sdxl11")
     pipe.save_pretrained(path)
     variants = {"sdxl": SDXL_VARIANTS["sdxl"]}
