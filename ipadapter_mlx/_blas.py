@@ -64,8 +64,7 @@ def cpu_core(cpuinfo: str | None = None) -> str | None:
     line = next((l for l in cpuinfo.splitlines() if l.startswith("flags")), "")
     flags = set(line.partition(":")[2].split())
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"} <= flags:
-        if {"amx_tile", "amx_bf16", "avx512_fp16"} <= flags:
-            return "SapphireRapids"
+        # Sapphire Rapids too: Debian 12's OpenBLAS (0.3.21) has no such core; its float32 kernels are SkylakeX's
         return "Cooperlake" if "avx512_bf16" in flags else "SkylakeX"
     if {"avx2", "fma"} <= flags:
         return "Haswell"
@@ -237,17 +236,24 @@ def route_mlx_blas() -> BlasState:
         if not new:
             raise OSError("no BLAS import found in libmlx.so")
         old = _write_slots(new)
-    except (OSError, ValueError, struct.error) as e:
-        state = BlasState(cpu_core=want, note=f"could not route MLX to OpenBLAS: {e}")
+    except Exception as e:  # an unexpected library layout: MLX keeps its reference BLAS, nothing was written
+        state = BlasState(cpu_core=want, note=f"could not route MLX to OpenBLAS: {type(e).__name__}: {e}")
         return state
-    openblas.openblas_get_corename.restype = ctypes.c_char_p
-    core = openblas.openblas_get_corename().decode()
-    if not products_agree():
+    try:
+        openblas.openblas_get_corename.restype = ctypes.c_char_p
+        core = openblas.openblas_get_corename().decode()
+        agree = products_agree()
+    except Exception:
+        agree, core = False, "unknown"
+    if not agree:
         _write_slots(old)
         state = BlasState(cpu_core=want, note=f"OpenBLAS ({core} kernels) gave wrong products on this CPU: "
                                               "MLX keeps the reference BLAS")
         return state
     state = BlasState(f"OpenBLAS ({Path(name).name})", core, want)
+    if want and core.lower() != want.lower() and os.environ.get("OPENBLAS_CORETYPE") is None:
+        state.note = (f"OpenBLAS runs {core} kernels where {want} fits this CPU: it was loaded before "
+                      f"ipadapter_mlx; set OPENBLAS_CORETYPE={want} before starting")
     if state.generic:
         state.note = (f"generic SSE kernels on a CPU with {want}-class instructions: set "
                       f"OPENBLAS_CORETYPE={want} for several times faster matrix products")
@@ -260,7 +266,9 @@ def slow_blas_warning() -> str | None:
         return None
     if state.generic:
         return f"note: OpenBLAS runs its {state.core} kernels: {state.note}"
-    if state.library == "reference BLAS" and state.note != "IPADAPTER_MLX_BLAS=reference":
+    if state.library == "reference BLAS" and state.note == "OpenBLAS not found":
         return ("note: MLX is using the slow reference BLAS; install OpenBLAS for ~30x faster CPU runs "
-                "(Debian/Ubuntu: apt-get install libopenblas0-pthread)" + (f" [{state.note}]" if state.note else ""))
+                "(Debian/Ubuntu: apt-get install libopenblas0-pthread)")
+    if state.library == "reference BLAS" and state.note != "IPADAPTER_MLX_BLAS=reference":
+        return f"note: MLX is using the slow reference BLAS: {state.note}"
     return None

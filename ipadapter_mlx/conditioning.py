@@ -68,7 +68,7 @@ def downsample_mask(mask: np.ndarray, queries: int) -> np.ndarray:
     `IPAdapterMaskProcessor.downsample`: the level's grid guessed from the mask's aspect ratio, bicubic (not
     binarised again), then cut or zero-padded to `queries` (only when the mask and the picture differ in shape)."""
     h, w = mask.shape
-    mask_h = int(math.sqrt(queries / (w / h)))
+    mask_h = max(1, int(math.sqrt(queries / (w / h))))  # at least one row, however wide the picture
     mask_h = mask_h + int(queries % mask_h != 0)
     mask_w = queries // mask_h
     flat = bicubic_resize(mask, (mask_h, mask_w)).reshape(-1)[:queries]

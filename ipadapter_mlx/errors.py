@@ -9,6 +9,6 @@ class UserError(Exception):
 
 def finite(name: str, value: float) -> float:
     """A number that must be finite (NaN or Inf would give a black picture): the value, or a UserError."""
-    if not math.isfinite(value):
-        raise UserError(f"{name} must be a finite number, got {value}")
-    return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number, got {value!r:.60}")
+    return float(value)

@@ -26,5 +26,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        try:
+            tmp.unlink(missing_ok=True)  # after a rename there is nothing left; never hide the real error
+        except OSError:
+            pass

@@ -69,11 +69,11 @@ def to_pixels(image: Image.Image | np.ndarray, size: tuple[int, int] | None = No
 
 def mask_array(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     """A regional mask -> (h, w) float32 0/1 for a (w, h) picture, as diffusers' IPAdapterMaskProcessor:
-    resized (lanczos), greyscale, white from 0.5 up."""
-    image = to_rgb(image)
+    greyscale, then resized (lanczos), white from 0.5 up."""
+    image = to_rgb(image).convert("L")
     if image.size != tuple(size):
         image = image.resize(size, Image.LANCZOS)
-    grey = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    grey = np.asarray(image, dtype=np.float32) / 255.0
     return (grey >= 0.5).astype(np.float32)
 
 

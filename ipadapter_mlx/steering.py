@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Union
 import numpy as np
 
 from .conditioning import ScaleRule, Site
-from .errors import UserError
+from .errors import UserError, finite
 
 Scale = Union[float, dict]  # a number, or diffusers' per-block dict
 WEIGHT_TYPES = ("linear", "ease-in", "ease-out", "ease-in-out", "reverse-in-out", "weak-input", "weak-middle",
@@ -33,9 +33,7 @@ TIMINGS = ("step", "sigma")
 
 
 def _number(value, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UserError(f"IP-Adapter scale for {where} must be a finite number, got {value!r:.60}")
-    return float(value)
+    return finite(f"IP-Adapter scale for {where}", value)
 
 
 def _no_layer(name: str) -> UserError:

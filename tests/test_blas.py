@@ -56,7 +56,7 @@ def test_openblas_knows_each_core_name_we_choose():
     here = _blas.cpu_core()
     if here is None:
         pytest.skip("no AVX on this CPU")
-    order = ["Sandybridge", "Haswell", "SkylakeX", "Cooperlake", "SapphireRapids"]
+    order = ["Sandybridge", "Haswell", "SkylakeX", "Cooperlake"]
     for name in order[: order.index(here) + 1]:
         s = python(STATE, OPENBLAS_CORETYPE=name)
         assert s["core"].lower() == name.lower(), (name, s)
@@ -83,7 +83,7 @@ def test_cpu_core_from_flags():
     avx2 = base + " avx2 fma"
     avx512 = avx2 + " avx512f avx512dq avx512cd avx512bw avx512vl"
     cases = {base: "Sandybridge", avx2: "Haswell", avx512: "SkylakeX", avx512 + " avx512_bf16": "Cooperlake",
-             avx512 + " avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8": "SapphireRapids",
+             avx512 + " avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8": "Cooperlake",  # no SapphireRapids core in 0.3.21
              "sse sse2 sse3": None, avx2.replace(" fma", ""): "Sandybridge"}
     for flags, core in cases.items():
         assert _blas.cpu_core(f"processor\t: 0\nflags\t\t: fpu {flags}\n") == core, flags

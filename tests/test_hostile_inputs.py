@@ -160,3 +160,17 @@ def test_adapter_bin_recognised_by_content_not_name(tmp_path):
     torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(2)}}, tmp_path / "ip-adapter-model.bin")
     assert is_ip_adapter_file(tmp_path / "mystyle.bin")
     assert not is_ip_adapter_file(tmp_path / "ip-adapter-model.bin")
+
+
+def test_wide_pictures_downsample_masks_without_dividing_by_zero():
+    """A level of 32 positions for a 64:1 picture: at least one mask row (diffusers' rule would divide by 0)."""
+    from ipadapter_mlx.conditioning import downsample_mask
+
+    out = downsample_mask(np.ones((8, 512), np.float32), 32)
+    assert out.size == 32 and np.all(out == 1)  # one weight per position of that level
+
+
+def test_cpu_kernels_take_empty_arrays():
+    from ipadapter_mlx.models import cpu
+
+    assert cpu.silu(mx.zeros((0, 4))).shape == (0, 4) and cpu.gelu(mx.zeros((0,))).shape == (0,)

@@ -13,6 +13,7 @@ element instead of per score).
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
@@ -23,10 +24,14 @@ MIN_SPLIT = 1 << 16  # below this many scores one thread is faster than handing 
 _pool: ThreadPoolExecutor | None = None
 
 
+_pool_lock = threading.Lock()
+
+
 def _workers() -> ThreadPoolExecutor:
     global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 16)), thread_name_prefix="ipadapter-softmax")
+    with _pool_lock:  # one pool, even when two threads make their first call at once
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 16)), thread_name_prefix="ipadapter-softmax")
     return _pool
 
 
@@ -72,6 +77,8 @@ CHUNK = 1 << 16  # elements per piece of an element-wise map: its temporaries st
 
 def _map(fn, x: mx.array) -> mx.array:
     """fn(in, out) over cache-sized pieces of x (evaluated, as float32), on every core; the result in x's dtype."""
+    if x.size == 0:
+        return x
     src = np.asarray(x.astype(mx.float32)).reshape(-1)  # evaluates x: a view of MLX's buffer, read only here
     out = np.empty_like(src)
     pieces = [slice(i, i + CHUNK) for i in range(0, src.size, CHUNK)]
