@@ -211,6 +211,10 @@ class ImagePrompt:
     timing: str = "step"
     masks: list[Image.Image] | None = None  # one per image: each acts only where its mask is white
     embeds_scaling: str = "V"  # how the scale enters the attention (EMBEDS_SCALINGS, ComfyUI's names)
+    boost: float | None = None  # precise types: ComfyUI's style_boost / composition_boost (None: the weight)
+    # style-and-composition types: a separate layout reference, its tokens on the composition layers (ComfyUI's
+    # image_composition)
+    composition_images: list[Image.Image] | None = None
 
 
 def image_tokens(adapter: IPAdapter, features: Features, prompt: ImagePrompt, batch: int, guided: bool) -> mx.array:
