@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -111,11 +112,12 @@ class AdapterSet:
     # -- one generation -------------------------------------------------------------------------------
 
     def conditions(self, prompts: list[ImagePrompt | None], batch: int, guided: bool,
-                   timeline: steering.Timeline | None = None,
-                   size: tuple[int, int] | None = None) -> list[ImageCondition]:
+                   timeline: steering.Timeline | None = None, size: tuple[int, int] | None = None,
+                   pooled_text: Callable[[str], mx.array | None] | None = None) -> list[ImageCondition]:
         """One ImageCondition per adapter given an ImagePrompt (None leaves an adapter out of this call); its
         scale rule from the prompt's steering options (`timeline`: the run's steps, for start/end); `size`:
-        the picture's (height, width), which masks are resized to."""
+        the picture's (height, width), which masks are resized to; `pooled_text`: a prompt -> its pooled,
+        projected text embedding (None without a projection), for a negative content prompt."""
         if len(prompts) != len(self.loaded):
             raise UserError(f"{len(prompts)} image prompts for {len(self.loaded)} loaded IP-Adapters")
         out = []
@@ -130,6 +132,8 @@ class AdapterSet:
             for w in p.weights or []:
                 finite(f"image weight for {la.ref}", w)
             feats = self._checked(la, p.features or self.encode(p.images, i, p.fit, p.negative))
+            if p.negative_content is not None:
+                feats = self._without_content(la, p, feats, pooled_text)
             if p.embeds_scaling not in EMBEDS_SCALINGS:
                 raise UserError(f"unknown embeds scaling {p.embeds_scaling!r} (choose from {', '.join(EMBEDS_SCALINGS)})")
             masks = self._masks(la.ref, p, feats.cond.shape[0], size)
@@ -148,6 +152,25 @@ class AdapterSet:
             raise UserError(f"adapter {la.ref} reads {want.input_dim}-d {kind(want.reads_hidden_states)}, "
                             f"the embeddings given are {feats.cond.shape[-1]}-d {kind(feats.hidden_states)}")
         return feats
+
+    @staticmethod
+    def _without_content(la: LoadedAdapter, p: ImagePrompt, feats: Features, pooled_text) -> Features:
+        """InstantStyle: each image's embeds minus scale x the pooled text embedding of the content to leave
+        out; the null image's stay (its tokens are those of zero embeds there too)."""
+        finite(f"negative content scale for {la.ref}", p.negative_content_scale)
+        if feats.hidden_states:
+            raise UserError(f"a negative content prompt needs an adapter reading image embeds (InstantStyle's "
+                            f"subtraction); {la.ref} reads hidden states")
+        pooled = pooled_text(p.negative_content) if pooled_text else None
+        if pooled is None:
+            raise UserError("a negative content prompt needs a text encoder with a projection (SDXL's second); "
+                            "this model has none")
+        if pooled.shape[-1] != feats.cond.shape[-1]:
+            raise UserError(f"negative content: the text projection is {pooled.shape[-1]}-d, adapter {la.ref}'s "
+                            f"image embeds are {feats.cond.shape[-1]}-d; they must match (SDXL with ip-adapter_sdxl "
+                            "and its ViT-bigG encoder: 1280 and 1280)")
+        content = p.negative_content_scale * pooled.astype(mx.float32)
+        return replace(feats, cond=(feats.cond.astype(mx.float32) - content).astype(feats.cond.dtype))
 
     def _token_parts(self, i: int, la: LoadedAdapter, p: ImagePrompt, tokens: mx.array, batch: int, guided: bool,
                      masks) -> dict[frozenset[int], mx.array | None]:

@@ -68,7 +68,8 @@ def fraction(text: str) -> float:
 
 IP_OPTIONS = ("image", "image_weight", "scale", "negative_image", "image_embeds", "combine", "image_encoder",
               "image_fit", "weight_type", "layer_weights", "composition_weight", "start_at", "end_at", "timing",
-              "mask", "embeds_scaling", "boost", "composition_image")
+              "mask", "embeds_scaling", "boost", "composition_image", "negative_content_prompt",
+              "negative_content_scale")
 STEERING = {"weight_type": "linear", "layer_weights": None, "composition_weight": 1.0, "start_at": 0.0,
             "end_at": 1.0, "timing": "step", "boost": None}  # ImagePrompt's fields and defaults
 LISTS = ("image", "image_weight", "image_embeds", "mask", "composition_image")  # repeatable
@@ -153,6 +154,11 @@ def _add_ip_options(p: argparse.ArgumentParser, embed: bool = False) -> None:
         g.add_argument("--composition-image", action=_IPOption, dest="composition_image",
                        help="style-and-composition types: a layout reference for the composition layers, the "
                             "--image giving the style (repeatable)")
+        g.add_argument("--negative-content-prompt", action=_IPOption, dest="negative_content_prompt", metavar="TEXT",
+                       help="InstantStyle: subtract this text's pooled embedding from the image embeds (what the "
+                            "reference shows that should not be copied); SDXL adapters reading 1280-d embeds")
+        g.add_argument("--negative-content-scale", action=_IPOption, dest="negative_content_scale",
+                       type=finite_float, help="how much of it to subtract (default 1.0)")
         g.add_argument("--start-at", action=_IPOption, dest="start_at", type=fraction,
                        help="fraction of the steps before the image prompt acts (default 0)")
         g.add_argument("--end-at", action=_IPOption, dest="end_at", type=fraction,
@@ -234,6 +240,8 @@ def _image_prompts(pipe, groups: list[dict]) -> list:
             **{k: g.get(k, default) for k, default in STEERING.items()},
             masks=[open_image(p) for p in g["mask"]] or None, embeds_scaling=g.get("embeds_scaling", "V"),
             composition_images=[open_image(p) for p in g["composition_image"]] or None,
+            negative_content=g.get("negative_content_prompt"),
+            negative_content_scale=g.get("negative_content_scale", 1.0),
         ))
     return prompts
 
@@ -372,6 +380,8 @@ def _generate(args: argparse.Namespace) -> int:
     for g in groups:  # check the files and the window before loading anything big
         check_window(g.get("start_at", 0.0), g.get("end_at", 1.0))
         check_options(g.get("weight_type", "linear"), g.get("boost"), bool(g["composition_image"]))
+        if "negative_content_scale" in g and g.get("negative_content_prompt") is None:
+            raise UserError("--negative-content-scale needs a --negative-content-prompt")
         for path in g["image"] + g["composition_image"] + ([g["negative_image"]] if g.get("negative_image") else []):
             open_image(path)
     seed = args.seed if args.seed is not None else int(np.random.randint(0, 2**31 - 1))

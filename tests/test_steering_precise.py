@@ -144,6 +144,7 @@ def test_composition_image_on_sdxl(xl11):  # noqa: F811
     (["--weight-type", "style-transfer", "--composition-image", "x.png"],
      "error: a composition image is for the weight types style-and-composition, strong-style-and-composition, "
      "not style-transfer"),
+    (["--negative-content-scale", "0.5"], "error: --negative-content-scale needs a --negative-content-prompt"),
 ])
 def test_cli_bad_input_one_line(args, message, tmp_path, capsys):
     """Refused before any model or image is read, nothing written."""
