@@ -4,8 +4,9 @@ generation's image conditions. Adapters stay separate modules: the UNet's own pa
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -111,11 +112,12 @@ class AdapterSet:
     # -- one generation -------------------------------------------------------------------------------
 
     def conditions(self, prompts: list[ImagePrompt | None], batch: int, guided: bool,
-                   timeline: steering.Timeline | None = None,
-                   size: tuple[int, int] | None = None) -> list[ImageCondition]:
+                   timeline: steering.Timeline | None = None, size: tuple[int, int] | None = None,
+                   pooled_text: Callable[[str], mx.array | None] | None = None) -> list[ImageCondition]:
         """One ImageCondition per adapter given an ImagePrompt (None leaves an adapter out of this call); its
         scale rule from the prompt's steering options (`timeline`: the run's steps, for start/end); `size`:
-        the picture's (height, width), which masks are resized to."""
+        the picture's (height, width), which masks are resized to; `pooled_text`: a prompt -> its pooled,
+        projected text embedding (None without a projection), for a negative content prompt."""
         if len(prompts) != len(self.loaded):
             raise UserError(f"{len(prompts)} image prompts for {len(self.loaded)} loaded IP-Adapters")
         out = []
@@ -126,21 +128,75 @@ class AdapterSet:
             if not isinstance(scale, dict):
                 finite(f"image prompt scale for {la.ref}", scale)
             rule = steering.scale_rule(la.layers, scale, p.weight_type, p.layer_weights, p.composition_weight,
-                                       p.start_at, p.end_at, p.timing, timeline)
+                                       p.start_at, p.end_at, p.timing, timeline, p.boost)
             for w in p.weights or []:
                 finite(f"image weight for {la.ref}", w)
-            feats = p.features or self.encode(p.images, i, p.fit, p.negative)
-            want = la.adapter.config.image_proj
-            if feats.hidden_states != want.reads_hidden_states or feats.cond.shape[-1] != want.input_dim:
-                kind = lambda h: "hidden states" if h else "image embeds"  # noqa: E731
-                raise UserError(f"adapter {la.ref} reads {want.input_dim}-d {kind(want.reads_hidden_states)}, "
-                                f"the embeddings given are {feats.cond.shape[-1]}-d {kind(feats.hidden_states)}")
+            feats = self._checked(la, p.features or self.encode(p.images, i, p.fit, p.negative))
+            if p.negative_content is not None:
+                feats = self._without_content(la, p, feats, pooled_text)
             if p.embeds_scaling not in EMBEDS_SCALINGS:
                 raise UserError(f"unknown embeds scaling {p.embeds_scaling!r} (choose from {', '.join(EMBEDS_SCALINGS)})")
             masks = self._masks(la.ref, p, feats.cond.shape[0], size)
             tokens = image_tokens(la.adapter, feats, p, batch, guided).astype(self.dtype)
-            out.append(ImageCondition(la.layers, tokens, rule, masks, p.embeds_scaling))
+            for part, part_tokens in self._token_parts(i, la, p, tokens, batch, guided, masks).items():
+                layers = {s: layer for s, layer in la.layers.items() if s.index in part}
+                if layers and part_tokens is not None:
+                    out.append(ImageCondition(layers, part_tokens, rule, masks, p.embeds_scaling))
         return out
+
+    @staticmethod
+    def _checked(la: LoadedAdapter, feats: Features) -> Features:
+        want = la.adapter.config.image_proj
+        if feats.hidden_states != want.reads_hidden_states or feats.cond.shape[-1] != want.input_dim:
+            kind = lambda h: "hidden states" if h else "image embeds"  # noqa: E731
+            raise UserError(f"adapter {la.ref} reads {want.input_dim}-d {kind(want.reads_hidden_states)}, "
+                            f"the embeddings given are {feats.cond.shape[-1]}-d {kind(feats.hidden_states)}")
+        return feats
+
+    @staticmethod
+    def _without_content(la: LoadedAdapter, p: ImagePrompt, feats: Features, pooled_text) -> Features:
+        """InstantStyle: each image's embeds minus scale x the pooled text embedding of the content to leave
+        out; the null image's stay (its tokens are those of zero embeds there too)."""
+        finite(f"negative content scale for {la.ref}", p.negative_content_scale)
+        if feats.hidden_states:
+            raise UserError(f"a negative content prompt needs an adapter reading image embeds (InstantStyle's "
+                            f"subtraction); {la.ref} reads hidden states")
+        pooled = pooled_text(p.negative_content) if pooled_text else None
+        if pooled is None:
+            raise UserError("a negative content prompt needs a text encoder with a projection (SDXL's second); "
+                            "this model has none")
+        if pooled.shape[-1] != feats.cond.shape[-1]:
+            raise UserError(f"negative content: the text projection is {pooled.shape[-1]}-d, adapter {la.ref}'s "
+                            f"image embeds are {feats.cond.shape[-1]}-d; they must match (SDXL with ip-adapter_sdxl "
+                            "and its ViT-bigG encoder: 1280 and 1280)")
+        content = p.negative_content_scale * pooled.astype(mx.float32)
+        return replace(feats, cond=(feats.cond.astype(mx.float32) - content).astype(feats.cond.dtype))
+
+    def _token_parts(self, i: int, la: LoadedAdapter, p: ImagePrompt, tokens: mx.array, batch: int, guided: bool,
+                     masks) -> dict[frozenset[int], mx.array | None]:
+        """Transformer indices -> the tokens they attend to ([uncond, cond] halves when guided; None: nothing).
+        ComfyUI's precise types swap the halves on some layers (`uncond = cond; cond = cond * 0`: zero tokens
+        give zero keys and values, so no image attention in the cond half; unguided, nothing at all there); a
+        composition image replaces the cond half on the composition layers (its `cond_alt`)."""
+        every = frozenset(s.index for s in la.layers)
+        swapped = frozenset(steering.swapped_indices(p.weight_type, la.layers))
+        cond = tokens[batch:] if guided else tokens
+        parts = {every - swapped: tokens, swapped: mx.concatenate([cond, mx.zeros_like(cond)]) if guided else None}
+        if not p.composition_images:
+            return parts
+        steering.check_options(p.weight_type, composition_image=True)
+        feats = self._checked(la, self.encode(p.composition_images, i, p.fit, p.negative))
+        if masks is not None and feats.cond.shape[0] != masks.shape[0]:
+            raise UserError(f"IP-Adapter {la.ref}: with masks, give as many composition images as images "
+                            f"({feats.cond.shape[0]} for {masks.shape[0]})")
+        comp = image_tokens(la.adapter, feats, replace(p, weights=None), batch, guided).astype(self.dtype)
+        if guided:
+            uncond = tokens[:batch]
+            if uncond.shape[1] != comp.shape[1]:  # concat of a different count: the null image once per image
+                uncond = comp[:batch]
+            comp = mx.concatenate([uncond, comp[batch:]])
+        at = frozenset(steering.composition_indices(la.layers))
+        return {every - swapped - at: tokens, swapped: parts[swapped], at: comp}
 
     @staticmethod
     def _masks(ref: str, p: ImagePrompt, n: int, size: tuple[int, int] | None) -> np.ndarray | None:

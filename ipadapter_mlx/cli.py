@@ -68,10 +68,11 @@ def fraction(text: str) -> float:
 
 IP_OPTIONS = ("image", "image_weight", "scale", "negative_image", "image_embeds", "combine", "image_encoder",
               "image_fit", "weight_type", "layer_weights", "composition_weight", "start_at", "end_at", "timing",
-              "mask", "embeds_scaling")
+              "mask", "embeds_scaling", "boost", "composition_image", "negative_content_prompt",
+              "negative_content_scale")
 STEERING = {"weight_type": "linear", "layer_weights": None, "composition_weight": 1.0, "start_at": 0.0,
-            "end_at": 1.0, "timing": "step"}  # ImagePrompt's fields and defaults
-LISTS = ("image", "image_weight", "image_embeds", "mask")  # repeatable, one per image
+            "end_at": 1.0, "timing": "step", "boost": None}  # ImagePrompt's fields and defaults
+LISTS = ("image", "image_weight", "image_embeds", "mask", "composition_image")  # repeatable
 
 
 class _IPOption(argparse.Action):
@@ -147,6 +148,17 @@ def _add_ip_options(p: argparse.ArgumentParser, embed: bool = False) -> None:
                        help="weight per transformer index (input, middle, output), e.g. 3:1.0,6:0.5; others get 0")
         g.add_argument("--composition-weight", action=_IPOption, dest="composition_weight", type=finite_float,
                        help="style-and-composition types: the weight on the composition layers (default 1.0)")
+        g.add_argument("--boost", action=_IPOption, dest="boost", type=finite_float,
+                       help="precise types: ComfyUI's style_boost (style-transfer-precise: the composition layers' "
+                            "weight) or composition_boost (composition-precise: the style layers'); default --scale")
+        g.add_argument("--composition-image", action=_IPOption, dest="composition_image",
+                       help="style-and-composition types: a layout reference for the composition layers, the "
+                            "--image giving the style (repeatable)")
+        g.add_argument("--negative-content-prompt", action=_IPOption, dest="negative_content_prompt", metavar="TEXT",
+                       help="InstantStyle: subtract this text's pooled embedding from the image embeds (what the "
+                            "reference shows that should not be copied); SDXL adapters reading 1280-d embeds")
+        g.add_argument("--negative-content-scale", action=_IPOption, dest="negative_content_scale",
+                       type=finite_float, help="how much of it to subtract (default 1.0)")
         g.add_argument("--start-at", action=_IPOption, dest="start_at", type=fraction,
                        help="fraction of the steps before the image prompt acts (default 0)")
         g.add_argument("--end-at", action=_IPOption, dest="end_at", type=fraction,
@@ -227,6 +239,9 @@ def _image_prompts(pipe, groups: list[dict]) -> list:
             combine=g.get("combine", "concat"), fit=g.get("image_fit", "crop"),
             **{k: g.get(k, default) for k, default in STEERING.items()},
             masks=[open_image(p) for p in g["mask"]] or None, embeds_scaling=g.get("embeds_scaling", "V"),
+            composition_images=[open_image(p) for p in g["composition_image"]] or None,
+            negative_content=g.get("negative_content_prompt"),
+            negative_content_scale=g.get("negative_content_scale", 1.0),
         ))
     return prompts
 
@@ -339,7 +354,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .images import open_image, save_png, to_pil
     from .loading import read_json
     from .pipeline import DEFAULT_STRENGTH, StableDiffusion, default_dtype
-    from .steering import check_window
+    from .steering import check_options, check_window
 
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
@@ -364,7 +379,10 @@ def _generate(args: argparse.Namespace) -> int:
     groups = ip_groups(getattr(args, "ip_args", None) or [])
     for g in groups:  # check the files and the window before loading anything big
         check_window(g.get("start_at", 0.0), g.get("end_at", 1.0))
-        for path in g["image"] + ([g["negative_image"]] if g.get("negative_image") else []):
+        check_options(g.get("weight_type", "linear"), g.get("boost"), bool(g["composition_image"]))
+        if "negative_content_scale" in g and g.get("negative_content_prompt") is None:
+            raise UserError("--negative-content-scale needs a --negative-content-prompt")
+        for path in g["image"] + g["composition_image"] + ([g["negative_image"]] if g.get("negative_image") else []):
             open_image(path)
     seed = args.seed if args.seed is not None else int(np.random.randint(0, 2**31 - 1))
     dtype = getattr(mx, args.dtype) if args.dtype else default_dtype()
@@ -375,7 +393,7 @@ def _generate(args: argparse.Namespace) -> int:
                                            tokenizer=args.tokenizer, config=args.config)
     prompts = _image_prompts(pipe, groups) if groups else None
     for i, p in enumerate(prompts or []):
-        if p.images:  # the encoder will run: find it now, so the memory estimate counts it
+        if p.images or p.composition_images:  # the encoder will run: find it now, so the estimate counts it
             pipe.image_encoder_folder(i)
     t_load = time.perf_counter() - t0
     height, width = pipe.output_size(args.height, args.width, init)

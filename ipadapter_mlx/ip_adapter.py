@@ -211,6 +211,14 @@ class ImagePrompt:
     timing: str = "step"
     masks: list[Image.Image] | None = None  # one per image: each acts only where its mask is white
     embeds_scaling: str = "V"  # how the scale enters the attention (EMBEDS_SCALINGS, ComfyUI's names)
+    boost: float | None = None  # precise types: ComfyUI's style_boost / composition_boost (None: the weight)
+    # style-and-composition types: a separate layout reference, its tokens on the composition layers (ComfyUI's
+    # image_composition)
+    composition_images: list[Image.Image] | None = None
+    # InstantStyle's content subtraction: image embeds -= scale * the pooled (projected) text embedding of this
+    # prompt; for adapters whose image embeds are as wide as the text projection (SDXL ip-adapter_sdxl, ViT-bigG)
+    negative_content: str | None = None
+    negative_content_scale: float = 1.0
 
 
 def image_tokens(adapter: IPAdapter, features: Features, prompt: ImagePrompt, batch: int, guided: bool) -> mx.array:

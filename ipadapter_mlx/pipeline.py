@@ -373,7 +373,8 @@ class StableDiffusion:
             added = {"text_embeds": pooled, "time_ids": mx.array([ids] * text.shape[0], dtype=mx.float32)}
         ac = alphas_cumprod(self.scheduler_config)  # the training schedule: ComfyUI's percentages map onto it
         timeline = Timeline(len(timesteps), np.sqrt((1 - ac) / ac))
-        images = (self.adapters.conditions(image_prompts, batch, guided, timeline, (height, width))
+        content = lambda text: self.encode_prompt([text], "negative content prompt")[1]  # noqa: E731
+        images = (self.adapters.conditions(image_prompts, batch, guided, timeline, (height, width), content)
                   if image_prompts else [])
         cond = Conditioning(text, added, images)
         tokens = [c.tokens for c in images]

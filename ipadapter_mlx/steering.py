@@ -6,7 +6,8 @@ window of active steps.
   diffusers' `_maybe_expand_lora_scales` does (unnamed blocks 0, a number for a whole block, `mid`, lists of
   `layers_per_block` entries for down blocks and one more for up blocks), with its error messages.
 - Weight types and layer weights by ComfyUI_IPAdapter_plus' definitions (`ipadapter_execute` in IPAdapterPlus.py,
-  `ipadapter_attention` in CrossAttentionPatch.py), keyed by the transformer index (Site.index).
+  `ipadapter_attention` in CrossAttentionPatch.py), keyed by the transformer index (Site.index). The precise
+  types' swapped layers and the composition layers are named here too; adapters.py gives them their tokens.
 - When: step fractions (off at step i of N when i/N < start or (i+1)/N > end: the IP-Adapter authors' and
   diffusers' control_guidance rule), or ComfyUI's sigma range (on while sigma_end <= sigma <= sigma_start).
 """
@@ -25,7 +26,9 @@ from .errors import UserError, finite
 Scale = Union[float, dict]  # a number, or diffusers' per-block dict
 WEIGHT_TYPES = ("linear", "ease-in", "ease-out", "ease-in-out", "reverse-in-out", "weak-input", "weak-middle",
                 "weak-output", "strong-middle", "style-transfer", "composition", "strong-style-transfer",
-                "style-and-composition", "strong-style-and-composition")
+                "style-and-composition", "strong-style-and-composition", "style-transfer-precise",
+                "composition-precise")
+PRECISE = ("style-transfer-precise", "composition-precise")
 TIMINGS = ("step", "sigma")
 
 
@@ -96,14 +99,50 @@ _TABLES = {L: {"style-transfer": (_STYLE[L], {}), "composition": (set(), _COMPOS
                "strong-style-transfer": (_STRONG[L], {}), "style-and-composition": (_STYLE[L], _COMPOSITION[L]),
                "strong-style-and-composition": (_STRONG[L], {t: 1.0 for t in _COMPOSITION[L]})}
            for L in (16, 11)}
+# composition-precise: the layers at the full boost; the other non-composition layers get a tenth of it
+_PRECISE_FULL = {16: {0, 1, 2, 3, *range(9, 16)}, 11: {6}}
+
+
+def composition_indices(sites: Iterable[Site]) -> set[int]:
+    """ComfyUI's composition layers of this layout (SDXL: 3; SD 1.x/2.x: 4 and 5)."""
+    L = len({s.index for s in sites})
+    if L not in _COMPOSITION:
+        raise UserError(f"composition layers are defined for SD 1.x/2.x (16 transformers) and SDXL (11); "
+                        f"this UNet has {L}")
+    return set(_COMPOSITION[L])
+
+
+COMPOSITION_TYPES = ("style-and-composition", "strong-style-and-composition")  # ComfyUI's style+composition node
+
+
+def check_options(weight_type: str, boost: float | None = None, composition_image: bool = False) -> None:
+    """The options that belong to some weight types only."""
+    if boost is not None and weight_type not in PRECISE:
+        raise UserError(f"boost is for the precise weight types ({', '.join(PRECISE)}), not {weight_type}")
+    if composition_image and weight_type not in COMPOSITION_TYPES:
+        raise UserError(f"a composition image is for the weight types {', '.join(COMPOSITION_TYPES)}, "
+                        f"not {weight_type}")
+
+
+def swapped_indices(weight_type: str, sites: Iterable[Site]) -> set[int]:
+    """The precise types' layers where ComfyUI swaps the branches (`uncond = cond; cond = cond * 0`): the image
+    acts in the unconditional half only. style-transfer-precise: the composition layers; composition-precise:
+    all the others."""
+    if weight_type not in PRECISE:
+        return set()
+    sites = list(sites)
+    comp = composition_indices(sites)
+    return comp if weight_type == "style-transfer-precise" else {s.index for s in sites} - comp
 
 
 def weight_table(weight_type: str, weight: float, sites: Iterable[Site],
-                 composition_weight: float = 1.0) -> dict[int, float]:
+                 composition_weight: float = 1.0, boost: float | None = None) -> dict[int, float]:
     """Transformer index -> weight, as ComfyUI_IPAdapter_plus gives it (indices left out get 0).
 
     `composition` takes `weight` on its layers; the `style-and-composition` types take `composition_weight` there
-    (ComfyUI's weight_composition, 1.0 in its advanced node)."""
+    (ComfyUI's weight_composition, 1.0 in its advanced node). The precise types: `boost` is ComfyUI's style_boost
+    (style-transfer-precise: the weight of the composition layers) or composition_boost (composition-precise: the
+    weight of the style layers, the composition layers keeping `weight`); None gives `weight`."""
     if weight_type not in WEIGHT_TYPES:
         raise UserError(f"unknown weight type {weight_type!r} (choose from {', '.join(WEIGHT_TYPES)})")
     part = {s.index: s.name.split("_")[0] for s in sites}  # down / mid / up: ComfyUI's input / middle / output
@@ -124,6 +163,12 @@ def weight_table(weight_type: str, weight: float, sites: Iterable[Site],
     if L not in _TABLES:
         raise UserError(f"weight type {weight_type} is defined for SD 1.x/2.x (16 transformers) and SDXL (11); "
                         f"this UNet has {L}")
+    b = weight if boost is None else boost
+    if weight_type == "style-transfer-precise":
+        return {t: weight for t in _STYLE[L]} | {t: b * f for t, f in _COMPOSITION[L].items()}
+    if weight_type == "composition-precise":
+        return ({t: (b if t in _PRECISE_FULL[L] else 0.1 * b) for t in part}
+                | {t: weight * f for t, f in _COMPOSITION[L].items()})
     style, composition = _TABLES[L][weight_type]
     c = weight if weight_type == "composition" else composition_weight
     return {t: weight for t in style} | {t: c * f for t, f in composition.items()}
@@ -204,7 +249,7 @@ def check_window(start: float, end: float, timing: str = "step") -> None:
 def scale_rule(sites: Iterable[Site], scale: Scale = 1.0, weight_type: str = "linear",
                layer_weights: str | dict | None = None, composition_weight: float = 1.0,
                start_at: float = 0.0, end_at: float = 1.0, timing: str = "step",
-               timeline: Timeline | None = None) -> float | ScaleRule:
+               timeline: Timeline | None = None, boost: float | None = None) -> float | ScaleRule:
     """The scale of every layer at every step; a plain number when it is one number throughout."""
     sites = list(sites)
     if weight_type not in WEIGHT_TYPES:
@@ -218,13 +263,15 @@ def scale_rule(sites: Iterable[Site], scale: Scale = 1.0, weight_type: str = "li
         table = {s: by_block[s.block] for s in sites}
     else:
         w = _number(scale, "the adapter")
+        check_options(weight_type, boost)
         if layer_weights is not None:
-            if weight_type != "linear":
+            if weight_type not in ("linear", *PRECISE):  # ComfyUI keeps a precise type's swap with layer weights
                 raise UserError(f"layer weights replace the weight type: give one of them, not both "
                                 f"(weight type {weight_type})")
             by_index = {k: v * w for k, v in parse_layer_weights(layer_weights, sites).items()}
         else:
-            by_index = weight_table(weight_type, w, sites, _number(composition_weight, "composition"))
+            by_index = weight_table(weight_type, w, sites, _number(composition_weight, "composition"),
+                                    None if boost is None else _number(boost, "boost"))
         table = {s: by_index.get(s.index, 0.0) for s in sites}
     active = window(start_at, end_at, timing, timeline)
     if active is None and len(set(table.values())) == 1:
