@@ -6,6 +6,7 @@ PyTorch reference is needed."""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -66,10 +67,11 @@ def random_pipeline(dst: Path, shapes: dict, dtype: mx.Dtype = mx.float32) -> Pa
     The VAE is stored in float32, as the pipeline runs it."""
     components = {n: (shapes[n], random_weights(n, shapes[n], mx.float32 if n == "vae" else dtype))
                   for n in MODEL_PARTS if n in shapes}
-    tokenizer = write_tokenizer(Path(dst).parent / f".{Path(dst).name}-tokenizer")
-    folders = {"tokenizer": tokenizer, **({"tokenizer_2": tokenizer} if "text_encoder_2" in shapes else {})}
-    return write_mlx_folder(Path(dst), components, "random weights",
-                            json_files={"scheduler/scheduler_config.json": SD15_SCHEDULER}, folders=folders)
+    with tempfile.TemporaryDirectory(prefix="ipadapter-mlx-tokenizer-") as tmp:  # copied in, then gone
+        tokenizer = write_tokenizer(Path(tmp))
+        folders = {"tokenizer": tokenizer, **({"tokenizer_2": tokenizer} if "text_encoder_2" in shapes else {})}
+        return write_mlx_folder(Path(dst), components, "random weights",
+                                json_files={"scheduler/scheduler_config.json": SD15_SCHEDULER}, folders=folders)
 
 
 def random_image_encoder(dst: Path, config: dict, dtype: mx.Dtype = mx.float32) -> Path:
