@@ -71,10 +71,10 @@ class ResnetBlock2D(nn.Module):
             self.conv_shortcut = conv(in_ch, out_ch, 1)
 
     def __call__(self, x: mx.array, temb: mx.array | None = None) -> mx.array:
-        h = self.conv1(silu(self.norm1(x)))
+        h = self.conv1(self.norm1(x, then_silu=True))
         if temb is not None:
             h = h + self.time_emb_proj(silu(temb))[:, None, None, :]
-        h = self.conv2(silu(self.norm2(h)))
+        h = self.conv2(self.norm2(h, then_silu=True))
         if "conv_shortcut" in self:
             x = self.conv_shortcut(x)
         return x + h
@@ -320,7 +320,7 @@ class UNet2DConditionModel(nn.Module):
             x = x + r.mid
         for block in self.up_blocks:
             x, _ = block(x, temb, cond, skips=skips)
-        return self.conv_out(silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, then_silu=True))
 
     def time_embed(self, timestep: mx.array, cond: StepConditioning, dtype: mx.Dtype) -> mx.array:
         """The time embedding, plus SDXL's pooled-text and size/crop embedding."""
