@@ -13,10 +13,11 @@ path with '.' -> '_' behind `lora_unet_` / `lora_te_` (`lora_te1_` / `lora_te2_`
 UNet in the original (LDM) layout, which keymaps.py's config-derived table maps. diffusers/PEFT names are the
 module paths behind `unet.` / `text_encoder.` / `text_encoder_2.`.
 
-Fusing keeps each touched weight's original array (MLX arrays are immutable: no copy is made, the fused array
-is the extra memory) and recomputes `original + sum(deltas)` on every change, so unloading restores the base
-weights bit for bit. Quantized layers are dequantized, fused and quantized again with their own bits and
-group size (the originals are kept quantized).
+Fusing computes `original + sum(scale_i * delta_i)` in float32 on every change, from the original arrays:
+re-read from the model's weights file (mx.load is lazy: only those tensors are read) and cast / quantized as
+loading did, so unloading restores the base weights bit for bit with no second copy held (subtracting the
+delta again would not: rounding). Quantized layers are dequantized, fused and quantized again with their own
+bits and group size.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -326,12 +328,27 @@ class LoadedLora:
     scale: float
 
 
-class _Originals:
-    """A model's original arrays of the layers LoRAs touch, {path: {name: array}}. Kept as a plain attribute of
-    the model (not a dict, which MLX would take for parameters), so it goes away with the model."""
+class _Fused:
+    """Which layers of a model hold fused weights, and (for a model without a source file) their original arrays.
+    A plain attribute of the model (not a dict, which MLX would take for parameters): it goes away with it."""
 
     def __init__(self):
-        self.arrays: dict[str, dict[str, mx.array]] = {}
+        self.paths: set[str] = set()
+        self.kept: dict[str, dict[str, mx.array]] = {}
+
+
+def original_arrays(file: dict[str, mx.array], path: str, module) -> dict[str, mx.array]:
+    """A module's arrays as load_component made them from its file: cast to the model's dtype, quantized on load
+    with the layer's own bits and group size (or stored quantized). The same operations on the same bits, so the
+    same result, bit for bit."""
+    if not isinstance(module, nn.QuantizedLinear):
+        return {"weight": file[f"{path}.weight"].astype(module.weight.dtype)}
+    dtype = module.scales.dtype
+    if f"{path}.scales" in file:  # a folder converted with --quantize
+        return {k: file[f"{path}.{k}"].astype(dtype) if k != "weight" else file[f"{path}.{k}"]
+                for k in ("weight", "scales", "biases") if f"{path}.{k}" in file}
+    q = mx.quantize(file[f"{path}.weight"].astype(dtype), module.group_size, module.bits, mode=module.mode)
+    return dict(zip(("weight", "scales", "biases"), q))
 
 
 class LoraSet:
@@ -384,19 +401,41 @@ class LoraSet:
                 out.setdefault(path, []).append((la.scale, layer))
         return out
 
-    def apply(self, component: str, model: nn.Module) -> None:
+    def apply(self, component: str, model: nn.Module, source: Callable[[], dict[str, mx.array]] | None = None) -> None:
         """Make `model`'s weights its originals plus every loaded LoRA's scaled delta for this component; layers
-        no LoRA touches any more get their original arrays back (bit for bit)."""
-        originals = model.__dict__.setdefault("_lora_originals", _Originals()).arrays
+        no LoRA touches any more get their original arrays back, bit for bit.
+
+        `source` gives the model's weights file (lazily: mx.load reads only the tensors used), from which
+        `original_arrays` rebuilds a fused layer's originals: no second copy is held. Without it the originals
+        of the fused layers are kept in memory."""
+        state = model.__dict__.setdefault("_lora_fused", _Fused())
         targets = self.targets(component)
-        for path in [p for p in originals if p not in targets]:
-            submodule(model, path).update(originals.pop(path))
+        file = None
+
+        def original(path: str, module) -> dict[str, mx.array]:
+            nonlocal file
+            if path in state.kept:
+                return state.kept[path]
+            if file is None:
+                file = source()
+            return original_arrays(file, path, module)
+
         updated = []
+        for path in [p for p in state.paths if p not in targets]:
+            module = submodule(model, path)
+            module.update(original(path, module))
+            state.paths.discard(path)
+            state.kept.pop(path, None)
+            updated.append(module.parameters())
         for path, deltas in targets.items():
             module = submodule(model, path)
-            base = originals.setdefault(path, {k: module[k] for k in ("weight", "scales", "biases") if k in module})
-            shape = base_shape(module)
-            delta = sum(s * layer.delta(shape) for s, layer in deltas)
+            if path in state.paths:
+                base = original(path, module)
+            else:  # not fused yet: its arrays are the originals
+                base = {k: module[k] for k in ("weight", "scales", "biases") if k in module}
+                if source is None:
+                    state.kept[path] = base
+            delta = sum(s * layer.delta(base_shape(module)) for s, layer in deltas)
             if isinstance(module, nn.QuantizedLinear):
                 w = mx.dequantize(base["weight"], base["scales"], base.get("biases"), module.group_size,
                                   module.bits, mode=module.mode)
@@ -404,8 +443,8 @@ class LoraSet:
                 q = mx.quantize(w, module.group_size, module.bits, mode=module.mode)
                 module.update(dict(zip(("weight", "scales", "biases"), q)))
             else:
-                w = base["weight"]
-                module.weight = (w.astype(mx.float32) + delta).astype(w.dtype)
+                module.weight = (base["weight"].astype(mx.float32) + delta).astype(base["weight"].dtype)
+            state.paths.add(path)
             updated.append(module.parameters())
         mx.eval(updated)
 
