@@ -62,11 +62,14 @@ class LoraLayer:
     def rank(self) -> int:
         return self.down.shape[0]
 
-    def delta(self, weight_shape: tuple[int, ...]) -> mx.array:
-        """The float32 delta in the weight's own layout (out, in) or (out, kh, kw, in)."""
-        scale = (self.alpha if self.alpha is not None else self.rank) / self.rank
-        d = self.up.astype(mx.float32) @ self.down.astype(mx.float32).reshape(self.rank, -1)
-        return (scale * d).reshape(weight_shape)
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+    def add_to(self, w: mx.array, multiplier: float = 1.0) -> mx.array:
+        """w + multiplier * delta, float32, for a weight flattened to (out, -1): one fused product-and-add."""
+        up = self.up.astype(mx.float32) * (multiplier * self.scale)
+        return mx.addmm(w, up, self.down.astype(mx.float32).reshape(self.rank, -1))
 
     @property
     def nbytes(self) -> int:
@@ -420,13 +423,12 @@ class LoraSet:
                 file = source()
             return original_arrays(file, path, module)
 
-        updated = []
         for path in [p for p in state.paths if p not in targets]:
             module = submodule(model, path)
             module.update(original(path, module))
             state.paths.discard(path)
             state.kept.pop(path, None)
-            updated.append(module.parameters())
+            mx.eval(module.parameters())
         for path, deltas in targets.items():
             module = submodule(model, path)
             if path in state.paths:
@@ -435,18 +437,21 @@ class LoraSet:
                 base = {k: module[k] for k in ("weight", "scales", "biases") if k in module}
                 if source is None:
                     state.kept[path] = base
-            delta = sum(s * layer.delta(base_shape(module)) for s, layer in deltas)
-            if isinstance(module, nn.QuantizedLinear):
-                w = mx.dequantize(base["weight"], base["scales"], base.get("biases"), module.group_size,
-                                  module.bits, mode=module.mode)
-                w = (w.astype(mx.float32) + delta).astype(base["scales"].dtype)
-                q = mx.quantize(w, module.group_size, module.bits, mode=module.mode)
-                module.update(dict(zip(("weight", "scales", "biases"), q)))
+            quantized = isinstance(module, nn.QuantizedLinear)
+            w = (mx.dequantize(base["weight"], base["scales"], base.get("biases"), module.group_size, module.bits,
+                               mode=module.mode) if quantized else base["weight"])
+            dtype = base["scales"].dtype if quantized else w.dtype
+            w = w.astype(mx.float32).reshape(w.shape[0], -1)
+            for s, layer in deltas:
+                w = layer.add_to(w, s)
+            w = w.reshape(base_shape(module)).astype(dtype)
+            if quantized:
+                module.update(dict(zip(("weight", "scales", "biases"),
+                                       mx.quantize(w, module.group_size, module.bits, mode=module.mode))))
             else:
-                module.weight = (base["weight"].astype(mx.float32) + delta).astype(base["weight"].dtype)
+                module.weight = w
             state.paths.add(path)
-            updated.append(module.parameters())
-        mx.eval(updated)
+            mx.eval(module.parameters())  # one layer at a time: the transient float32 copy stays one layer's
 
     def resident_bytes(self) -> int:
         """The LoRAs' own tensors (the fused copies of the touched weights come on top: memory.py)."""

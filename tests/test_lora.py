@@ -176,9 +176,23 @@ def files(sd15, tmp_path_factory):
     return folder / "style.safetensors", folder / "locon.safetensors"
 
 
-@pytest.mark.parametrize("dtype,quantize", [(mx.float16, None), (mx.float32, (8, 32)), (mx.float32, (4, 32))])
-def test_unload_restores_every_bit(mlx_dir, files, dtype, quantize):
-    pipe = StableDiffusion(mlx_dir, dtype=dtype, quantize=quantize)
+@pytest.fixture(scope="module")
+def stored_q8(diffusers_dir, tmp_path_factory):
+    """A folder converted with --quantize 8: the quantized arrays are in its files."""
+    from ipadapter_mlx.checkpoints.stable_diffusion import convert_diffusers_folder
+
+    return convert_diffusers_folder(diffusers_dir, tmp_path_factory.mktemp("q8") / "sd", quantize=(8, 32))
+
+
+@pytest.mark.parametrize("dtype,quantize", [(mx.float16, None), (mx.float32, (8, 32)), (mx.float16, (4, 32)),
+                                            (mx.float16, "stored")])
+def test_unload_restores_every_bit(request, mlx_dir, files, dtype, quantize):
+    """Originals are rebuilt from the weights file as loading made them: cast, quantized on load or stored so."""
+    if quantize == "stored":
+        pipe = StableDiffusion(request.getfixturevalue("stored_q8"), dtype=dtype)
+        assert "scales" in pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    else:
+        pipe = StableDiffusion(mlx_dir, dtype=dtype, quantize=quantize)
     before = weights(pipe)
     pipe.load_lora(str(files[0]), 0.8)
     pipe.load_lora(str(files[1]), -1.3)
@@ -189,6 +203,28 @@ def test_unload_restores_every_bit(mlx_dir, files, dtype, quantize):
     pipe.unload_lora(str(files[1]))  # by the ref it was loaded with
     after = weights(pipe)
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_kept_originals_without_a_file():
+    """A model with no weights file (built in code): the fused layers' originals are kept, and come back."""
+    from ipadapter_mlx.lora import LoraSet
+
+    import mlx.nn as nn
+
+    model = nn.Sequential(nn.Linear(64, 48), nn.Conv2d(8, 6, 3))
+    model.set_dtype(mx.float16)
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    loras = LoraSet()
+    loras.add(Lora("a", {"unet": {"layers.0": LoraLayer(mx.random.normal((4, 64)), mx.random.normal((48, 4)), 2.0),
+                                  "layers.1": LoraLayer(mx.random.normal((2, 3, 3, 8)), mx.random.normal((6, 2)))}}),
+              0.7)
+    loras.apply("unet", model)
+    assert not np.array_equal(np.array(model.layers[1].weight), before["layers.1.weight"])
+    loras.set_scales(-0.2)
+    loras.apply("unet", model)
+    loras.remove(0)
+    loras.apply("unet", model)
+    assert all(np.array_equal(np.array(v), before[k]) for k, v in tree_flatten(model.parameters()))
 
 
 def test_scale_change_equals_fresh_load(mlx_dir, files):
