@@ -165,6 +165,11 @@ def check_lora(lora: Lora, models: dict[str, nn.Module]) -> None:
                                 f"{tuple(u.shape)}; the layer's weight is {shape}")
             if layer.alpha is not None and not (math.isfinite(layer.alpha)):
                 raise UserError(f"LoRA {lora.name}: {component} {path} has alpha {layer.alpha}")
+    items = [(f"{c} {p}", la) for c, layers in lora.layers.items() for p, la in layers.items()]
+    finite_ = mx.stack([mx.isfinite(la.down).all() & mx.isfinite(la.up).all() for _, la in items]) if items else []
+    bad = [name for (name, _), ok in zip(items, finite_.tolist() if items else []) if not ok]
+    if bad:
+        raise UserError(f"LoRA {lora.name}: weights hold NaN/Inf in {len(bad)} layers: {_listing(bad)}")
 
 
 # -- reading files -------------------------------------------------------------------------------------------
@@ -454,5 +459,6 @@ class LoraSet:
             mx.eval(module.parameters())  # one layer at a time: the transient float32 copy stays one layer's
 
     def resident_bytes(self) -> int:
-        """The LoRAs' own tensors (the fused copies of the touched weights come on top: memory.py)."""
+        """The LoRAs' own tensors: fused weights replace the originals, so nothing else stays (one layer's float32
+        copy while fusing)."""
         return sum(la.lora.nbytes for la in self.loaded)

@@ -327,6 +327,8 @@ def bad_file(tmp_path, tensors: dict, name="bad.safetensors"):
     ({"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3),
       "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 2, 1, 1),
       "lora_unet_conv_in.alpha": torch.tensor(float("nan"))}, r"alpha must be a finite number"),
+    ({"lora_unet_conv_in.lora_down.weight": torch.full((2, 4, 3, 3), float("inf")),
+      "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 2, 1, 1)}, r"weights hold NaN/Inf in 1 layers: unet conv_in"),
 ])
 def test_bad_files(pipe, tmp_path, tensors, expected):
     before = weights(pipe)
@@ -393,3 +395,12 @@ def test_lora_arg():
     assert lora_arg("style.safetensors:0.5") == ("style.safetensors", 0.5)
     assert lora_arg("org/loras:sub/style.safetensors") == ("org/loras:sub/style.safetensors", 1.0)
     assert lora_arg("org/loras:sub/style.safetensors:-1.5") == ("org/loras:sub/style.safetensors", -1.5)
+
+
+def test_memory_estimate_counts_the_lora(mlx_dir, files):
+    """Fused in place: the estimate grows by the LoRA's own tensors only."""
+    pipe = StableDiffusion(mlx_dir, dtype=mx.float32)
+    before = pipe.estimate_memory(H, W)
+    pipe.load_lora(str(files[0]))
+    lora_bytes = pipe.loras[0].lora.nbytes
+    assert lora_bytes > 0 and pipe.estimate_memory(H, W) - before == lora_bytes
