@@ -43,9 +43,10 @@ DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_en
 ROLES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha", ".lora_A.weight": "down",
          ".lora_B.weight": "up", ".lora.down.weight": "down", ".lora.up.weight": "up",
          ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up"}
-# LyCORIS / DoRA variants: a different delta than up @ down, refused by name
-UNSUPPORTED = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lora_mid": "LoCon with a Tucker (CP) mid weight",
-               "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "diff": "full-weight diff", "w_norm": "GLoRA"}
+# LyCORIS / DoRA variants: a different delta than up @ down, refused by name (a key component, or its start)
+UNSUPPORTED = {"hada_": "LoHa", "lokr_": "LoKr", "lora_mid": "LoCon with a Tucker (CP) mid weight",
+               "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "diff": "full-weight diff", "w_norm": "GLoRA",
+               "oft_blocks": "OFT"}
 KNOWN_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # cross-attention width -> family, for messages
 
 
@@ -245,7 +246,7 @@ def parse_lora(weights: dict[str, mx.array], metadata: dict[str, str], models: d
     """A file's tensors -> a Lora for these models (structures suffice), strictly: every key is read or named."""
     for key in weights:
         for part, kind in UNSUPPORTED.items():
-            if f".{part}" in key or key.startswith(part):
+            if any(p == part or (part.endswith("_") and p.startswith(part)) for p in key.split(".")[1:]):
                 raise UserError(f"LoRA {name}: a {kind} file ({key}); only plain LoRA / LoCon (up @ down) is "
                                 "supported")
     groups: dict[tuple[str, str], dict[str, mx.array]] = {}

@@ -322,6 +322,8 @@ def bad_file(tmp_path, tensors: dict, name="bad.safetensors"):
       "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 2, 1, 1)},
      r"unet conv_in has down \(2, 3, 3, 5\) and up \(32, 2\); the layer's weight is \(32, 3, 3, 4\)"),
     ({"lora_unet_conv_in.hada_w1_a": torch.zeros(2, 2)}, r"a LoHa file"),
+    ({"unet.conv_in.lora_A.weight": torch.zeros(2, 4, 3, 3), "unet.conv_in.lora_B.weight": torch.zeros(32, 2, 1, 1),
+      "unet.conv_in.lora_magnitude_vector": torch.zeros(32)}, r"a DoRA file \(unet.conv_in.lora_magnitude_vector\)"),
     ({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 32),
       "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(48, 2)}, r"two text encoders"),
     ({"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3),
@@ -404,3 +406,25 @@ def test_memory_estimate_counts_the_lora(mlx_dir, files):
     pipe.load_lora(str(files[0]))
     lora_bytes = pipe.loras[0].lora.nbytes
     assert lora_bytes > 0 and pipe.estimate_memory(H, W) - before == lora_bytes
+
+
+def test_with_an_ip_adapter(sd15, diffusers_dir, mlx_dir, files, torch_pipe, tmp_path_factory):
+    """A LoRA and an IP-Adapter together, against diffusers' load_ip_adapter pipeline with the LoRA fused."""
+    from ip_fixtures import VARIANTS, make_adapter_repo
+    from ipadapter_mlx import ImagePrompt
+    from test_ip_adapter import diffusers_pipe, reference_image
+
+    _, style, _ = sd15
+    repo = make_adapter_repo(tmp_path_factory.mktemp("h94"), torch_pipe.unet)
+    variant = next(iter(VARIANTS))
+    image = reference_image(1)
+    ref = diffusers_pipe(diffusers_dir, repo, [variant], [0.7])
+    fuse_into(ref, style, 0.8)
+    expected = ref("a cat", ip_adapter_image=[image], num_inference_steps=STEPS, guidance_scale=6.0, height=H,
+                   width=W, latents=latents(), output_type="np").images
+    ours = StableDiffusion(mlx_dir, dtype=mx.float32)
+    ours.load_ip_adapter(str(repo / "models" / VARIANTS[variant][0]))
+    ours.load_lora(str(files[0]), 0.8)
+    got = ours.generate("a cat", steps=STEPS, cfg=6.0, height=H, width=W, scheduler="euler", latents=latents().numpy(),
+                        image_prompts=[ImagePrompt(images=[image], scale=0.7)], return_array=True)
+    assert record(f"LoRA + IP-Adapter {variant}, SD 1.5", psnr(np.array(got), expected), "dB") >= 40
