@@ -428,3 +428,28 @@ def test_with_an_ip_adapter(sd15, diffusers_dir, mlx_dir, files, torch_pipe, tmp
     got = ours.generate("a cat", steps=STEPS, cfg=6.0, height=H, width=W, scheduler="euler", latents=latents().numpy(),
                         image_prompts=[ImagePrompt(images=[image], scale=0.7)], return_array=True)
     assert record(f"LoRA + IP-Adapter {variant}, SD 1.5", psnr(np.array(got), expected), "dB") >= 40
+
+
+def test_cli_lora_from_the_hub_cache(mlx_dir, files, tmp_path):
+    """--lora REPO:PATH:SCALE resolves through the Hub cache (offline), as IP-Adapter refs do."""
+    import os
+    import shutil
+
+    from PIL import Image
+
+    from test_cli import hub_cache, run_cli
+
+    repo_files = tmp_path / "repo"
+    (repo_files / "styles").mkdir(parents=True)
+    shutil.copy(files[0], repo_files / "styles" / "style.safetensors")
+    hub_cache(tmp_path / "hf", "someone/loras", repo_files)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "hub.png"
+    result = run_cli(["generate", "--model", str(mlx_dir), "--prompt", "a fox", "--steps", "2", "--height", str(H),
+                      "--width", str(W), "--seed", "7", "--dtype", "float32", "--output", str(out),
+                      "--lora", "someone/loras:styles/style.safetensors:0.8"], env)
+    assert result.returncode == 0, result.stderr
+    pipe = StableDiffusion(mlx_dir, dtype=mx.float32)
+    pipe.load_lora(str(files[0]), 0.8)
+    expected = pipe.generate("a fox", steps=2, height=H, width=W, seed=7)[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
