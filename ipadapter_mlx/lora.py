@@ -42,7 +42,8 @@ DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_en
 # diffusers the rest
 ROLES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha", ".lora_A.weight": "down",
          ".lora_B.weight": "up", ".lora.down.weight": "down", ".lora.up.weight": "up",
-         ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up"}
+         ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",
+         "_lora.down.weight": "down", "_lora.up.weight": "up"}
 # LyCORIS / DoRA variants: a different delta than up @ down, refused by name (a key component, or its start)
 UNSUPPORTED = {"hada_": "LoHa", "lokr_": "LoKr", "lora_mid": "LoCon with a Tucker (CP) mid weight",
                "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "diff": "full-weight diff", "w_norm": "GLoRA",
@@ -209,9 +210,11 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
             if stem.startswith(prefix):
                 name = stem[len(prefix):]
                 name = name.removeprefix("base_model.model.")  # PEFT's wrapper, when a file keeps it
-                # older diffusers: attention processors' own LoRA layers (attn1.processor.to_q_lora)
-                name = re.sub(r"\.processor\.(to_[qkv]|to_out)_lora$",
+                # older diffusers: attention processors' own LoRA layers (attn1.processor.to_q_lora), and the
+                # same names on CLIP's attention (self_attn.to_q_lora = q_proj)
+                name = re.sub(r"\.processor\.(to_[qkv]|to_out)$",
                               lambda m: "." + ("to_out.0" if m[1] == "to_out" else m[1]), name)
+                name = re.sub(r"\.self_attn\.to_(q|k|v|out)$", r".self_attn.\1_proj", name)
                 return prefixes[prefix], name, role
     return None
 

@@ -453,3 +453,21 @@ def test_cli_lora_from_the_hub_cache(mlx_dir, files, tmp_path):
     pipe.load_lora(str(files[0]), 0.8)
     expected = pipe.generate("a fox", steps=2, height=H, width=W, seed=7)[0]
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+
+
+def test_older_diffusers_format(sd15, mlx_dir, tmp_path):
+    """The pre-PEFT diffusers layout (attn1.processor.to_q_lora.down, self_attn.to_q_lora, lora_linear_layer,
+    lora.down), as diffusers' own converter writes it from a kohya file: the same weights as the kohya file."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+
+    _, style, _ = sd15
+    kohya = kohya_file([replace(la, alpha=None) for la in style])
+    old, _ = _convert_non_diffusers_lora_to_diffusers(dict(kohya))
+    assert any(".processor.to_out_lora.down." in k for k in old) and any("self_attn.to_q_lora" in k for k in old)
+    save_file(kohya, tmp_path / "kohya.safetensors")
+    save_file({k: v.contiguous() for k, v in old.items()}, tmp_path / "old.safetensors")
+    a, b = StableDiffusion(mlx_dir, dtype=mx.float32), StableDiffusion(mlx_dir, dtype=mx.float32)
+    a.load_lora(str(tmp_path / "kohya.safetensors"), 0.8)
+    b.load_lora(str(tmp_path / "old.safetensors"), 0.8)
+    wa, wb = weights(a), weights(b)
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa)
