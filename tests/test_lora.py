@@ -469,5 +469,6 @@ def test_older_diffusers_format(sd15, mlx_dir, tmp_path):
     a, b = StableDiffusion(mlx_dir, dtype=mx.float32), StableDiffusion(mlx_dir, dtype=mx.float32)
     a.load_lora(str(tmp_path / "kohya.safetensors"), 0.8)
     b.load_lora(str(tmp_path / "old.safetensors"), 0.8)
-    wa, wb = weights(a), weights(b)
+    wa, wb, base = weights(a), weights(b), weights(StableDiffusion(mlx_dir, dtype=mx.float32))
     assert all(np.array_equal(wa[k], wb[k]) for k in wa)
+    assert sum(not np.array_equal(wa[k], base[k]) for k in wa) == len(style)
