@@ -5,8 +5,8 @@ The core, which other features (FaceID) build on:
   `Lora(name, layers)`          {component ("unet", "text_encoder", "text_encoder_2") -> {module path -> layer}},
                                 module paths in diffusers naming, as our MLX modules are named
   `check_lora(lora, models)`    every layer against the modules it names (shapes, kind), strictly
-  `LoraSet`                     the loaded LoRAs and their scales; `apply(component, model)` fuses their sum
-                                into a model's Linear / Conv2d weights, restoring the kept originals exactly
+  `LoraSet`                     the loaded LoRAs and their scales; `apply(component, model, source)` fuses
+                                their sum into a model's Linear / Conv2d weights, and restores layers exactly
 
 Names are derived from the models themselves, as kohya's sd-scripts derives them: a kohya name is the module
 path with '.' -> '_' behind `lora_unet_` / `lora_te_` (`lora_te1_` / `lora_te2_` on SDXL); SDXL files name the
@@ -168,10 +168,11 @@ def check_lora(lora: Lora, models: dict[str, nn.Module]) -> None:
             if layer.alpha is not None and not (math.isfinite(layer.alpha)):
                 raise UserError(f"LoRA {lora.name}: {component} {path} has alpha {layer.alpha}")
     items = [(f"{c} {p}", la) for c, layers in lora.layers.items() for p, la in layers.items()]
-    finite_ = mx.stack([mx.isfinite(la.down).all() & mx.isfinite(la.up).all() for _, la in items]) if items else []
-    bad = [name for (name, _), ok in zip(items, finite_.tolist() if items else []) if not ok]
-    if bad:
-        raise UserError(f"LoRA {lora.name}: weights hold NaN/Inf in {len(bad)} layers: {_listing(bad)}")
+    if items:  # one evaluation for all layers
+        good = mx.stack([mx.isfinite(la.down).all() & mx.isfinite(la.up).all() for _, la in items]).tolist()
+        bad = [name for (name, _), ok in zip(items, good) if not ok]
+        if bad:
+            raise UserError(f"LoRA {lora.name}: weights hold NaN/Inf in {len(bad)} layers: {_listing(bad)}")
 
 
 # -- reading files -------------------------------------------------------------------------------------------
