@@ -34,7 +34,6 @@ import mlx.nn as nn
 
 from .errors import UserError, finite
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                   "lora_te2_": "text_encoder_2"}
 DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
