@@ -173,6 +173,30 @@ def _add_ip_options(p: argparse.ArgumentParser, embed: bool = False) -> None:
                             "K+V-C-penalty, K+mean-V")
 
 
+def lora_arg(text: str) -> tuple[str, float]:
+    """--lora FILE|REPO:PATH[:SCALE]: the last `:` part is the scale unless it is part of the path (it holds a
+    '/' or ends like a weights file)."""
+    from .hub import SINGLE_FILE_SUFFIXES
+
+    ref, sep, tail = text.rpartition(":")
+    if not sep or "/" in tail or tail.lower().endswith(SINGLE_FILE_SUFFIXES) or not ref:
+        return text, 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the scale {tail!r} of {text!r} is not a number") from None
+    if not math.isfinite(scale):
+        raise argparse.ArgumentTypeError(f"the scale of {text!r} must be a finite number")
+    return ref, scale
+
+
+def _add_lora_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="FILE|REPO:PATH[:SCALE]",
+                   help="a LoRA (kohya/A1111 or diffusers/PEFT, .safetensors or .bin/.pt), fused into the UNet and "
+                        "text encoder(s) at SCALE (default 1.0); repeat for several")
+
+
 def _add_embed(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="write reference images' CLIP features to a file, for generate --image-embeds",
                        description="Encode reference images once with the CLIP vision tower one IP-Adapter reads; "
@@ -344,6 +368,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="run even when the memory estimate exceeds this machine (it may swap or be stopped)")
     p.add_argument("--verbose", action="store_true", help="print timings, peak memory, device and BLAS")
     _add_ip_options(p)
+    _add_lora_options(p)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -391,6 +416,8 @@ def _generate(args: argparse.Namespace) -> int:
     quantize = (args.quantize, args.group_size) if args.quantize else None
     pipe = StableDiffusion.from_pretrained(args.model, dtype=dtype, quantize=quantize, low_memory=args.low_memory,
                                            tokenizer=args.tokenizer, config=args.config)
+    for ref, scale in args.lora:
+        pipe.load_lora(ref, scale)
     prompts = _image_prompts(pipe, groups) if groups else None
     for i, p in enumerate(prompts or []):
         if p.images or p.composition_images:  # the encoder will run: find it now, so the estimate counts it
@@ -431,6 +458,8 @@ def _generate(args: argparse.Namespace) -> int:
         params.update(init_image=str(args.init_image), strength=strength)
     if latents is not None:
         params["latents"] = str(args.latents)
+    if args.lora:
+        params["loras"] = [{"lora": ref, "scale": scale} for ref, scale in args.lora]
     if groups:
         params["ip_adapters"] = [
             {k: v for k, v in g.items() if v not in ([], None)} | {"scale": pipe.adapters[i].scale}
