@@ -25,7 +25,7 @@ from .cache import _dtype_name, _key, _local_fingerprint, cache_root
 from .denoiser import StepHook, UNetInput
 from .errors import UserError, finite
 from .folders import convert_once, write_mlx_folder
-from .hub import is_repo_id, snapshot, split_hub_path
+from .hub import SINGLE_FILE_SUFFIXES, is_repo_id, snapshot, split_hub_path
 from .images import to_rgb
 from .loading import build, is_mlx_folder, load_component, read_json
 from .models.t2i_adapter import T2IAdapter, T2IAdapterConfig
@@ -96,28 +96,44 @@ def is_t2i_adapter_folder(path: Path) -> bool:
         return False
 
 
-def resolve_t2i_adapter(ref: str, dtype: mx.Dtype | None = None) -> Path:
-    """A preset, Hub repo id, `REPO:FOLDER`, diffusers folder or converted folder -> the converted MLX folder
-    (converted once, then cached like the models; `dtype` None keeps the source's)."""
+def t2i_source(ref: str) -> tuple[Path, str]:
+    """A preset, Hub repo id, `REPO:FOLDER` or diffusers folder -> (the local diffusers folder, an identity for
+    the cache: the local files' sizes and times, or the Hub commit)."""
     source = PRESETS.get(ref, ref)
     path = Path(source).expanduser()
     if path.is_dir():
-        if is_mlx_folder(path):
-            if not (path / COMPONENT).is_dir():
-                raise UserError(f"{path} is a converted folder but not a T2I-Adapter (no {COMPONENT}/ in it)")
-            return path
-        src, identity = path, _local_fingerprint(path)
-    elif path.exists():
+        return path, _local_fingerprint(path)
+    if path.exists():
         raise UserError(f"T2I-Adapter {ref} is a file; give its diffusers folder (config.json and the weights), "
                         "a Hub repo id or a preset")
-    else:
-        hub = split_hub_path(source) or ((source, "") if is_repo_id(source) else None)
-        if hub is None:
-            raise UserError(f"T2I-Adapter not found: {ref} is not a folder, a Hub repo id, REPO:FOLDER or a preset "
-                            f"({', '.join(PRESETS)})")
-        root, src = _download(*hub)
-        identity = _key(*hub, root.name)  # root.name is the Hub commit
-    name = f"t2i-adapter-{Path(source).name.replace(':', '-')[:40]}-{identity}-{_dtype_name(dtype)}"
+    hub = split_hub_path(source) or ((source, "") if is_repo_id(source) else None)
+    if hub is None:
+        raise UserError(f"T2I-Adapter not found: {ref} is not a folder, a Hub repo id, REPO:FOLDER or a preset "
+                        f"({', '.join(PRESETS)})")
+    root, folder = _download(*hub)
+    return folder, _key(*hub, root.name)  # root.name is the Hub commit
+
+
+def is_t2i_repo(ref: str) -> bool:
+    """For `python -m convert`: does this Hub repo (or REPO:FOLDER) hold a diffusers T2I-Adapter? (Its
+    config.json names the class; a pipeline repo has none at its root.)"""
+    repo, sub = split_hub_path(ref) or (ref, "")
+    if Path(sub).suffix in SINGLE_FILE_SUFFIXES:  # REPO:PATH to a file: an IP-Adapter
+        return False
+    cfg = f"{sub}/config.json" if sub else "config.json"
+    return is_t2i_adapter_folder(snapshot(repo, [cfg]) / Path(cfg).parent)
+
+
+def resolve_t2i_adapter(ref: str, dtype: mx.Dtype | None = None) -> Path:
+    """Any T2I-Adapter reference -> its converted MLX folder (converted once, then cached like the models;
+    `dtype` None keeps the source's). A converted folder is used as it is."""
+    path = Path(PRESETS.get(ref, ref)).expanduser()
+    if path.is_dir() and is_mlx_folder(path):
+        if not (path / COMPONENT).is_dir():
+            raise UserError(f"{path} is a converted folder but not a T2I-Adapter (no {COMPONENT}/ in it)")
+        return path
+    src, identity = t2i_source(ref)
+    name = f"t2i-adapter-{path.name.replace(':', '-')[:40]}-{identity}-{_dtype_name(dtype)}"
     dst = cache_root() / "converted" / name
     return convert_once(dst, lambda: convert_t2i_adapter(src, dst, dtype))
 
