@@ -38,14 +38,14 @@ XL_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=
                cross_attention_dim=64, norm_num_groups=8)
 
 
-def make_adapter(root: Path, config: dict, seed: int, safetensors: bool = True) -> Path:
+def make_adapter(root: Path, config: dict, seed: int, safetensors: bool = True, gain: float = 2.0) -> Path:
     """A diffusers T2I-Adapter folder (config.json + weights), as save_pretrained writes it."""
     torch.manual_seed(seed)
     adapter = perturb(diffusers.T2IAdapter(**config), seed)
     with torch.no_grad():  # features as strong as the UNet's own (PyTorch's default init gives faint ones)
         for name, p in adapter.named_parameters():
             if name.endswith("weight"):
-                p.mul_(2.0)
+                p.mul_(gain)
     adapter.save_pretrained(root, safe_serialization=safetensors)
     return root
 
@@ -111,7 +111,7 @@ def test_bin_folder_converts_to_the_same_weights(tmp_path):
 @pytest.fixture(scope="module")
 def sd1_adapters(tmp_path_factory):
     root = tmp_path_factory.mktemp("t2i-sd1")
-    return make_adapter(root / "a", SD1_ADAPTER, 11), make_adapter(root / "b", SD1_GREY, 12)
+    return make_adapter(root / "a", SD1_ADAPTER, 11, gain=3.0), make_adapter(root / "b", SD1_GREY, 12, gain=3.0)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def sd1_reference(diffusers_dir, adapter, ip_repo=None, ip_image=None, factor=1.
         pipe.unet.forward = forward
 
 
-@pytest.mark.parametrize("scale,factor", [(0.7, 1.0), (0.8, 0.5)])
+@pytest.mark.parametrize("scale,factor", [(0.7, 1.0), (0.8, 0.25)])
 def test_sd15_with_ip_adapter_matches_diffusers(diffusers_dir, mlx_dir, sd1_adapters, ip_repo, scale, factor):
     H, W = 32, 48
     latents = torch.randn(1, 4, H // 2, W // 2, generator=torch.Generator().manual_seed(0))
@@ -219,20 +219,36 @@ def test_sdxl_with_ip_adapter_matches_diffusers(xl):
     control, ref_image = control_image(7, (66, 35), "L"), reference_image(8)  # -> 64x32 (multiples of 4)
     latents = torch.randn(1, 4, 16, 32, generator=torch.Generator().manual_seed(1))
     expected = pipe("a fox", image=control, ip_adapter_image=ref_image, num_inference_steps=STEPS, guidance_scale=6.0,
-                    latents=latents, adapter_conditioning_scale=0.8, adapter_conditioning_factor=0.5,
+                    latents=latents, adapter_conditioning_scale=0.8, adapter_conditioning_factor=0.25,
                     output_type="np").images
     ours = StableDiffusion(mlx_dir, mx.float32)
     ours.load_ip_adapter(str(ip / "sdxl_models" / SDXL_VARIANTS["sdxl"][0]), scale=0.7)
     index = ours.load_t2i_adapter(str(adapter_dir))
     kw = dict(steps=STEPS, cfg=6.0, scheduler="euler", latents=latents.numpy(), return_array=True,
               image_prompts=[ImagePrompt(images=[ref_image])])
-    got = np.array(ours.generate("a fox", t2i_adapters=[T2IControl(index, control, 0.8, 0.5)], **kw))
+    got = np.array(ours.generate("a fox", t2i_adapters=[T2IControl(index, control, 0.8, 0.25)], **kw))
     assert got.shape[1:3] == expected.shape[1:3] == (32, 64)
-    assert record("T2I-Adapter SDXL + IP-Adapter, scale 0.8, factor 0.5", psnr(got, expected), "dB") >= 40
+    assert record("T2I-Adapter SDXL + IP-Adapter, scale 0.8, factor 0.25", psnr(got, expected), "dB") >= 40
     # the factor matters both ways: off (factor 0) is another picture, on in every step a slightly other one
     off, full = (np.array(ours.generate("a fox", t2i_adapters=[T2IControl(index, control, 0.8, f)], **kw))
                  for f in (0.0, 1.0))
     assert psnr(got, off) < 40 and psnr(got, full) < 60
+
+
+def test_factor_rule_is_diffusers(mlx_dir, sd1_adapters):
+    """At step i of N the features are added exactly when StableDiffusionXLAdapterPipeline adds them:
+    `if i < int(num_inference_steps * adapter_conditioning_factor)`, for step counts and factors that round."""
+    from ipadapter_mlx.denoiser import UNetInput
+
+    pipe = StableDiffusion(mlx_dir, mx.float32)
+    index = pipe.load_t2i_adapter(str(sd1_adapters[0]))
+    x = mx.zeros((2, 16, 16, 4))
+    for n in (1, 3, 4, 7, 25, 30):
+        for factor in (0.0, 0.1, 0.25, 0.3, 0.5, 0.7, 0.99, 1.0):
+            (hook,) = pipe.t2i_adapters.hooks([T2IControl(index, control_image(1, (32, 32)), 1.0, factor)], 1, True,
+                                              (32, 32), n)
+            on = [hook(UNetInput(x, mx.zeros(2), None), i, 1.0).residuals is not None for i in range(n)]
+            assert on == [i < int(n * factor) for i in range(n)], (n, factor)
 
 
 # -- bad input ---------------------------------------------------------------------------------------------
