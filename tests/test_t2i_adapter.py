@@ -371,3 +371,17 @@ def test_memory_estimate_counts_the_adapter(mlx_dir, sd1_adapters):
     weights = sum(p.numel() for p in diffusers.T2IAdapter.from_pretrained(sd1_adapters[0]).parameters()) * 4
     held = 2 * 4 * (32 * 32 * 32 + 64 * 16 * 16)  # its two feature maps at 64x64, CFG batch, float32
     assert pipe.estimate_memory(64, 64) - before == weights + held
+
+
+def test_example_runs(mlx_dir, ip_repo, sd1_adapters, tmp_path, monkeypatch):
+    import runpy
+    import sys
+
+    control_image(9, (48, 32), "L").save(tmp_path / "edges.png")
+    reference_image(1).save(tmp_path / "ref.png")
+    monkeypatch.setattr(sys, "argv", [
+        "structure_and_style.py", "--model", str(mlx_dir), "--t2i-adapter", str(sd1_adapters[0]), "--ip-adapter",
+        str(ip_repo / "models" / VARIANTS["plus"][0]), "--control", str(tmp_path / "edges.png"), "--image",
+        str(tmp_path / "ref.png"), "--prompt", "a house", "--steps", "2", "--output", str(tmp_path / "out.png")])
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "structure_and_style.py"), run_name="__main__")
+    assert Image.open(tmp_path / "out.png").size == (48, 32)
