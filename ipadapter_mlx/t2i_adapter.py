@@ -15,6 +15,7 @@ import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -56,14 +57,27 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 # -- finding and converting --------------------------------------------------------------------------------
 
 
-def _download(repo: str, sub: str) -> tuple[Path, Path]:
+ConfigCheck = Callable[[T2IAdapterConfig], None]
+
+
+def _config(path: Path, where: str) -> T2IAdapterConfig:
+    try:
+        return T2IAdapterConfig.from_dict(read_json(path))
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def _download(repo: str, sub: str, check: ConfigCheck | None = None) -> tuple[Path, Path]:
     """The config and one weights file of a diffusers T2I-Adapter on the Hub (repo root or a sub-folder):
-    (the snapshot, the adapter's folder in it)."""
-    prefix = f"{sub}/" if sub else ""
+    (the snapshot, the adapter's folder in it). `check` sees the config before any weights are downloaded."""
+    prefix, what = f"{sub}/" if sub else "", f"{repo}{':' + sub if sub else ''}"
+    root = snapshot(repo, [f"{prefix}config.json"])
+    if not (root / prefix / "config.json").is_file():
+        raise UserError(f"{what} has no config.json: not a diffusers T2I-Adapter")
+    if check:
+        check(_config(root / prefix / "config.json", what))
     for name in WEIGHT_FILES:
         root = snapshot(repo, [f"{prefix}config.json", f"{prefix}{name}"])
-        if not (root / prefix / "config.json").is_file():
-            raise UserError(f"{repo}{':' + sub if sub else ''} has no config.json: not a diffusers T2I-Adapter")
         if (root / prefix / name).is_file():
             return root, root / prefix
     raise UserError(f"{repo}{':' + sub if sub else ''} has no T2I-Adapter weights ({' or '.join(WEIGHT_FILES)})")
@@ -96,12 +110,14 @@ def is_t2i_adapter_folder(path: Path) -> bool:
         return False
 
 
-def t2i_source(ref: str) -> tuple[Path, str]:
+def t2i_source(ref: str, check: ConfigCheck | None = None) -> tuple[Path, str]:
     """A preset, Hub repo id, `REPO:FOLDER` or diffusers folder -> (the local diffusers folder, an identity for
-    the cache: the local files' sizes and times, or the Hub commit)."""
+    the cache: the local files' sizes and times, or the Hub commit). `check` sees its config first."""
     source = PRESETS.get(ref, ref)
     path = Path(source).expanduser()
     if path.is_dir():
+        if check:
+            check(_config(path / "config.json", str(path)))
         return path, _local_fingerprint(path)
     if path.exists():
         raise UserError(f"T2I-Adapter {ref} is a file; give its diffusers folder (config.json and the weights), "
@@ -110,7 +126,7 @@ def t2i_source(ref: str) -> tuple[Path, str]:
     if hub is None:
         raise UserError(f"T2I-Adapter not found: {ref} is not a folder, a Hub repo id, REPO:FOLDER or a preset "
                         f"({', '.join(PRESETS)})")
-    root, folder = _download(*hub)
+    root, folder = _download(*hub, check)
     return folder, _key(*hub, root.name)  # root.name is the Hub commit
 
 
@@ -124,15 +140,18 @@ def is_t2i_repo(ref: str) -> bool:
     return is_t2i_adapter_folder(snapshot(repo, [cfg]) / Path(cfg).parent)
 
 
-def resolve_t2i_adapter(ref: str, dtype: mx.Dtype | None = None) -> Path:
+def resolve_t2i_adapter(ref: str, dtype: mx.Dtype | None = None, check: ConfigCheck | None = None) -> Path:
     """Any T2I-Adapter reference -> its converted MLX folder (converted once, then cached like the models;
-    `dtype` None keeps the source's). A converted folder is used as it is."""
+    `dtype` None keeps the source's). A converted folder is used as it is. `check` sees the adapter's config
+    before any weights are downloaded or read (the family check)."""
     path = Path(PRESETS.get(ref, ref)).expanduser()
     if path.is_dir() and is_mlx_folder(path):
         if not (path / COMPONENT).is_dir():
             raise UserError(f"{path} is a converted folder but not a T2I-Adapter (no {COMPONENT}/ in it)")
+        if check:
+            check(_config(path / COMPONENT / "config.json", str(path)))
         return path
-    src, identity = t2i_source(ref)
+    src, identity = t2i_source(ref, check)
     name = f"t2i-adapter-{path.name.replace(':', '-')[:40]}-{identity}-{_dtype_name(dtype)}"
     dst = cache_root() / "converted" / name
     return convert_once(dst, lambda: convert_t2i_adapter(src, dst, dtype))
@@ -236,9 +255,8 @@ class T2IAdapterSet:
 
     def load(self, ref: str, unet_config, is_sdxl: bool) -> int:
         """Find (and convert once) an adapter, refuse it unless it fits this UNet, load it; returns its index."""
-        folder = resolve_t2i_adapter(ref)
-        config = T2IAdapterConfig.from_dict(read_json(folder / COMPONENT / "config.json"))
-        check_fits(config, ref, unet_config, self.vae_factor, is_sdxl)  # before the weights are read
+        fits = lambda config: check_fits(config, ref, unet_config, self.vae_factor, is_sdxl)  # noqa: E731
+        folder = resolve_t2i_adapter(ref, check=fits)  # checked before the weights are downloaded or read
         self.loaded.append(LoadedT2IAdapter(ref, load_component(folder, COMPONENT, self.dtype), folder))
         return len(self.loaded) - 1
 

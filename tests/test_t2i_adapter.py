@@ -263,6 +263,26 @@ def test_wrong_family_names_both_sides(xl, mlx_pipe, sd1_adapters):
     assert len(mlx_pipe.t2i_adapters) == 0
 
 
+def test_published_shapes_fit_their_family_only():
+    """The published configs: SD 1.5's UNet takes the SD 1.x adapters (full and light), SDXL's the XL one."""
+    from ipadapter_mlx.config import UNetConfig
+    from ipadapter_mlx.models.t2i_adapter import T2IAdapterConfig
+    from ipadapter_mlx.t2i_adapter import check_fits
+
+    sd15 = UNetConfig.from_dict(dict(block_out_channels=[320, 640, 1280, 1280], up_block_types=[], down_block_types=[
+        "CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))
+    sdxl = UNetConfig.from_dict(dict(block_out_channels=[320, 640, 1280], up_block_types=[], down_block_types=[
+        "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]))
+    full = T2IAdapterConfig.from_dict({"_class_name": "T2IAdapter", "in_channels": 1})  # diffusers' defaults
+    light = T2IAdapterConfig.from_dict(dict(channels=[320, 640, 1280], num_res_blocks=4, adapter_type="light_adapter"))
+    xl = T2IAdapterConfig.from_dict(dict(downscale_factor=16, adapter_type="full_adapter_xl"))
+    for adapter, fits, other in [(full, (sd15, False), (sdxl, True)), (light, (sd15, False), (sdxl, True)),
+                                 (xl, (sdxl, True), (sd15, False))]:
+        check_fits(adapter, "a", *fits[:1], 8, fits[1])
+        with pytest.raises(UserError, match="does not fit this model"):
+            check_fits(adapter, "a", other[0], 8, other[1])
+
+
 def test_bad_references_and_requests(mlx_dir, diffusers_dir, sd1_adapters, tmp_path):
     pipe = StableDiffusion(mlx_dir, mx.float32)
     cases = [
@@ -287,6 +307,26 @@ def test_bad_references_and_requests(mlx_dir, diffusers_dir, sd1_adapters, tmp_p
     ]:
         with pytest.raises(UserError, match=message):
             pipe.generate("x", t2i_adapters=[control], **kw)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"adapter_type": "huge_adapter"}, r"unsupported T2I-Adapter adapter_type 'huge_adapter'"),
+    ({"num_res_blocks": 100000}, r"num_res_blocks must be in 1..64"),
+    ({"in_channels": 4}, r"in_channels=4; control images have 1 \(grey\) or 3 \(RGB\) channels"),
+    ({"downscale_factor": 0}, r"downscale_factor must be in 1..64"),
+    ({"channels": []}, r"channels must be positive whole numbers"),
+    ({"channels": [32, 48]}, r"made for SD 1.x/2.x \(features 32ch at 1/2, 48ch at 1/4"),  # before the weights
+    ({"num_res_blocks": 1}, r"weights do not fit the config; .* tensors in the file fit no parameter"),
+])
+def test_hostile_or_mismatched_config(mlx_dir, sd1_adapters, tmp_path, change, message):
+    import shutil
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(sd1_adapters[0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(UserError, match=message):
+        StableDiffusion(mlx_dir, mx.float32).load_t2i_adapter(str(folder))
 
 
 def test_size_not_divisible_by_the_unshuffle_is_refused(xl):
