@@ -81,7 +81,7 @@ def euler(pipe):
 ], ids=["full_adapter", "full_adapter_xl", "light_adapter"])
 def test_adapter_matches_diffusers(config, size, tmp_path):
     """diffusers folder -> the converted cache -> our module: every feature map equal to diffusers'."""
-    folder = make_adapter(tmp_path / "adapter", config, 3)
+    folder = make_adapter(tmp_path / "adapter", config, 3, gain=1.0)
     ref = diffusers.T2IAdapter.from_pretrained(folder).eval()
     ours = load_component(resolve_t2i_adapter(str(folder)), "t2i_adapter", mx.float32)
     x = torch.rand(2, config["in_channels"], size[1], size[0], generator=torch.Generator().manual_seed(0))
