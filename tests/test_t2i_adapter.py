@@ -357,6 +357,7 @@ def test_cli_equals_the_api(mlx_dir, sd1_adapters, tmp_path, capsys):
     meta = json.loads(png.text["ipadapter_mlx"])
     assert meta["t2i_adapters"] == [{"t2i_adapter": str(sd1_adapters[0]), "image": str(tmp_path / "edges.png"),
                                      "scale": 0.7, "factor": 0.5}]
+    assert "T2I-Adapter 1 scale: 0.7, T2I-Adapter 1 factor: 0.5" in png.text["parameters"]  # A1111-style text
     pipe = StableDiffusion(mlx_dir, mx.float32)
     control = T2IControl(pipe.load_t2i_adapter(str(sd1_adapters[0])), Image.open(tmp_path / "edges.png"), 0.7, 0.5)
     api = pipe.generate("a cat", steps=2, seed=3, scheduler="euler", t2i_adapters=[control])[0]
