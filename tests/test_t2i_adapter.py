@@ -405,6 +405,36 @@ def test_convert_writes_a_folder_the_pipeline_loads(mlx_dir, sd1_adapters, tmp_p
                zip(tree_flatten(pipe.t2i_adapters[a].model.parameters()), tree_flatten(pipe.t2i_adapters[b].model.parameters())))
 
 
+def test_hub_repo_and_sub_folder_offline(mlx_dir, sd1_adapters, tmp_path, monkeypatch, capsys):
+    """A repo with only diffusion_pytorch_model.bin (as TencentARC/t2iadapter_canny_sd15v2) and REPO:FOLDER, from
+    the Hugging Face cache (the tests run offline); converted once into the cache, then reused."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from convert.__main__ import main as convert
+    from test_cli import hub_cache
+
+    make_adapter(tmp_path / "bin-repo", SD1_ADAPTER, 11, safetensors=False, gain=3.0)  # sd1_adapters[0]'s weights
+    shutil.copytree(sd1_adapters[0], tmp_path / "multi" / "canny")
+    hub_cache(tmp_path / "hf", "tiny/t2i-bin", tmp_path / "bin-repo")
+    hub_cache(tmp_path / "hf", "tiny/t2i-multi", tmp_path / "multi")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    pipe = StableDiffusion(mlx_dir, mx.float32)
+    a, b, c = (pipe.load_t2i_adapter(r) for r in ("tiny/t2i-bin", "tiny/t2i-multi:canny", str(sd1_adapters[0])))
+    from mlx.utils import tree_flatten
+
+    for i in (a, b):
+        assert all(mx.array_equal(v, w) for (_, v), (_, w) in zip(tree_flatten(pipe.t2i_adapters[i].model.parameters()),
+                                                                 tree_flatten(pipe.t2i_adapters[c].model.parameters())))
+    assert pipe.t2i_adapters[a].folder == resolve_t2i_adapter("tiny/t2i-bin")  # cached
+    with pytest.raises(UserError, match=r"tiny/t2i-multi has no config.json: not a diffusers T2I-Adapter"):
+        pipe.load_t2i_adapter("tiny/t2i-multi")
+    for i, ref in enumerate(["tiny/t2i-multi:canny", "tiny/t2i-bin"]):  # a repo id: told from a pipeline repo
+        assert convert([ref, str(tmp_path / f"out{i}")]) == 0, capsys.readouterr().err
+        assert (tmp_path / f"out{i}" / "t2i_adapter" / "model.safetensors").is_file()
+
+
 def test_memory_estimate_counts_the_adapter(mlx_dir, sd1_adapters):
     pipe = StableDiffusion(mlx_dir, mx.float32)
     before = pipe.estimate_memory(64, 64)
