@@ -218,9 +218,8 @@ class LoadedT2IAdapter:
     folder: Path
 
 
-def control_pixels(image: Image.Image | np.ndarray, size: tuple[int, int], in_channels: int) -> mx.array:
-    """A control image -> (1, H, W, in_channels) in [0, 1] at size (w, h): grey for a 1-channel adapter (PIL's
-    "L", as diffusers' examples convert it), else RGB; resized with lanczos as diffusers' _preprocess_adapter_image."""
+def as_pil(image: Image.Image | np.ndarray) -> Image.Image:
+    """A control image as given to the API: a PIL image, or a uint8 array (H, W) or (H, W, 1/3/4)."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
             raise UserError(f"a control image array must be uint8 (H, W) or (H, W, 1/3/4), got {image.dtype} "
@@ -228,7 +227,13 @@ def control_pixels(image: Image.Image | np.ndarray, size: tuple[int, int], in_ch
         image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
     if not isinstance(image, Image.Image):
         raise UserError(f"a control image must be a PIL image or a uint8 array, got {type(image).__name__}")
-    image = to_rgb(image)
+    return image
+
+
+def control_pixels(image: Image.Image | np.ndarray, size: tuple[int, int], in_channels: int) -> mx.array:
+    """A control image -> (1, H, W, in_channels) in [0, 1] at size (w, h): grey for a 1-channel adapter (PIL's
+    "L", as diffusers' examples convert it), else RGB; resized with lanczos as diffusers' _preprocess_adapter_image."""
+    image = to_rgb(as_pil(image))
     if in_channels == 1:
         image = image.convert("L")
     if image.size != tuple(size):
@@ -274,18 +279,14 @@ class T2IAdapterSet:
                             "load_t2i_adapter returns the index)")
         return self.loaded[control.adapter]
 
-    def multiple(self) -> int:
-        """What the output's sides must be multiples of with these adapters (their pixel unshuffle, the VAE's)."""
-        return math.lcm(self.vae_factor, *(la.model.config.downscale_factor for la in self.loaded))
-
     def default_size(self, controls: list[T2IControl], height: int | None,
                      width: int | None) -> tuple[int | None, int | None]:
         """A side not given: the first control image's, rounded down to a multiple of its adapter's downscale
         factor (and the VAE's), as diffusers' adapter pipelines default it."""
         if not controls or (height and width):
             return height, width
-        la, image = self._get(controls[0]), controls[0].image
-        w0, h0 = image.size if isinstance(image, Image.Image) else np.shape(image)[1::-1]
+        la = self._get(controls[0])
+        w0, h0 = as_pil(controls[0].image).size
         m = math.lcm(self.vae_factor, la.model.config.downscale_factor)
         if h0 < m or w0 < m:
             raise UserError(f"the control image is {w0}x{h0} pixels; T2I-Adapter {la.ref} needs at least {m}x{m}")

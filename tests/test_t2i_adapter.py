@@ -303,10 +303,18 @@ def test_bad_references_and_requests(mlx_dir, diffusers_dir, sd1_adapters, tmp_p
         (T2IControl(index + 1, image), r"no T2I-Adapter at index 1 \(1 loaded"),
         (T2IControl(index, image, factor=1.5), r"factor must be a fraction in \[0, 1\]"),
         (T2IControl(index, image, scale=float("nan")), r"scale must be a finite number"),
-        (T2IControl(index, "control.png"), r"must be a PIL image or a uint8 array"),
+        (T2IControl(index, "control.png"), r"must be a PIL image or a uint8 array, got str"),
+        (T2IControl(index, np.zeros((32, 32, 3), np.float32)), r"must be uint8 \(H, W\) or \(H, W, 1/3/4\)"),
     ]:
         with pytest.raises(UserError, match=message):
             pipe.generate("x", t2i_adapters=[control], **kw)
+        with pytest.raises(UserError, match=message):  # the size taken from the control image
+            pipe.generate("x", t2i_adapters=[control], steps=1)
+    with pytest.raises(UserError, match=r"the control image is 1x1 pixels; .* needs at least 2x2"):
+        pipe.generate("x", t2i_adapters=[T2IControl(index, np.zeros((1, 1), np.uint8))], steps=1)
+    array = np.asarray(control_image(2, (36, 28)))  # a uint8 array is a picture too
+    assert next(iter(pipe.generate_latents("x", steps=1, t2i_adapters=[T2IControl(index, array)]))).latents.shape == \
+        (1, 14, 18, 4)
 
 
 @pytest.mark.parametrize("change,message", [
