@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = Parser(prog="python -m convert", description=__doc__.format(
         presets=textwrap.fill(", ".join(PRESETS), 90, subsequent_indent="  "),
-        t2i_presets=textwrap.fill(", ".join(T2I_PRESETS), 90, subsequent_indent="  ", break_on_hyphens=False)), epilog=EPILOG)
+        t2i_presets=textwrap.fill(", ".join(T2I_PRESETS), 90, subsequent_indent="  ", break_on_hyphens=False)),
+        epilog=EPILOG)
     p.add_argument("source", help="a model, an IP-Adapter or a T2I-Adapter (see above)")
     p.add_argument("output", help="the MLX folder to write")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,

@@ -307,7 +307,8 @@ class T2IAdapterSet:
             if height % d or width % d:
                 raise UserError(f"T2I-Adapter {la.ref} needs a height and width divisible by {d} (its pixel "
                                 f"unshuffle); got {width}x{height}")
-            features = la.model(control_pixels(c.image, (width, height), la.model.config.in_channels).astype(self.dtype))
+            pixels = control_pixels(c.image, (width, height), la.model.config.in_channels)
+            features = la.model(pixels.astype(self.dtype))
             n = batch * (2 if guided else 1)
             features = [mx.broadcast_to(f * c.scale, (n, *f.shape[1:])) for f in features]
             mx.eval(features)

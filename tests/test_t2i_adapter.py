@@ -63,6 +63,13 @@ def reference_image(seed: int) -> Image.Image:
     return ref(seed)
 
 
+def same_weights(a, b) -> bool:
+    from mlx.utils import tree_flatten
+
+    pa, pb = dict(tree_flatten(a.parameters())), dict(tree_flatten(b.parameters()))
+    return pa.keys() == pb.keys() and all(mx.array_equal(pa[k], pb[k]) for k in pa)
+
+
 def euler(pipe):
     pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     return pipe
@@ -100,9 +107,7 @@ def test_bin_folder_converts_to_the_same_weights(tmp_path):
     a = load_component(resolve_t2i_adapter(str(make_adapter(tmp_path / "st", SD1_ADAPTER, 5))), "t2i_adapter")
     b = load_component(resolve_t2i_adapter(str(make_adapter(tmp_path / "bin", SD1_ADAPTER, 5, False))), "t2i_adapter")
     assert (tmp_path / "bin" / "diffusion_pytorch_model.bin").is_file()
-    from mlx.utils import tree_flatten
-
-    assert all(mx.array_equal(v, w) for (_, v), (_, w) in zip(tree_flatten(a.parameters()), tree_flatten(b.parameters())))
+    assert same_weights(a, b)
 
 
 # -- SD 1.5: StableDiffusionAdapterPipeline, with an IP-Adapter ------------------------------------------------
@@ -355,7 +360,8 @@ def test_cli_equals_the_api(mlx_dir, sd1_adapters, tmp_path, capsys):
 
     control_image(9, (48, 32)).save(tmp_path / "edges.png")
     code = main(["generate", "--model", str(mlx_dir), "--prompt", "a cat", "--steps", "2", "--seed", "3",
-                 "--scheduler", "euler", "--t2i-adapter", str(sd1_adapters[0]), "--t2i-image", str(tmp_path / "edges.png"),
+                 "--scheduler", "euler", "--t2i-adapter", str(sd1_adapters[0]),
+                 "--t2i-image", str(tmp_path / "edges.png"),
                  "--adapter-conditioning-scale", "0.7", "--adapter-conditioning-factor", "0.5",
                  "--output", str(tmp_path / "cat.png")])
     out, err = capsys.readouterr()
@@ -377,8 +383,9 @@ def test_cli_equals_the_api(mlx_dir, sd1_adapters, tmp_path, capsys):
     (["--t2i-adapter", "{a}"], r"0 --t2i-image for 1 --t2i-adapter"),
     (["--t2i-adapter", "{a}", "--t2i-image", "{tmp}/none.png"], r"image not found: .*none.png"),
     (["--t2i-adapter", "{a}", "--t2i-image", "{tmp}/broken.png"], r"cannot read image .*broken.png"),
-    (["--t2i-adapter", "{a}", "--t2i-image", "{img}", "--adapter-conditioning-scale", "1", "--adapter-conditioning-scale",
-      "2", "--t2i-adapter", "{a}", "--t2i-image", "{img}", "--t2i-adapter", "{a}", "--t2i-image", "{img}"],
+    (["--t2i-adapter", "{a}", "--t2i-image", "{img}", "--adapter-conditioning-scale", "1",
+      "--adapter-conditioning-scale", "2", "--t2i-adapter", "{a}", "--t2i-image", "{img}", "--t2i-adapter", "{a}",
+      "--t2i-image", "{img}"],
      r"2 --adapter-conditioning-scale for 3 --t2i-adapter"),
     (["--adapter-conditioning-factor", "0.5"], r"need a --t2i-adapter"),
     (["--t2i-adapter", "{xl}", "--t2i-image", "{img}"], r"made for SDXL .* this model is SD 1.x/2.x"),
@@ -407,10 +414,7 @@ def test_convert_writes_a_folder_the_pipeline_loads(mlx_dir, sd1_adapters, tmp_p
     assert (tmp_path / "t2i" / "t2i_adapter" / "model.safetensors").is_file()
     pipe = StableDiffusion(mlx_dir, mx.float32)
     a, b = pipe.load_t2i_adapter(str(tmp_path / "t2i")), pipe.load_t2i_adapter(str(sd1_adapters[0]))
-    from mlx.utils import tree_flatten
-
-    assert all(mx.array_equal(v, w) for (_, v), (_, w) in
-               zip(tree_flatten(pipe.t2i_adapters[a].model.parameters()), tree_flatten(pipe.t2i_adapters[b].model.parameters())))
+    assert same_weights(pipe.t2i_adapters[a].model, pipe.t2i_adapters[b].model)
 
 
 def test_hub_repo_and_sub_folder_offline(mlx_dir, sd1_adapters, tmp_path, monkeypatch, capsys):
@@ -430,11 +434,8 @@ def test_hub_repo_and_sub_folder_offline(mlx_dir, sd1_adapters, tmp_path, monkey
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     pipe = StableDiffusion(mlx_dir, mx.float32)
     a, b, c = (pipe.load_t2i_adapter(r) for r in ("tiny/t2i-bin", "tiny/t2i-multi:canny", str(sd1_adapters[0])))
-    from mlx.utils import tree_flatten
-
     for i in (a, b):
-        assert all(mx.array_equal(v, w) for (_, v), (_, w) in zip(tree_flatten(pipe.t2i_adapters[i].model.parameters()),
-                                                                 tree_flatten(pipe.t2i_adapters[c].model.parameters())))
+        assert same_weights(pipe.t2i_adapters[i].model, pipe.t2i_adapters[c].model)
     assert pipe.t2i_adapters[a].folder == resolve_t2i_adapter("tiny/t2i-bin")  # cached
     with pytest.raises(UserError, match=r"tiny/t2i-multi has no config.json: not a diffusers T2I-Adapter"):
         pipe.load_t2i_adapter("tiny/t2i-multi")
@@ -462,5 +463,6 @@ def test_example_runs(mlx_dir, ip_repo, sd1_adapters, tmp_path, monkeypatch):
         "structure_and_style.py", "--model", str(mlx_dir), "--t2i-adapter", str(sd1_adapters[0]), "--ip-adapter",
         str(ip_repo / "models" / VARIANTS["plus"][0]), "--control", str(tmp_path / "edges.png"), "--image",
         str(tmp_path / "ref.png"), "--prompt", "a house", "--steps", "2", "--output", str(tmp_path / "out.png")])
-    runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "structure_and_style.py"), run_name="__main__")
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "structure_and_style.py"),
+                   run_name="__main__")
     assert Image.open(tmp_path / "out.png").size == (48, 32)

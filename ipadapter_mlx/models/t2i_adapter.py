@@ -36,7 +36,8 @@ class T2IAdapterConfig(ConfigFile):
             raise UserError(f"config.json describes a {d['_class_name']!s:.60}, not a T2IAdapter")
         kind = d.get("adapter_type", "full_adapter")
         if kind not in ADAPTER_TYPES:
-            raise UserError(f"unsupported T2I-Adapter adapter_type {kind!r:.60} (supported: {', '.join(ADAPTER_TYPES)})")
+            raise UserError(f"unsupported T2I-Adapter adapter_type {kind!r:.60} "
+                            f"(supported: {', '.join(ADAPTER_TYPES)})")
         c = cls(in_channels=d.get("in_channels", 3), channels=list(d.get("channels", [320, 640, 1280, 1280])),
                 num_res_blocks=d.get("num_res_blocks", 2), downscale_factor=d.get("downscale_factor", 8),
                 adapter_type=kind)
