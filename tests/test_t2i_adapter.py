@@ -192,6 +192,21 @@ def test_two_adapters_match_multiadapter(diffusers_dir, mlx_dir, sd1_adapters):
     assert record("T2I-Adapter SD 1.5, two adapters (MultiAdapter)", psnr(got, expected), "dB") >= 40
 
 
+def test_several_images_per_prompt(diffusers_dir, mlx_dir, sd1_adapters):
+    """num_images_per_prompt=2: the one control image's features serve every image (diffusers repeats them)."""
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(6))
+    control = control_image(6, (32, 32), "L")
+    expected = sd1_reference(diffusers_dir, diffusers.T2IAdapter.from_pretrained(sd1_adapters[1]), prompt="a boat",
+                             image=control, num_inference_steps=STEPS, guidance_scale=5.0, latents=latents,
+                             num_images_per_prompt=2, adapter_conditioning_scale=0.9)
+    ours = StableDiffusion(mlx_dir, mx.float32)
+    got = np.array(ours.generate("a boat", steps=STEPS, cfg=5.0, scheduler="euler", num_images=2,
+                                 latents=latents.numpy(), return_array=True,
+                                 t2i_adapters=[T2IControl(ours.load_t2i_adapter(str(sd1_adapters[1])), control, 0.9)]))
+    assert got.shape == expected.shape == (2, 32, 32, 3)
+    assert record("T2I-Adapter SD 1.5, 2 images per prompt", psnr(got, expected), "dB") >= 40
+
+
 # -- SDXL: StableDiffusionXLAdapterPipeline, with an IP-Adapter ------------------------------------------------
 
 
