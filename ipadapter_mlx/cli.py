@@ -195,6 +195,20 @@ def _add_lora_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="FILE|REPO:PATH[:SCALE]",
                    help="a LoRA (kohya/A1111 or diffusers/PEFT, .safetensors or .bin/.pt), fused into the UNet and "
                         "text encoder(s) at SCALE (default 1.0); repeat for several")
+def _add_t2i_options(p: argparse.ArgumentParser) -> None:
+    from .t2i_adapter import PRESETS
+
+    g = p.add_argument_group("T2I-Adapter (structural control: edges, depth, pose, sketch; repeat for several)")
+    g.add_argument("--t2i-adapter", action="append", metavar="REF",
+                   help=f"preset ({', '.join(PRESETS)}), Hub repo id, REPO:FOLDER, a diffusers folder, "
+                        "or a folder from `python -m convert`")
+    g.add_argument("--t2i-image", action="append", metavar="PATH",
+                   help="the control image of each --t2i-adapter, in order (one each); the picture's size "
+                        "defaults to the first one's")
+    g.add_argument("--adapter-conditioning-scale", action="append", type=finite_float, metavar="S",
+                   help="its features are multiplied by S (default 1.0); once for all, or once per adapter")
+    g.add_argument("--adapter-conditioning-factor", action="append", type=fraction, metavar="F",
+                   help="the fraction of the first steps it acts in (default 1.0); once for all, or once per adapter")
 
 
 def _add_embed(sub: argparse._SubParsersAction) -> None:
@@ -369,6 +383,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verbose", action="store_true", help="print timings, peak memory, device and BLAS")
     _add_ip_options(p)
     _add_lora_options(p)
+    _add_t2i_options(p)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -376,6 +391,7 @@ def _generate(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
+    from . import t2i_adapter
     from .images import open_image, save_png, to_pil
     from .loading import read_json
     from .pipeline import DEFAULT_STRENGTH, StableDiffusion, default_dtype
@@ -409,6 +425,7 @@ def _generate(args: argparse.Namespace) -> int:
             raise UserError("--negative-content-scale needs a --negative-content-prompt")
         for path in g["image"] + g["composition_image"] + ([g["negative_image"]] if g.get("negative_image") else []):
             open_image(path)
+    t2i = t2i_adapter.cli_requests(args)  # checks counts and opens the control images before loading anything
     seed = args.seed if args.seed is not None else int(np.random.randint(0, 2**31 - 1))
     dtype = getattr(mx, args.dtype) if args.dtype else default_dtype()
 
@@ -422,8 +439,10 @@ def _generate(args: argparse.Namespace) -> int:
     for i, p in enumerate(prompts or []):
         if p.images or p.composition_images:  # the encoder will run: find it now, so the estimate counts it
             pipe.image_encoder_folder(i)
+    controls = t2i_adapter.cli_controls(pipe, t2i)
     t_load = time.perf_counter() - t0
-    height, width = pipe.output_size(args.height, args.width, init)
+    height, width = pipe.output_size(*pipe.t2i_adapters.default_size(controls, args.height, args.width)
+                                     if init is None else (args.height, args.width), init)
     check_memory(pipe, args, height, width)
     strength = DEFAULT_STRENGTH if args.strength is None else args.strength
     steps = pipe.generate_latents(
@@ -431,7 +450,7 @@ def _generate(args: argparse.Namespace) -> int:
         height=height, width=width, scheduler=args.scheduler, num_images=args.num_images,
         init_image=init, strength=strength, latents=latents, image_prompts=prompts,
         original_size=tuple(args.original_size) if args.original_size else None, crop_coords=tuple(args.crop_coords),
-        target_size=tuple(args.target_size) if args.target_size else None,
+        target_size=tuple(args.target_size) if args.target_size else None, t2i_adapters=controls,
     )
     t1 = time.perf_counter()
     step = None
@@ -465,6 +484,8 @@ def _generate(args: argparse.Namespace) -> int:
             {k: v for k, v in g.items() if v not in ([], None)} | {"scale": pipe.adapters[i].scale}
             for i, g in enumerate(groups)
         ]
+    if t2i:
+        params["t2i_adapters"] = [{"t2i_adapter": r[0], "image": r[1], "scale": r[3], "factor": r[4]} for r in t2i]
     for i, (image, path) in enumerate(zip(to_pil(images), output_paths(args.output, len(images)))):
         save_png(image, path, {**params, "image_index": i} if len(images) > 1 else params)
         print(path)

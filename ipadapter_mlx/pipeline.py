@@ -31,6 +31,7 @@ from .memory import LOW_MEMORY_TILE
 from .prompts import PromptEncoder
 from .samplers import NoiseFn, alphas_cumprod, make_schedule, run_sampler
 from .steering import Timeline
+from .t2i_adapter import T2IAdapterSet, T2IControl
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -132,6 +133,7 @@ class StableDiffusion:
         self.vae = load_component(folder, "vae", mx.float32)
         self.scheduler_config: SchedulerConfig = load_scheduler_config(folder)
         self.adapters = AdapterSet(self.dtype, quantize)
+        self.t2i_adapters = T2IAdapterSet(self.dtype, self.vae_scale_factor)
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, dtype: mx.Dtype | None = None,
@@ -269,6 +271,15 @@ class StableDiffusion:
     def _weights_file(self, component: str):
         """The component's weights, lazily: fused layers' originals are re-read from here, not kept in memory."""
         return lambda: read_safetensors(self.folder / component / "model.safetensors")[0]
+    # -- T2I-Adapters (t2i_adapter.py) ----------------------------------------------------------------
+
+    def load_t2i_adapter(self, ref: str) -> int:
+        """Add a T2I-Adapter (preset, Hub repo, `REPO:FOLDER`, diffusers or converted folder); returns its index
+        for T2IControl. Fails before reading its weights when it was made for another model family."""
+        return self.t2i_adapters.load(ref, self.unet_config, self.is_sdxl)
+
+    def unload_t2i_adapter(self, index: int | None = None) -> None:
+        self.t2i_adapters.unload(index)
 
     # -- non-finite numbers ---------------------------------------------------------------------------
 
@@ -333,6 +344,7 @@ class StableDiffusion:
         crop_coords: tuple[int, int] = (0, 0),
         target_size: tuple[int, int] | None = None,
         hooks: list[StepHook] = (),
+        t2i_adapters: list[T2IControl] | None = None,
     ) -> "Sampling":
         """Iterate for a Step after every sampling step; the last Step's latents are the final (scaled) latents.
 
@@ -346,6 +358,8 @@ class StableDiffusion:
         size, and `crop_coords` (top, left), as diffusers' defaults. `negative_prompt=None` on SDXL gives zero
         negative embeddings (its force_zeros_for_empty_prompt), as diffusers does.
         `hooks`: functions called at every step with the UNet's input (denoiser.py), which they may replace.
+        `t2i_adapters`: one T2IControl per T2I-Adapter to use (several add up); without a height/width or an
+        init image, the size is the first control image's, as in diffusers' adapter pipelines.
         """
         if num_images < 1:
             raise UserError(f"num_images must be at least 1, got {num_images}")
@@ -371,6 +385,8 @@ class StableDiffusion:
         train_steps = self.scheduler_config.num_train_timesteps
         if not 1 <= steps <= train_steps:
             raise UserError(f"steps must be in 1..{train_steps} (the model's training timesteps), got {steps}")
+        if t2i_adapters and init_image is None:
+            height, width = self.t2i_adapters.default_size(t2i_adapters, height, width)
         height, width = self.output_size(height, width, init_image)
         shape = (batch, height // f, width // f, self.unet_config.in_channels)
 
@@ -422,6 +438,8 @@ class StableDiffusion:
         images = (self.adapters.conditions(image_prompts, batch, guided, timeline, (height, width), content)
                   if image_prompts else [])
         cond = Conditioning(text, added, images)
+        if t2i_adapters:
+            hooks = [*hooks, *self.t2i_adapters.hooks(t2i_adapters, batch, guided, (height, width), len(timesteps))]
         tokens = [c.tokens for c in images]
         mx.eval(text, x, added, tokens)
         for what, values in (("the text embeddings", [text, pooled]), ("the starting latents", [x]),
