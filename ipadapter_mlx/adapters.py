@@ -33,6 +33,7 @@ class LoadedAdapter:
     encoder_ref: str | None  # the user's --image-encoder, if any
     scale: float | dict  # a number, or diffusers' per-block dict
     encoder_folder: Path | None = None
+    lora: object | None = None  # FaceID: the LoRA it fused into the UNet (faceid.py), removed with it
 
 
 class AdapterSet:

@@ -219,3 +219,76 @@ def prompt_from_faces(adapter, images: list[Image.Image], names: list[str]) -> t
     proj = adapter.config.image_proj
     embeds, crops = analyse_faces(images, names, unnormed=proj.kind == "resampler")
     return embeds, crops if proj.kind == "faceid-plus" else []
+
+
+# ---------------------------------------------------------------------------------------------------
+# The LoRA of the FaceID, Plus and SDXL files: `ip_adapter.N.to_{q,k,v,out}_lora.{down,up}.weight` on processor N
+# of every attention (diffusers' attn_processors order: attn1 and attn2 of each transformer block in turn),
+# `W + lora_scale * up @ down` (no alpha), fused into the UNet through lora.py
+
+
+def lora_of(adapter, unet, name: str):
+    """The adapter file's LoRA as a lora.Lora on this UNet's module paths (None when the file has none)."""
+    from .ip_adapter import cross_attention_slots
+    from .lora import Lora, LoraLayer, check_lora
+
+    if not adapter._lora:
+        return None
+    processors = {}
+    for i, (site, _) in cross_attention_slots(unet).items():
+        processors[i] = site.name
+        processors[str(int(i) - 1)] = site.name[: -len("attn2")] + "attn1"  # its block's self-attention
+    groups: dict[str, dict[str, mx.array]] = {}
+    for key, value in adapter._lora.items():
+        parts = key.split(".")  # ip_adapter, N, to_q_lora, down|up, weight
+        proj = parts[2][: -len("_lora")] if len(parts) == 5 and parts[2].endswith("_lora") else ""
+        if (proj not in ("to_q", "to_k", "to_v", "to_out") or parts[1] not in processors
+                or parts[3] not in ("down", "up") or parts[4] != "weight"):
+            raise UserError(f"{name}: LoRA tensor {key[:80]} names no attention processor of this UNet "
+                            f"({len(processors)} processors)")
+        path = f"{processors[parts[1]]}.{proj}" + (".0" if proj == "to_out" else "")
+        groups.setdefault(path, {})[parts[3]] = value
+    half = [p for p, g in groups.items() if set(g) != {"down", "up"}]
+    if half:
+        raise UserError(f"{name}: LoRA layers without both down and up weights: {', '.join(sorted(half)[:3])}")
+    lora = Lora(name, {"unet": {p: LoraLayer(g["down"], g["up"]) for p, g in groups.items()}})
+    check_lora(lora, {"unet": unet})
+    return lora
+
+
+def sibling_lora(adapter_file: Path) -> Path | None:
+    """The separately shipped kohya LoRA beside the adapter (`NAME_lora.safetensors`), for files without one."""
+    path = adapter_file.with_name(f"{adapter_file.stem}_lora.safetensors")
+    return path if path.is_file() else None
+
+
+def attach_lora(pipe, index: int, lora_scale: float | None) -> None:
+    """Fuse adapter `index`'s LoRA (in its file, else beside it) into the UNet at `lora_scale` (default 1.0, the
+    authors' LoRAAttnProcessor); remembered on the loaded adapter so unloading it removes the LoRA too."""
+    from .loading import build, read_json
+
+    la = pipe.adapters[index]
+    if not is_faceid(la.adapter):
+        if lora_scale is not None:
+            raise UserError(f"IP-Adapter {la.ref} is not a FaceID adapter: it has no LoRA for a lora scale")
+        return
+    unet = pipe._unet if pipe._unet is not None else build("unet", read_json(pipe.folder / "unet" / "config.json"))
+    lora = lora_of(la.adapter, unet, f"FaceID LoRA of {la.ref}")
+    source = lora if lora is not None else sibling_lora(la.file)
+    if source is None:
+        if lora_scale is not None:
+            raise UserError(f"FaceID adapter {la.ref} carries no LoRA (portrait adapters have none, and no "
+                            f"{la.file.stem}_lora.safetensors lies beside it); leave out the LoRA scale")
+        return
+    before = len(pipe.loras)
+    pipe.load_lora(source if lora is not None else str(source), 1.0 if lora_scale is None else lora_scale)
+    la.lora = pipe.loras[before].lora
+
+
+def detach_lora(pipe, loaded: list) -> None:
+    """Remove the LoRAs that these (unloaded) adapters brought."""
+    for la in loaded:
+        for k, entry in enumerate(pipe.loras):
+            if getattr(la, "lora", None) is not None and entry.lora is la.lora:
+                pipe.unload_lora(k)
+                break

@@ -72,3 +72,90 @@ def test_plus_projection_matches_diffusers(variant, shortcut, scale, faceid_repo
     got = adapter.image_proj(mx.array(x.numpy()), mx.array(clip.numpy()), scale)
     assert record(f"FaceID projection {variant} (scale {scale})", np.abs(to_np(got) - to_np(expected)).max(),
                   "abs") < 1e-4
+
+
+# -- whole generations -----------------------------------------------------------------------------
+
+
+def start_noise(h=H, w=W, seed=0):
+    return torch.randn(1, 4, h // 2, w // 2, generator=torch.Generator().manual_seed(seed))
+
+
+def crops(n: int):
+    return [reference_image(10 + k, (224, 224)) for k in range(n)]  # stand-ins for norm_crop's 224 px faces
+
+
+class AuthorsLoRA(torch.nn.Module):
+    """attention_processor_faceid.py: `attn.to_q(h) + lora_scale * self.to_q_lora(h)`, LoRALinearLayer being
+    up(down(h)) with no alpha; likewise to_k, to_v and to_out[0]."""
+
+    def __init__(self, base, down, up, scale):
+        super().__init__()
+        self.base, self.down, self.up, self.scale = base, down, up, scale
+
+    def forward(self, h, *args, **kw):
+        return self.base(h) + self.scale * torch.nn.functional.linear(torch.nn.functional.linear(h, self.down), self.up)
+
+
+def add_authors_lora(unet, state: dict, scale: float) -> int:
+    """The file's LoRA on processor i of unet.attn_processors, as the authors' LoRA(IP)AttnProcessor applies it
+    (diffusers would route it through PEFT; this transcription needs no PEFT)."""
+    modules, n = dict(unet.named_modules()), 0
+    for i, name in enumerate(unet.attn_processors):
+        attn = modules[name[: -len(".processor")]]
+        for proj in ("to_q", "to_k", "to_v", "to_out"):
+            if f"{i}.{proj}_lora.down.weight" not in state:
+                continue
+            down, up = state[f"{i}.{proj}_lora.down.weight"], state[f"{i}.{proj}_lora.up.weight"]
+            if proj == "to_out":
+                attn.to_out[0] = AuthorsLoRA(attn.to_out[0], down, up, scale)
+            else:
+                setattr(attn, proj, AuthorsLoRA(getattr(attn, proj), down, up, scale))
+            n += 1
+    return n
+
+
+def diffusers_faceid(pipe, repo, variant, scale, ids, images=None, shortcut_scale=1.0, lora_scale=1.0,
+                     plus_encoder="clip/models/image_encoder"):
+    """diffusers' documented FaceID recipe: load_ip_adapter of the file, the id embeddings as
+    ip_adapter_image_embeds [zeros; faces] (batch, faces, dim); for Plus, clip_embeds and shortcut by hand; the
+    LoRA as the authors apply it."""
+    file, kind, _, lora = FACEID_VARIANTS[variant]
+    pipe.load_ip_adapter(str(repo), subfolder="", weight_name=file,
+                         image_encoder_folder=plus_encoder if kind == "plus" else None)
+    if lora:
+        assert add_authors_lora(pipe.unet, torch.load(repo / file, weights_only=True)["ip_adapter"], lora_scale) > 0
+    pipe.set_ip_adapter_scale(scale)
+    x = torch.tensor(ids)[None]
+    embeds = [torch.cat([torch.zeros_like(x), x])]
+    if kind == "plus":
+        clip = pipe.prepare_ip_adapter_image_embeds([images], None, "cpu", 1, True)[0]
+        proj = pipe.unet.encoder_hid_proj.image_projection_layers[0]
+        proj.clip_embeds, proj.shortcut, proj.shortcut_scale = clip, "plusv2" in variant, shortcut_scale
+    return embeds
+
+
+def run_sd15(diffusers_dir, mlx_dir, repo, variant, n_faces=1, scale=0.8, shortcut_scale=1.0):
+    ids, images = faces(n_faces, 3), crops(n_faces)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(diffusers_dir, safety_checker=None)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    embeds = diffusers_faceid(pipe, repo, variant, scale, ids, images, shortcut_scale)
+    ref = pipe("a portrait", ip_adapter_image_embeds=embeds, num_inference_steps=STEPS, guidance_scale=6.0,
+               height=H, width=W, latents=start_noise(), output_type="np").images
+    ours = StableDiffusion(mlx_dir, dtype=mx.float32)
+    plus = FACEID_VARIANTS[variant][1] == "plus"
+    ours.load_ip_adapter(str(repo / FACEID_VARIANTS[variant][0]), scale=scale,
+                         image_encoder=str(repo / "clip/models/image_encoder") if plus else None)
+    prompt = ImagePrompt(face_embeds=ids, images=images if plus else [], faceid_v2_weight=shortcut_scale)
+    kw = dict(steps=STEPS, cfg=6.0, height=H, width=W, scheduler="euler", latents=start_noise().numpy(),
+              return_array=True)
+    got = np.array(ours.generate("a portrait", image_prompts=[prompt], **kw))
+    return got, ref, ours, kw
+
+
+@pytest.mark.parametrize("variant,n_faces", [("faceid", 1), ("plus", 1), ("plusv2", 1), ("portrait", 3)])
+def test_generation_matches_diffusers(variant, n_faces, diffusers_dir, mlx_dir, faceid_repo):
+    got, ref, ours, kw = run_sd15(diffusers_dir, mlx_dir, faceid_repo, variant, n_faces)
+    assert record(f"FaceID SD 1.5 {variant} ({n_faces} faces)", psnr(got, ref), "dB") >= 40
+    ours.unload_ip_adapter()  # and the adapter really acts (the check above is not the base model twice)
+    assert psnr(got, np.array(ours.generate("a portrait", **kw))) < 40
