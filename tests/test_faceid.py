@@ -159,3 +159,44 @@ def test_generation_matches_diffusers(variant, n_faces, diffusers_dir, mlx_dir, 
     assert record(f"FaceID SD 1.5 {variant} ({n_faces} faces)", psnr(got, ref), "dB") >= 40
     ours.unload_ip_adapter()  # and the adapter really acts (the check above is not the base model twice)
     assert psnr(got, np.array(ours.generate("a portrait", **kw))) < 40
+
+
+SDXL_FACEID = {"faceid": ("ip-adapter-faceid_sdxl.bin", "faceid", 4, True),
+               "plusv2": ("ip-adapter-faceid-plusv2_sdxl.bin", "plus", 4, True),
+               "portrait": ("ip-adapter-faceid-portrait_sdxl.bin", "faceid", 16, False)}
+
+
+@pytest.fixture(scope="module")
+def xl_faceid(tmp_path_factory):
+    from conftest import write_tokenizer
+    from ipadapter_mlx.checkpoints.stable_diffusion import convert_diffusers_folder
+    from test_sdxl import UNET, make_sdxl_pipeline
+
+    root = tmp_path_factory.mktemp("xl-faceid")
+    pipe = make_sdxl_pipeline(UNET, write_tokenizer(root / "tok"))
+    pipe.save_pretrained(root / "xl")
+    make_adapter_repo(root / "repo" / "clip", pipe.unet)
+    make_faceid_repo(root / "repo", pipe.unet, seed=5, variants=SDXL_FACEID)
+    return root / "xl", convert_diffusers_folder(root / "xl", root / "mlx"), root / "repo"
+
+
+@pytest.mark.parametrize("variant,n_faces", [("faceid", 1), ("plusv2", 2), ("portrait", 2)])
+def test_sdxl_generation_matches_diffusers(variant, n_faces, xl_faceid, monkeypatch):
+    from test_sdxl import H as XH, W as XW
+
+    xl_dir, mlx_dir, repo = xl_faceid
+    monkeypatch.setitem(FACEID_VARIANTS, variant, SDXL_FACEID[variant])  # diffusers_faceid reads the table
+    ids, images = faces(n_faces, 4), crops(n_faces)
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(xl_dir)
+    embeds = diffusers_faceid(pipe, repo, variant, 0.7, ids, images, shortcut_scale=0.8)
+    latents = start_noise(XH, XW, seed=1)
+    ref = pipe("a portrait", ip_adapter_image_embeds=embeds, num_inference_steps=STEPS, guidance_scale=6.0,
+               height=XH, width=XW, latents=latents, output_type="np").images
+    ours = StableDiffusion(mlx_dir, mx.float32)
+    plus = SDXL_FACEID[variant][1] == "plus"
+    ours.load_ip_adapter(str(repo / SDXL_FACEID[variant][0]), scale=0.7,
+                         image_encoder=str(repo / "clip/models/image_encoder") if plus else None)
+    prompt = ImagePrompt(face_embeds=ids, images=images if plus else [], faceid_v2_weight=0.8)
+    got = ours.generate("a portrait", steps=STEPS, cfg=6.0, height=XH, width=XW, scheduler="euler",
+                        latents=latents.numpy(), image_prompts=[prompt], return_array=True)
+    assert record(f"FaceID SDXL {variant} ({n_faces} faces)", psnr(np.array(got), ref), "dB") >= 40
