@@ -292,3 +292,50 @@ def detach_lora(pipe, loaded: list) -> None:
             if getattr(la, "lora", None) is not None and entry.lora is la.lora:
                 pipe.unload_lora(k)
                 break
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command line: --face-image / --face-embeds / --faceid-v2-weight for one --ip-adapter
+
+
+def cli_faces(la, g: dict, images: list[Image.Image]) -> tuple[np.ndarray, list[Image.Image]]:
+    """(face embeddings, the images its prompt gets) for adapter `la` from its CLI group: --face-image computes
+    both (the crops only matter to the Plus adapters; --image, when given, replaces them), --face-embeds reads
+    files (with their crops, when `embed` saved them)."""
+    proj = la.adapter.config.image_proj
+    if not proj.face:
+        raise UserError(f"IP-Adapter {la.ref} is a CLIP image adapter: --face-image and --face-embeds are for "
+                        "FaceID adapters; give it --image")
+    if g["face_image"] and g["face_embeds"]:
+        raise UserError(f"FaceID adapter {la.ref}: give --face-image or --face-embeds (one of them)")
+    if g.get("faceid_v2_weight") is not None and not proj.shortcut:
+        raise UserError(f"--faceid-v2-weight is for FaceID Plus v2 adapters (their shortcut); {la.ref} has none")
+    if not g["face_image"] and not g["face_embeds"]:
+        raise UserError(f"FaceID adapter {la.ref} needs a face: --face-image or --face-embeds")
+    if g["face_image"]:
+        from .images import open_image
+
+        embeds, crops = prompt_from_faces(la.adapter, [open_image(p) for p in g["face_image"]], g["face_image"])
+    else:
+        parts = [read_face_embeds(p) for p in g["face_embeds"]]
+        embeds = np.concatenate([as_embeds_np(e, proj.input_dim, la.ref, p) for (e, _), p in zip(parts, g["face_embeds"])])
+        crops = [c for _, cs in parts for c in cs] if all(cs for _, cs in parts) else []
+    return embeds, images or (crops if proj.kind == "faceid-plus" else [])
+
+
+def as_embeds_np(x: np.ndarray, width: int, ref: str, path: str) -> np.ndarray:
+    """A file's embeddings checked (naming the file) as `as_embeds` checks them."""
+    try:
+        return np.array(as_embeds(x, width, ref))
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def embed_faces(adapter, face_images: list[str], output: str, info: dict) -> None:
+    """`python -m ipadapter_mlx embed --face-image`: the embeddings (and for Plus the aligned crops) to a file."""
+    from .images import open_image
+
+    if not is_faceid(adapter):
+        raise UserError("--face-image needs a FaceID --ip-adapter (it says which embedding to compute)")
+    embeds, crops = prompt_from_faces(adapter, [open_image(p) for p in face_images], face_images)
+    save_face_embeds(output, embeds, crops, info)
