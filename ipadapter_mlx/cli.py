@@ -243,6 +243,7 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _image_prompts(pipe, groups: list[dict]) -> list:
+    from . import faceid
     from .images import open_image
     from .ip_adapter import ImagePrompt, join_features, load_features
 
@@ -263,9 +264,7 @@ def _image_prompts(pipe, groups: list[dict]) -> list:
                                      lora_scale=g.get("faceid_lora_scale"))
         face_embeds = None
         if face or g.get("faceid_v2_weight") is not None:
-            from .faceid import cli_faces
-
-            face_embeds, images = cli_faces(pipe.adapters[index], g, images)
+            face_embeds, images = faceid.cli_faces(pipe.adapters[index], g, images)
         prompts.append(ImagePrompt(
             images=images, features=features, weights=g["image_weight"] or None,
             negative=open_image(g["negative_image"]) if g.get("negative_image") else None,
@@ -277,6 +276,7 @@ def _image_prompts(pipe, groups: list[dict]) -> list:
             negative_content_scale=g.get("negative_content_scale", 1.0),
             face_embeds=face_embeds, faceid_v2_weight=g.get("faceid_v2_weight", 1.0),
         ))
+        faceid.check_prompt(pipe.adapters[index], prompts[-1])  # a face for FaceID, a picture for the others
     return prompts
 
 

@@ -51,6 +51,9 @@ def check_prompt(la, p: ImagePrompt) -> bool:
                 "with --image (the aligned face crop)") if proj.kind == "faceid-plus" else \
             "give --face-image (a photo of the face) or --face-embeds; --image is not what it reads"
         raise UserError(f"FaceID adapter {la.ref} reads a face identity embedding, not a reference picture: {what}")
+    if p.images and proj.kind != "faceid-plus":
+        raise UserError(f"FaceID adapter {la.ref} reads no picture (only FaceID Plus reads the face crop); "
+                        "leave out --image")
     return True
 
 
@@ -81,9 +84,6 @@ def face_features(adapters, i: int, p: ImagePrompt) -> Features:
     embeds = as_embeds(p.face_embeds, proj.input_dim, la.ref)
     feats = Features(embeds, mx.zeros_like(embeds), hidden_states=False, face=True)
     if proj.kind != "faceid-plus":
-        if p.images:
-            raise UserError(f"FaceID adapter {la.ref} reads no picture (only FaceID Plus reads the face crop); "
-                            "leave out --image")
         return feats
     if len(p.images) != embeds.shape[0]:
         raise UserError(f"FaceID Plus adapter {la.ref}: {len(p.images)} face crops (--image) for "

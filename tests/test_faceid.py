@@ -200,3 +200,135 @@ def test_sdxl_generation_matches_diffusers(variant, n_faces, xl_faceid, monkeypa
     got = ours.generate("a portrait", steps=STEPS, cfg=6.0, height=XH, width=XW, scheduler="euler",
                         latents=latents.numpy(), image_prompts=[prompt], return_array=True)
     assert record(f"FaceID SDXL {variant} ({n_faces} faces)", psnr(np.array(got), ref), "dB") >= 40
+
+
+# -- LoRA lifetime, converted folders ----------------------------------------------------------------
+
+
+def test_unloading_removes_the_lora_and_scale_zero_is_the_base_model(mlx_dir, faceid_repo):
+    pipe = StableDiffusion(mlx_dir, dtype=mx.float32)
+    kw = dict(steps=2, cfg=6.0, height=H, width=W, scheduler="euler", latents=start_noise().numpy(), return_array=True)
+    base = pipe.generate("a portrait", **kw)
+    pipe.load_ip_adapter(str(faceid_repo / FACEID_VARIANTS["faceid"][0]), lora_scale=0.0)
+    assert len(pipe.loras) == 1
+    zero = pipe.generate("a portrait", image_prompts=[ImagePrompt(face_embeds=faces(1), scale=0.0)], **kw)
+    assert mx.array_equal(base, zero)  # LoRA scale 0 and adapter scale 0: exactly the base model
+    pipe.unload_ip_adapter()
+    pipe.load_ip_adapter(str(faceid_repo / FACEID_VARIANTS["faceid"][0]))
+    assert not mx.array_equal(base, pipe.generate("a portrait", image_prompts=[ImagePrompt(face_embeds=faces(1), scale=0.0)], **kw))
+    pipe.unload_ip_adapter(0)
+    assert len(pipe.loras) == 0 and mx.array_equal(base, pipe.generate("a portrait", **kw))
+
+
+def test_converted_folder_keeps_the_lora_and_the_shortcut(faceid_repo, tmp_path):
+    from mlx.utils import tree_flatten
+
+    from ipadapter_mlx.checkpoints.adapter_files import save_ip_adapter
+
+    src = faceid_repo / FACEID_VARIANTS["plusv2"][0]
+    folder = save_ip_adapter(src, tmp_path / "plusv2")
+    a, b = read_ip_adapter(src), read_ip_adapter(folder)
+    assert b.config.image_proj.shortcut and b.config == a.config
+    assert set(a._lora) == set(b._lora) and all(mx.array_equal(a._lora[k], b._lora[k]) for k in a._lora)
+    pa, pb = dict(tree_flatten(a.parameters())), dict(tree_flatten(b.parameters()))
+    assert set(pa) == set(pb) and all(mx.array_equal(pa[k], pb[k]) for k in pa)
+
+
+# -- face embeddings files and the command line ------------------------------------------------------
+
+
+def test_face_embeds_file_round_trip(tmp_path):
+    from ipadapter_mlx.faceid import read_face_embeds, save_face_embeds
+
+    ids, images = faces(2, 7), crops(2)
+    save_face_embeds(str(tmp_path / "f.safetensors"), ids, images, {"who": "test"})
+    got, got_crops = read_face_embeds(str(tmp_path / "f.safetensors"))
+    assert np.array_equal(got, ids) and [np.asarray(c).tolist() for c in got_crops] == [np.asarray(c).tolist() for c in images]
+    np.save(tmp_path / "f.npy", ids[:1])
+    assert np.array_equal(read_face_embeds(str(tmp_path / "f.npy"))[0], ids[:1])
+
+
+@pytest.fixture
+def cli(mlx_dir, faceid_repo, tmp_path, capsys):
+    from ipadapter_mlx.cli import main
+
+    reference_image(1).save(tmp_path / "ref.png")
+    crops(1)[0].save(tmp_path / "crop.png")
+    np.save(tmp_path / "face.npy", faces(1, 3))
+
+    def go(*args, command="generate"):
+        common = ["--model", str(mlx_dir), "--prompt", "a portrait", "--steps", "2", "--height", str(H), "--width",
+                  str(W), "--seed", "3", "--scheduler", "euler", "--output", str(tmp_path / "out.png")]
+        code = main([command, *(common if command == "generate" else []), *args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return go
+
+
+def test_cli_plusv2_matches_the_api(cli, mlx_dir, faceid_repo, tmp_path):
+    from PIL import Image
+
+    from ipadapter_mlx.images import open_image
+
+    adapter, encoder = str(faceid_repo / FACEID_VARIANTS["plusv2"][0]), str(faceid_repo / "clip/models/image_encoder")
+    code, _, err = cli("--ip-adapter", adapter, "--face-embeds", str(tmp_path / "face.npy"), "--image",
+                       str(tmp_path / "crop.png"), "--image-encoder", encoder, "--faceid-v2-weight", "0.5",
+                       "--faceid-lora-scale", "0.6", "--scale", "0.9")
+    assert code == 0, err
+    pipe = StableDiffusion(mlx_dir, dtype=mx.float32)
+    pipe.load_ip_adapter(adapter, image_encoder=encoder, scale=0.9, lora_scale=0.6)
+    prompt = ImagePrompt(face_embeds=faces(1, 3), images=[open_image(tmp_path / "crop.png")], faceid_v2_weight=0.5)
+    api = pipe.generate("a portrait", steps=2, cfg=7.5, height=H, width=W, scheduler="euler", seed=3,
+                        image_prompts=[prompt])[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png").convert("RGB")), np.asarray(api))
+
+
+def bad(cli, *args) -> str:
+    code, _, err = cli(*args)
+    lines = err.strip().splitlines()
+    assert code == 2 and lines and lines[-1].startswith("error: "), err
+    return lines[-1]
+
+
+def test_cli_bad_face_inputs_get_one_line(cli, faceid_repo, tmp_path):
+    faceid = str(faceid_repo / FACEID_VARIANTS["faceid"][0])
+    plus = str(faceid_repo / FACEID_VARIANTS["plus"][0])
+    clip = str(faceid_repo / "clip/models/ip-adapter_sd15.bin")
+    np.save(tmp_path / "wide.npy", np.ones((1, ID_DIM + 4), np.float32))
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    face = str(tmp_path / "face.npy")
+    assert "reads a face identity embedding, not a reference picture" in bad(
+        cli, "--ip-adapter", faceid, "--image", str(tmp_path / "ref.png"))
+    assert "is a CLIP image adapter" in bad(cli, "--ip-adapter", clip, "--face-embeds", face)
+    line = bad(cli, "--ip-adapter", faceid, "--face-embeds", str(tmp_path / "wide.npy"))
+    assert f"({ID_DIM + 4}-d)" in line and f"reads {ID_DIM}-d" in line
+    assert "cannot read face embeddings" in bad(cli, "--ip-adapter", faceid, "--face-embeds", str(tmp_path / "obj.npy"))
+    assert "0 face crops (--image) for 1 face embeddings" in bad(
+        cli, "--ip-adapter", plus, "--face-embeds", face, "--image-encoder", str(faceid_repo / "clip/models/image_encoder"))
+    assert "--faceid-v2-weight is for FaceID Plus v2" in bad(
+        cli, "--ip-adapter", plus, "--face-embeds", face, "--faceid-v2-weight", "0.5")
+    assert "carries no LoRA" in bad(cli, "--ip-adapter", str(faceid_repo / FACEID_VARIANTS["portrait"][0]),
+                                    "--face-embeds", face, "--faceid-lora-scale", "0.5")
+    assert "reads no picture" in bad(cli, "--ip-adapter", faceid, "--face-embeds", face, "--image", str(tmp_path / "ref.png"))
+
+
+def test_cli_face_image_without_insightface_says_what_to_install(cli, faceid_repo, tmp_path):
+    try:
+        import insightface  # noqa: F401
+        pytest.skip("insightface is installed: the message for a missing one cannot be shown")
+    except ImportError:
+        pass
+    line = bad(cli, "--ip-adapter", str(faceid_repo / FACEID_VARIANTS["faceid"][0]), "--face-image",
+               str(tmp_path / "ref.png"))
+    assert 'pip install ".[faceid]"' in line and "buffalo_l" in line and ".insightface/models" in line
+
+
+def test_embed_face_image_round_trip(cli, faceid_repo, tmp_path):
+    """`embed --face-image` writes what `generate --face-embeds` reads (needs insightface and its buffalo_l models)."""
+    pytest.importorskip("insightface", reason="insightface is not installed (the optional extra faceid)")
+    code, out, err = cli("--ip-adapter", str(faceid_repo / FACEID_VARIANTS["plus"][0]), "--face-image",
+                         str(tmp_path / "ref.png"), "--output", str(tmp_path / "f.safetensors"), command="embed")
+    if code == 2 and "buffalo_l" in err:
+        pytest.skip(f"insightface's models are not available here: {err.strip()}")
+    assert code == 2 and "no face found" in err or code == 0, err  # the stand-in picture holds no real face
