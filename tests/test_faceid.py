@@ -332,3 +332,32 @@ def test_embed_face_image_round_trip(cli, faceid_repo, tmp_path):
     if code == 2 and "buffalo_l" in err:
         pytest.skip(f"insightface's models are not available here: {err.strip()}")
     assert code == 2 and "no face found" in err or code == 0, err  # the stand-in picture holds no real face
+
+
+def test_separate_kohya_lora_beside_the_adapter(mlx_dir, faceid_repo, torch_pipe, tmp_path):
+    """h94 also ships each FaceID LoRA as NAME_lora.safetensors (kohya names, for ComfyUI/A1111): beside an adapter
+    whose file has none, it is found and gives the same picture as the LoRA inside the .bin."""
+    from safetensors.torch import save_file
+
+    state = torch.load(faceid_repo / FACEID_VARIANTS["faceid"][0], weights_only=True)
+    names = list(torch_pipe.unet.attn_processors)
+    kohya, plain = {}, {}
+    for key, value in state["ip_adapter"].items():
+        i, proj, *rest = key.split(".")
+        if not proj.endswith("_lora"):
+            plain[key] = value
+            continue
+        module = names[int(i)][: -len(".processor")] + "." + proj[: -len("_lora")] + (".0" if proj == "to_out_lora" else "")
+        stem = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{stem}.lora_{rest[0]}.weight"] = value.contiguous()
+        kohya[f"{stem}.alpha"] = torch.tensor(float(value.shape[0] if rest[0] == "down" else value.shape[1]))
+    torch.save({"image_proj": state["image_proj"], "ip_adapter": plain}, tmp_path / "ip-adapter-faceid_sd15.bin")
+    save_file(kohya, tmp_path / "ip-adapter-faceid_sd15_lora.safetensors")
+    kw = dict(steps=2, cfg=6.0, height=H, width=W, scheduler="euler", latents=start_noise().numpy(), return_array=True,
+              image_prompts=[ImagePrompt(face_embeds=faces(1))])
+    pictures = []
+    for path in (faceid_repo / FACEID_VARIANTS["faceid"][0], tmp_path / "ip-adapter-faceid_sd15.bin"):
+        pipe = StableDiffusion(mlx_dir, dtype=mx.float32)
+        pipe.load_ip_adapter(str(path), lora_scale=0.7)
+        pictures.append(np.array(pipe.generate("a portrait", **kw)))
+    assert record("FaceID LoRA: kohya file beside vs in the .bin", psnr(*pictures), "dB") >= 100
