@@ -361,3 +361,27 @@ def test_separate_kohya_lora_beside_the_adapter(mlx_dir, faceid_repo, torch_pipe
         pipe.load_ip_adapter(str(path), lora_scale=0.7)
         pictures.append(np.array(pipe.generate("a portrait", **kw)))
     assert record("FaceID LoRA: kohya file beside vs in the .bin", psnr(*pictures), "dB") >= 100
+
+
+def test_hostile_faceid_files_get_one_line(faceid_repo, mlx_dir, tmp_path):
+    state = torch.load(faceid_repo / FACEID_VARIANTS["plusv2"][0], weights_only=True)
+    lora = dict(state["ip_adapter"])
+    lora["999.to_q_lora.down.weight"], lora["999.to_q_lora.up.weight"] = torch.zeros(4, 8), torch.zeros(8, 4)
+    torch.save({"image_proj": state["image_proj"], "ip_adapter": lora}, tmp_path / "a-faceid-plusv2_sd15.bin")
+    pipe = StableDiffusion(mlx_dir, dtype=mx.float32)
+    with pytest.raises(UserError, match="names no attention processor"):
+        pipe.load_ip_adapter(str(tmp_path / "a-faceid-plusv2_sd15.bin"))
+    assert len(pipe.adapters) == 0 and len(pipe.loras) == 0  # nothing half-loaded
+    lora = dict(state["ip_adapter"])
+    lora["1.to_q_lora.down.weight"] = torch.zeros(4, 7)
+    torch.save({"image_proj": state["image_proj"], "ip_adapter": lora}, tmp_path / "b-faceid-plusv2_sd15.bin")
+    with pytest.raises(UserError, match="attn2.to_q has down"):
+        pipe.load_ip_adapter(str(tmp_path / "b-faceid-plusv2_sd15.bin"))
+    proj = dict(state["image_proj"])
+    proj["perceiver_resampler.proj_out.weight"] = torch.zeros(5, proj["perceiver_resampler.proj_out.weight"].shape[1])
+    torch.save({"image_proj": proj, "ip_adapter": state["ip_adapter"]}, tmp_path / "c-faceid-plusv2_sd15.bin")
+    with pytest.raises(UserError, match="FaceID Plus projection is inconsistent"):
+        read_ip_adapter(tmp_path / "c-faceid-plusv2_sd15.bin")
+    with pytest.raises(UserError, match=f"reads {ID_DIM}-d identity embeddings"):
+        pipe.load_ip_adapter(str(faceid_repo / FACEID_VARIANTS["faceid"][0]))
+        pipe.generate("x", steps=1, height=H, width=W, image_prompts=[ImagePrompt(face_embeds=np.zeros((2, 3, ID_DIM)))])

@@ -57,6 +57,9 @@ def infer_image_proj_config(w: dict[str, mx.array], face: bool = False) -> Image
     if "perceiver_resampler.proj_in.weight" in w:  # FaceID Plus: identity MLP + face perceiver over CLIP states
         p = {k[len("perceiver_resampler."):]: v for k, v in w.items() if k.startswith("perceiver_resampler.")}
         out = w["norm.weight"].shape[0]
+        if out != p["proj_in.weight"].shape[0] or out != p["proj_out.weight"].shape[0]:  # queries, shortcut
+            raise UserError(f"FaceID Plus projection is inconsistent: {out}-d identity tokens, a perceiver of "
+                            f"{p['proj_in.weight'].shape[0]}-d in and {p['proj_out.weight'].shape[0]}-d out")
         return ImageProjConfig("faceid-plus", w["proj.0.weight"].shape[1], p["proj_out.weight"].shape[0],
                                w["proj.2.weight"].shape[0] // out, **_perceiver(p), mlp_dim=w["proj.0.weight"].shape[0],
                                clip_dim=p["proj_in.weight"].shape[1], face=True)
