@@ -385,3 +385,25 @@ def test_hostile_faceid_files_get_one_line(faceid_repo, mlx_dir, tmp_path):
     with pytest.raises(UserError, match=f"reads {ID_DIM}-d identity embeddings"):
         pipe.load_ip_adapter(str(faceid_repo / FACEID_VARIANTS["faceid"][0]))
         pipe.generate("x", steps=1, height=H, width=W, image_prompts=[ImagePrompt(face_embeds=np.zeros((2, 3, ID_DIM)))])
+
+
+@pytest.mark.parametrize("variant", ["plusv2", "faceid"])
+def test_example_runs(variant, mlx_dir, faceid_repo, tmp_path, monkeypatch):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    np.save(tmp_path / "face.npy", faces(1, 3))
+    crops(1)[0].save(tmp_path / "crop.png")
+    # the Plus encoder beside the adapter, where discovery looks first
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / FACEID_VARIANTS[variant][0]).symlink_to(faceid_repo / FACEID_VARIANTS[variant][0])
+    (tmp_path / "a" / "image_encoder").symlink_to(faceid_repo / "clip/models/image_encoder")
+    monkeypatch.setattr(sys, "argv", [
+        "faceid.py", "--model", str(mlx_dir), "--ip-adapter", str(tmp_path / "a" / FACEID_VARIANTS[variant][0]),
+        "--face-embeds", str(tmp_path / "face.npy"), "--crop", str(tmp_path / "crop.png"), "--steps", "2",
+        "--size", "32", "--lora-scale", "0.6", "--output", str(tmp_path / "out.png")])
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "faceid.py"), run_name="__main__")
+    assert Image.open(tmp_path / "out.png").size == (32, 32)
