@@ -407,3 +407,88 @@ def test_example_runs(variant, mlx_dir, faceid_repo, tmp_path, monkeypatch):
         "--size", "32", "--lora-scale", "0.6", "--output", str(tmp_path / "out.png")])
     runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "faceid.py"), run_name="__main__")
     assert Image.open(tmp_path / "out.png").size == (32, 32)
+
+
+# -- the insightface path, with a stand-in for insightface (its real models cannot be had here) ------------
+
+
+@pytest.fixture
+def fake_insightface(monkeypatch):
+    """A stand-in with insightface's interface: FaceAnalysis finds two faces (only at detection sizes up to 512,
+    so the retry at smaller sizes is exercised), the second larger; norm_crop returns the image's top-left corner.
+    Embeddings are made from the pixel under each face's box (BGR), so a colour-order mistake shows."""
+    import sys
+    import types
+    from types import SimpleNamespace
+
+    calls = {"sizes": []}
+
+    class FaceAnalysis:
+        def __init__(self, name, root, providers):
+            calls["init"] = (name, root)
+
+        def prepare(self, ctx_id, det_size):
+            self.det_model = SimpleNamespace(input_size=det_size)
+
+        def get(self, bgr):
+            calls["sizes"].append(self.det_model.input_size[0])
+            if self.det_model.input_size[0] > 512 or bgr.mean() > 250:  # a white picture holds no face
+                return []
+            out = []
+            for box in ([0, 0, 10, 10], [4, 4, 30, 28]):
+                e = np.resize(bgr[box[1], box[0]].astype(np.float32) + 1, ID_DIM)
+                out.append(SimpleNamespace(bbox=np.array(box, np.float32), kps=np.zeros((5, 2)), embedding=e * 3,
+                                           normed_embedding=e / np.linalg.norm(e)))
+            return out
+
+    def norm_crop(img, landmark, image_size):
+        return np.ascontiguousarray(img[:image_size, :image_size])
+
+    app, utils = types.ModuleType("insightface.app"), types.ModuleType("insightface.utils")
+    app.FaceAnalysis, utils.face_align = FaceAnalysis, SimpleNamespace(norm_crop=norm_crop)
+    for name, module in {"insightface": types.ModuleType("insightface"), "insightface.app": app,
+                         "insightface.utils": utils}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return calls
+
+
+def test_face_analysis_takes_the_largest_face_and_retries_smaller(fake_insightface, caplog, monkeypatch):
+    import logging
+
+    from PIL import Image
+
+    monkeypatch.setattr(logging.getLogger("ipadapter_mlx"), "propagate", True)  # the CLI's setup turns it off
+
+    from ipadapter_mlx.faceid import analyse_faces
+
+    rgb = np.zeros((300, 300, 3), np.uint8)
+    rgb[..., 0], rgb[4, 4] = 200, (10, 20, 30)  # the larger face's box starts at (4, 4)
+    embeds, crops_ = analyse_faces([Image.fromarray(rgb)], ["me.png"])
+    e = np.resize(np.array([30, 20, 10], np.float32) + 1, ID_DIM)  # its pixel in BGR order
+    assert np.allclose(embeds[0], e / np.linalg.norm(e)) and fake_insightface["init"][0] == "buffalo_l"
+    assert fake_insightface["sizes"] == [640, 576, 512] and "2 faces in me.png: using the largest" in caplog.text
+    assert np.array_equal(np.asarray(crops_[0]), rgb[:224, :224])  # back to RGB
+    assert "only 26 px wide" in caplog.text
+    with pytest.raises(UserError, match="no face found in white.png"):
+        analyse_faces([Image.new("RGB", (64, 64), "white")], ["white.png"])
+
+
+def test_embed_face_image_then_face_embeds_is_face_image(fake_insightface, cli, faceid_repo, tmp_path):
+    """`embed --face-image` writes the embedding and the crop; `generate --face-embeds` with that file gives the
+    picture `generate --face-image` gives (Plus v2: the crop travels in the file)."""
+    from PIL import Image
+
+    photo = np.zeros((256, 256, 3), np.uint8)
+    photo[..., 1], photo[4, 4] = 90, (200, 10, 60)
+    Image.fromarray(photo).save(tmp_path / "me.png")
+    adapter = str(faceid_repo / FACEID_VARIANTS["plusv2"][0])
+    encoder = ["--image-encoder", str(faceid_repo / "clip/models/image_encoder")]
+    code, _, err = cli("--ip-adapter", adapter, "--face-image", str(tmp_path / "me.png"), "--output",
+                       str(tmp_path / "me.safetensors"), command="embed")
+    assert code == 0, err
+    pictures = []
+    for face in (["--face-image", str(tmp_path / "me.png")], ["--face-embeds", str(tmp_path / "me.safetensors")]):
+        code, _, err = cli("--ip-adapter", adapter, *face, *encoder)
+        assert code == 0, err
+        pictures.append(np.asarray(Image.open(tmp_path / "out.png")))
+    assert np.array_equal(*pictures)
