@@ -492,3 +492,30 @@ def test_embed_face_image_then_face_embeds_is_face_image(fake_insightface, cli, 
         assert code == 0, err
         pictures.append(np.asarray(Image.open(tmp_path / "out.png")))
     assert np.array_equal(*pictures)
+
+
+def test_lora_attention_layer_matches_the_authors(diffusers_dir, mlx_dir, faceid_repo):
+    """One cross-attention layer with the FaceID LoRA fused and the image branch: ours vs diffusers' IP-Adapter
+    processor over the authors' `W x + lora_scale * up(down(x))` projections."""
+    from ipadapter_mlx.conditioning import ImageAttention
+    from ipadapter_mlx.lora import submodule
+
+    file, scale, lora_scale = FACEID_VARIANTS["faceid"][0], 0.7, 0.6
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(diffusers_dir, safety_checker=None)
+    pipe.load_ip_adapter(str(faceid_repo), subfolder="", weight_name=file, image_encoder_folder=None)
+    add_authors_lora(pipe.unet, torch.load(faceid_repo / file, weights_only=True)["ip_adapter"], lora_scale)
+    pipe.set_ip_adapter_scale(scale)
+    ours = StableDiffusion(mlx_dir, dtype=mx.float32)
+    ours.load_ip_adapter(str(faceid_repo / file), lora_scale=lora_scale)
+    name = "up_blocks.1.attentions.2.transformer_blocks.0.attn2"
+    ref_attn = dict(pipe.unet.named_modules())[name]
+    g = torch.Generator().manual_seed(5)
+    x, text, ip = torch.randn(2, 64, ref_attn.query_dim, generator=g), torch.randn(2, 7, 32, generator=g), \
+        torch.randn(2, 4, 32, generator=g)
+    with torch.no_grad():
+        expected = ref_attn(x, encoder_hidden_states=(text, [ip]))
+    layer = next(l for s, l in ours.adapters[0].layers.items() if s.name == name)
+    got = submodule(ours.unet, name)(mx.array(x.numpy()), mx.array(text.numpy()),
+                                     [ImageAttention(layer, mx.array(ip.numpy()), scale)])
+    assert record("FaceID LoRA'd attention layer (up_blocks.1 attn2)", np.abs(to_np(got) - to_np(expected)).max(),
+                  "abs") < 1e-4
