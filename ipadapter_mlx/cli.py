@@ -250,7 +250,7 @@ def _image_prompts(pipe, groups: list[dict]) -> list:
     prompts = []
     for g in groups:
         face = bool(g["face_image"] or g["face_embeds"])
-        if bool(g["image"]) == bool(g["image_embeds"]) and not face or (face and g["image_embeds"]):
+        if (bool(g["image"]) == bool(g["image_embeds"]) and not face) or (face and g["image_embeds"]):
             raise UserError(f"IP-Adapter {g['ip_adapter']}: give --image or --image-embeds (one of them; FaceID: "
                             "--face-image or --face-embeds)")
         images = [open_image(p) for p in g["image"]]

@@ -544,3 +544,27 @@ def test_two_identities_in_two_regions_match_diffusers(diffusers_dir, mlx_dir, f
     got = np.array(ours.generate("two people", image_prompts=[ImagePrompt(face_embeds=ids, masks=masks)], **kw))
     assert record("FaceID two faces in two regions (masks)", psnr(got, ref), "dB") >= 40
     assert psnr(got, np.array(ours.generate("two people", image_prompts=[ImagePrompt(face_embeds=ids)], **kw))) < 40
+
+
+def test_presets_from_the_hub_find_the_vit_h_encoder(cli, faceid_repo, tmp_path, monkeypatch):
+    """faceid-plusv2-sd15 from h94/IP-Adapter-FaceID (no encoder there) takes h94/IP-Adapter's ViT-H, by shapes;
+    faceid-sd15 needs none. Offline, from a Hub cache laid out as huggingface_hub does."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from test_cli import hub_cache
+
+    flat = tmp_path / "faceid-repo"
+    flat.mkdir()
+    for variant in ("faceid", "plusv2"):
+        shutil.copy(faceid_repo / FACEID_VARIANTS[variant][0], flat)
+    hub_cache(tmp_path / "hf", "h94/IP-Adapter-FaceID", flat)
+    hub_cache(tmp_path / "hf", "h94/IP-Adapter", faceid_repo / "clip")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    code, out, err = cli("--ip-adapter", "faceid-plusv2-sd15", "--face-embeds", str(tmp_path / "face.npy"),
+                         "--image", str(tmp_path / "crop.png"))
+    assert code == 0, err
+    assert "image encoder for faceid-plusv2-sd15: h94/IP-Adapter:models/image_encoder" in out + err
+    code, out, err = cli("--ip-adapter", "faceid-sd15", "--face-embeds", str(tmp_path / "face.npy"))
+    assert code == 0 and "image encoder" not in out + err, err
