@@ -272,7 +272,8 @@ def attach_lora(pipe, index: int, lora_scale: float | None) -> None:
         if lora_scale is not None:
             raise UserError(f"IP-Adapter {la.ref} is not a FaceID adapter: it has no LoRA for a lora scale")
         return
-    unet = pipe._unet if pipe._unet is not None else build("unet", read_json(pipe.folder / "unet" / "config.json"))
+    # the UNet's structure names and sizes the layers (lazy arrays: no memory), unquantized as load_lora checks it
+    unet = build("unet", read_json(pipe.folder / "unet" / "config.json"))
     lora = lora_of(la.adapter, unet, f"FaceID LoRA of {la.ref}")
     source = lora if lora is not None else sibling_lora(la.file)
     if source is None:

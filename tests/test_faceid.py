@@ -568,3 +568,16 @@ def test_presets_from_the_hub_find_the_vit_h_encoder(cli, faceid_repo, tmp_path,
     assert "image encoder for faceid-plusv2-sd15: h94/IP-Adapter:models/image_encoder" in out + err
     code, out, err = cli("--ip-adapter", "faceid-sd15", "--face-embeds", str(tmp_path / "face.npy"))
     assert code == 0 and "image encoder" not in out + err, err
+
+
+def test_low_memory_and_quantized_pipelines_get_the_lora(mlx_dir, faceid_repo):
+    """Low-memory mode loads the UNet after the adapter: its LoRA is fused then, the same picture; a quantized
+    UNet gets it too (the check runs on the unquantized structure)."""
+    kw = dict(steps=2, height=H, width=W, seed=1, return_array=True, image_prompts=[ImagePrompt(face_embeds=faces(1))])
+    pictures = []
+    for low, quantize in ((False, None), (True, None), (False, (8, 32))):
+        pipe = StableDiffusion(mlx_dir, dtype=mx.float32, low_memory=low, quantize=quantize)
+        pipe.load_ip_adapter(str(faceid_repo / FACEID_VARIANTS["faceid"][0]), lora_scale=0.5)
+        pictures.append(np.array(pipe.generate("a portrait", **kw)))
+    assert np.array_equal(pictures[0], pictures[1])
+    assert record("FaceID + LoRA, 8-bit UNet vs float32", psnr(pictures[0], pictures[2]), "dB") >= 25
