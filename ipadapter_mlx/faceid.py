@@ -51,6 +51,9 @@ def check_prompt(la, p: ImagePrompt) -> bool:
                 "with --image (the aligned face crop)") if proj.kind == "faceid-plus" else \
             "give --face-image (a photo of the face) or --face-embeds; --image is not what it reads"
         raise UserError(f"FaceID adapter {la.ref} reads a face identity embedding, not a reference picture: {what}")
+    if p.negative_content is not None or p.composition_images:
+        raise UserError(f"FaceID adapter {la.ref}: a negative content prompt and composition images work on CLIP "
+                        "image features; a face embedding has neither")
     if p.images and proj.kind != "faceid-plus":
         raise UserError(f"FaceID adapter {la.ref} reads no picture (only FaceID Plus reads the face crop); "
                         "leave out --image")
