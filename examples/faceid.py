@@ -24,7 +24,7 @@ parser.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v
 parser.add_argument("--ip-adapter", default="faceid-plusv2-sd15")
 parser.add_argument("--scale", type=float, default=0.8)
 parser.add_argument("--lora-scale", type=float, default=None, help="the FaceID LoRA's strength (default 1.0)")
-parser.add_argument("--v2-weight", type=float, default=1.0, help="Plus v2: the CLIP branch's weight")
+parser.add_argument("--v2-weight", type=float, default=None, help="Plus v2: the CLIP branch's weight (default 1)")
 parser.add_argument("--steps", type=int, default=30)
 parser.add_argument("--size", type=int, default=512)
 parser.add_argument("--seed", type=int, default=0)

@@ -185,7 +185,8 @@ def _add_faceid_options(g, embed: bool) -> None:
                    help="FaceID: identity embeddings, (faces, 512) .npy or .safetensors (from `embed --face-image`), "
                         "instead of --face-image; Plus adapters also need the aligned face crop as --image")
     g.add_argument("--faceid-v2-weight", action=_IPOption, dest="faceid_v2_weight", type=finite_float, metavar="W",
-                   help="FaceID Plus v2: scale of the CLIP branch added to the identity tokens (default 1.0)")
+                   help="FaceID Plus v2: scale of the CLIP branch added to the identity tokens (default 1.0; given to a "
+                        "Plus file not named plusv2, it turns v2's shortcut on)")
     g.add_argument("--faceid-lora-scale", action=_IPOption, dest="faceid_lora_scale", type=finite_float, metavar="S",
                    help="FaceID: strength of the LoRA its file carries (default 1.0, the authors'; ComfyUI uses 0.6)")
 
@@ -274,7 +275,7 @@ def _image_prompts(pipe, groups: list[dict]) -> list:
             composition_images=[open_image(p) for p in g["composition_image"]] or None,
             negative_content=g.get("negative_content_prompt"),
             negative_content_scale=g.get("negative_content_scale", 1.0),
-            face_embeds=face_embeds, faceid_v2_weight=g.get("faceid_v2_weight", 1.0),
+            face_embeds=face_embeds, faceid_v2_weight=g.get("faceid_v2_weight"),
         ))
         faceid.check_prompt(pipe.adapters[index], prompts[-1])  # a face for FaceID, a picture for the others
     return prompts

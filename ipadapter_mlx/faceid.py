@@ -312,8 +312,10 @@ def cli_faces(la, g: dict, images: list[Image.Image]) -> tuple[np.ndarray, list[
                         "FaceID adapters; give it --image")
     if g["face_image"] and g["face_embeds"]:
         raise UserError(f"FaceID adapter {la.ref}: give --face-image or --face-embeds (one of them)")
-    if g.get("faceid_v2_weight") is not None and not proj.shortcut:
-        raise UserError(f"--faceid-v2-weight is for FaceID Plus v2 adapters (their shortcut); {la.ref} has none")
+    if g.get("faceid_v2_weight") is not None and proj.kind != "faceid-plus":
+        raise UserError(f"--faceid-v2-weight is for FaceID Plus v2 adapters (their shortcut); {la.ref} is not one")
+    if g.get("faceid_v2_weight") is not None and not proj.shortcut:  # v2 is told by the name only
+        log.warning("%s: its file name does not say plusv2; using the v2 shortcut as --faceid-v2-weight asks", la.ref)
     if not g["face_image"] and not g["face_embeds"]:
         raise UserError(f"FaceID adapter {la.ref} needs a face: --face-image or --face-embeds")
     if g["face_image"]:

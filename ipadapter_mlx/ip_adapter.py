@@ -228,7 +228,9 @@ class ImagePrompt:
     # FaceID (faceid.py): identity embeddings, (n, 512) one per face (or read from --face-image with insightface);
     # for the Plus adapters `images` are the aligned face crops their CLIP branch reads
     face_embeds: object | None = None  # numpy or MLX array
-    faceid_v2_weight: float = 1.0  # Plus v2: the scale of the perceiver output added to the identity tokens
+    # Plus v2: the scale of the perceiver output added to the identity tokens (None: 1 for a v2 file, no shortcut
+    # for v1; a number turns the shortcut on, for a v2 file under another name)
+    faceid_v2_weight: float | None = None
 
 
 def image_tokens(adapter: IPAdapter, features: Features, prompt: ImagePrompt, batch: int, guided: bool) -> mx.array:

@@ -57,20 +57,22 @@ def test_projection_matches_diffusers(variant, faceid_repo):
     assert record(f"FaceID projection {variant}", np.abs(to_np(got) - to_np(ref)).max(), "abs") < 1e-4
 
 
-@pytest.mark.parametrize("variant,shortcut,scale", [("plus", False, 1.0), ("plusv2", True, 1.0), ("plusv2", True, 0.6)])
-def test_plus_projection_matches_diffusers(variant, shortcut, scale, faceid_repo):
+@pytest.mark.parametrize("variant,scale,shortcut", [("plus", None, False), ("plusv2", None, True), ("plusv2", 0.6, True),
+                                                    ("plus", 0.6, True)])  # a weight turns v2's shortcut on
+def test_plus_projection_matches_diffusers(variant, scale, shortcut, faceid_repo):
     path = faceid_repo / FACEID_VARIANTS[variant][0]
     adapter = read_ip_adapter(path)
     c = adapter.config.image_proj
-    assert c.kind == "faceid-plus" and c.shortcut == shortcut and c.clip_width == c.clip_dim
+    assert c.kind == "faceid-plus" and c.shortcut == (variant == "plusv2") and c.clip_width == c.clip_dim
     ref = diffusers_projection(path)
     g = torch.Generator().manual_seed(2)
     x, clip = torch.tensor(faces(3, 2)), torch.randn(3, 257, c.clip_dim, generator=g)
-    ref.clip_embeds, ref.shortcut, ref.shortcut_scale = clip[None], shortcut, scale  # diffusers' by-hand settings
+    # diffusers' by-hand settings: clip_embeds (batch, images, tokens, width), shortcut and its scale (default 1)
+    ref.clip_embeds, ref.shortcut, ref.shortcut_scale = clip[None], shortcut, 1.0 if scale is None else scale
     with torch.no_grad():
         expected = ref(x)
     got = adapter.image_proj(mx.array(x.numpy()), mx.array(clip.numpy()), scale)
-    assert record(f"FaceID projection {variant} (scale {scale})", np.abs(to_np(got) - to_np(expected)).max(),
+    assert record(f"FaceID projection {variant} (v2 weight {scale})", np.abs(to_np(got) - to_np(expected)).max(),
                   "abs") < 1e-4
 
 
@@ -146,7 +148,8 @@ def run_sd15(diffusers_dir, mlx_dir, repo, variant, n_faces=1, scale=0.8, shortc
     plus = FACEID_VARIANTS[variant][1] == "plus"
     ours.load_ip_adapter(str(repo / FACEID_VARIANTS[variant][0]), scale=scale,
                          image_encoder=str(repo / "clip/models/image_encoder") if plus else None)
-    prompt = ImagePrompt(face_embeds=ids, images=images if plus else [], faceid_v2_weight=shortcut_scale)
+    prompt = ImagePrompt(face_embeds=ids, images=images if plus else [],
+                         faceid_v2_weight=None if shortcut_scale == 1.0 else shortcut_scale)
     kw = dict(steps=STEPS, cfg=6.0, height=H, width=W, scheduler="euler", latents=start_noise().numpy(),
               return_array=True)
     got = np.array(ours.generate("a portrait", image_prompts=[prompt], **kw))
@@ -307,7 +310,7 @@ def test_cli_bad_face_inputs_get_one_line(cli, faceid_repo, tmp_path):
     assert "0 face crops (--image) for 1 face embeddings" in bad(
         cli, "--ip-adapter", plus, "--face-embeds", face, "--image-encoder", str(faceid_repo / "clip/models/image_encoder"))
     assert "--faceid-v2-weight is for FaceID Plus v2" in bad(
-        cli, "--ip-adapter", plus, "--face-embeds", face, "--faceid-v2-weight", "0.5")
+        cli, "--ip-adapter", faceid, "--face-embeds", face, "--faceid-v2-weight", "0.5")
     assert "carries no LoRA" in bad(cli, "--ip-adapter", str(faceid_repo / FACEID_VARIANTS["portrait"][0]),
                                     "--face-embeds", face, "--faceid-lora-scale", "0.5")
     assert "reads no picture" in bad(cli, "--ip-adapter", faceid, "--face-embeds", face, "--image", str(tmp_path / "ref.png"))

@@ -197,10 +197,14 @@ class FaceIDPlusProjModel(FaceIDProjModel):
         self.perceiver_resampler = Resampler(replace(c, input_dim=c.clip_dim), learned=False)
         self.shortcut = c.shortcut
 
-    def __call__(self, embeds: mx.array, clip_hidden: mx.array, shortcut_scale: float = 1.0) -> mx.array:
+    def __call__(self, embeds: mx.array, clip_hidden: mx.array, shortcut_scale: float | None = None) -> mx.array:
+        """`shortcut_scale` None: the file's way (v2: the shortcut at 1, v1: none); a number: the shortcut at that
+        scale (ComfyUI's v2 switch, for a v2 file under another name)."""
         x = self.id_tokens(embeds)
         out = self.perceiver_resampler(clip_hidden, x)
-        return x + shortcut_scale * out if self.shortcut else out
+        if shortcut_scale is None and self.shortcut:
+            shortcut_scale = 1.0
+        return out if shortcut_scale is None else x + shortcut_scale * out
 
 
 PROJECTIONS = {"linear": ImageProjModel, "mlp": MLPProjModel, "resampler": Resampler, "faceid": FaceIDProjModel,
