@@ -69,10 +69,10 @@ def fraction(text: str) -> float:
 IP_OPTIONS = ("image", "image_weight", "scale", "negative_image", "image_embeds", "combine", "image_encoder",
               "image_fit", "weight_type", "layer_weights", "composition_weight", "start_at", "end_at", "timing",
               "mask", "embeds_scaling", "boost", "composition_image", "negative_content_prompt",
-              "negative_content_scale")
+              "negative_content_scale", "face_image", "face_embeds", "faceid_v2_weight", "faceid_lora_scale")
 STEERING = {"weight_type": "linear", "layer_weights": None, "composition_weight": 1.0, "start_at": 0.0,
             "end_at": 1.0, "timing": "step", "boost": None}  # ImagePrompt's fields and defaults
-LISTS = ("image", "image_weight", "image_embeds", "mask", "composition_image")  # repeatable
+LISTS = ("image", "image_weight", "image_embeds", "mask", "composition_image", "face_image", "face_embeds")
 
 
 class _IPOption(argparse.Action):
@@ -130,6 +130,7 @@ def _add_ip_options(p: argparse.ArgumentParser, embed: bool = False) -> None:
                    help="crop: CLIP's centre crop (default); pad: keep a non-square image whole")
     g.add_argument("--negative-image", action=_IPOption, dest="negative_image",
                    help="replaces the null image in the unconditional branch")
+    _add_faceid_options(g, embed)
     if not embed:
         g.add_argument("--image-weight", action=_IPOption, dest="image_weight", type=finite_float,
                        help="weight of each --image, in order (repeatable; default 1)")
@@ -195,6 +196,8 @@ def _add_lora_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="FILE|REPO:PATH[:SCALE]",
                    help="a LoRA (kohya/A1111 or diffusers/PEFT, .safetensors or .bin/.pt), fused into the UNet and "
                         "text encoder(s) at SCALE (default 1.0); repeat for several")
+
+
 def _add_t2i_options(p: argparse.ArgumentParser) -> None:
     from .t2i_adapter import PRESETS
 
@@ -209,6 +212,23 @@ def _add_t2i_options(p: argparse.ArgumentParser) -> None:
                    help="its features are multiplied by S (default 1.0); once for all, or once per adapter")
     g.add_argument("--adapter-conditioning-factor", action="append", type=fraction, metavar="F",
                    help="the fraction of the first steps it acts in (default 1.0); once for all, or once per adapter")
+
+
+def _add_faceid_options(g, embed: bool) -> None:
+    """FaceID adapters (faceid.py): a face instead of a reference picture."""
+    g.add_argument("--face-image", action=_IPOption, dest="face_image", metavar="FILE",
+                   help="FaceID: a photo of the face (repeatable: portrait's several faces); needs insightface "
+                        """(pip install ".[faceid]"; its models are for non-commercial research)""")
+    if embed:
+        return
+    g.add_argument("--face-embeds", action=_IPOption, dest="face_embeds", metavar="FILE",
+                   help="FaceID: identity embeddings, (faces, 512) .npy or .safetensors (from `embed --face-image`), "
+                        "instead of --face-image; Plus adapters also need the aligned face crop as --image")
+    g.add_argument("--faceid-v2-weight", action=_IPOption, dest="faceid_v2_weight", type=finite_float, metavar="W",
+                   help="FaceID Plus v2: scale of the CLIP branch added to the identity tokens (default 1.0; given to a "
+                        "Plus file not named plusv2, it turns v2's shortcut on)")
+    g.add_argument("--faceid-lora-scale", action=_IPOption, dest="faceid_lora_scale", type=finite_float, metavar="S",
+                   help="FaceID: strength of the LoRA its file carries (default 1.0, the authors'; ComfyUI uses 0.6)")
 
 
 def _add_embed(sub: argparse._SubParsersAction) -> None:
@@ -235,11 +255,19 @@ def _embed(args: argparse.Namespace) -> int:
     if len(groups) != 1:
         raise UserError("embed takes exactly one --ip-adapter (its shapes say which features to compute)")
     g = groups[0]
-    if not g["image"]:
-        raise UserError("give at least one --image")
+    if not g["image"] and not g["face_image"]:
+        raise UserError("give at least one --image (or --face-image for a FaceID adapter)")
     if not args.output.endswith(".safetensors"):
         raise UserError(f"--output must be a .safetensors path, got {args.output}")
     check_writable(args.output)
+    if g["face_image"]:
+        from .faceid import embed_faces
+
+        file, _ = discovery.resolve_ip_adapter(g["ip_adapter"])
+        embed_faces(read_ip_adapter(file), g["face_image"], args.output,
+                    {"ip_adapter": g["ip_adapter"], "face_images": g["face_image"]})
+        print(args.output)
+        return 0
     images = [open_image(p) for p in g["image"]]
     negative = open_image(g["negative_image"]) if g.get("negative_image") else None
     dtype = getattr(mx, args.dtype) if args.dtype else default_dtype()
@@ -256,21 +284,28 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _image_prompts(pipe, groups: list[dict]) -> list:
+    from . import faceid
     from .images import open_image
     from .ip_adapter import ImagePrompt, join_features, load_features
 
     prompts = []
     for g in groups:
-        if bool(g["image"]) == bool(g["image_embeds"]):
-            raise UserError(f"IP-Adapter {g['ip_adapter']}: give --image or --image-embeds (one of them)")
+        face = bool(g["face_image"] or g["face_embeds"])
+        if (bool(g["image"]) == bool(g["image_embeds"]) and not face) or (face and g["image_embeds"]):
+            raise UserError(f"IP-Adapter {g['ip_adapter']}: give --image or --image-embeds (one of them; FaceID: "
+                            "--face-image or --face-embeds)")
         images = [open_image(p) for p in g["image"]]
         features = join_features([load_features(p) for p in g["image_embeds"]]) if g["image_embeds"] else None
-        n = len(images) if images else features.cond.shape[0]
-        if g["image_weight"] and len(g["image_weight"]) != n:
+        n = len(images) if images else features.cond.shape[0] if features else len(g["face_image"]) or None
+        if n and g["image_weight"] and len(g["image_weight"]) != n:
             raise UserError(f"IP-Adapter {g['ip_adapter']}: {len(g['image_weight'])} --image-weight for {n} images")
-        if g["mask"] and len(g["mask"]) != n:
+        if n and g["mask"] and len(g["mask"]) != n:
             raise UserError(f"IP-Adapter {g['ip_adapter']}: {len(g['mask'])} --mask for {n} images (one per image)")
-        pipe.load_ip_adapter(g["ip_adapter"], image_encoder=g.get("image_encoder"), scale=g.get("scale", 1.0))
+        index = pipe.load_ip_adapter(g["ip_adapter"], image_encoder=g.get("image_encoder"), scale=g.get("scale", 1.0),
+                                     lora_scale=g.get("faceid_lora_scale"))
+        face_embeds = None
+        if face or g.get("faceid_v2_weight") is not None:
+            face_embeds, images = faceid.cli_faces(pipe.adapters[index], g, images)
         prompts.append(ImagePrompt(
             images=images, features=features, weights=g["image_weight"] or None,
             negative=open_image(g["negative_image"]) if g.get("negative_image") else None,
@@ -280,7 +315,9 @@ def _image_prompts(pipe, groups: list[dict]) -> list:
             composition_images=[open_image(p) for p in g["composition_image"]] or None,
             negative_content=g.get("negative_content_prompt"),
             negative_content_scale=g.get("negative_content_scale", 1.0),
+            face_embeds=face_embeds, faceid_v2_weight=g.get("faceid_v2_weight"),
         ))
+        faceid.check_prompt(pipe.adapters[index], prompts[-1])  # a face for FaceID, a picture for the others
     return prompts
 
 
@@ -423,7 +460,7 @@ def _generate(args: argparse.Namespace) -> int:
         check_options(g.get("weight_type", "linear"), g.get("boost"), bool(g["composition_image"]))
         if "negative_content_scale" in g and g.get("negative_content_prompt") is None:
             raise UserError("--negative-content-scale needs a --negative-content-prompt")
-        for path in g["image"] + g["composition_image"] + ([g["negative_image"]] if g.get("negative_image") else []):
+        for path in g["image"] + g["composition_image"] + g["face_image"] + ([g["negative_image"]] if g.get("negative_image") else []):
             open_image(path)
     t2i = t2i_adapter.cli_requests(args)  # checks counts and opens the control images before loading anything
     seed = args.seed if args.seed is not None else int(np.random.randint(0, 2**31 - 1))

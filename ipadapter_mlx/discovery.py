@@ -24,6 +24,12 @@ PRESETS = {
     "sd15-full-face": "h94/IP-Adapter:models/ip-adapter-full-face_sd15.safetensors",
     "sd15-vit-g": "h94/IP-Adapter:models/ip-adapter_sd15_vit-G.safetensors",
 }
+# FaceID (faceid.py): the .bin files carry their LoRA (portrait has none); Plus reads h94/IP-Adapter's ViT-H
+PRESETS.update({f"faceid-{name}": f"h94/IP-Adapter-FaceID:ip-adapter-{file}.bin" for name, file in {
+    "sd15": "faceid_sd15", "plus-sd15": "faceid-plus_sd15", "plusv2-sd15": "faceid-plusv2_sd15",
+    "portrait-sd15": "faceid-portrait_sd15", "portrait-v11-sd15": "faceid-portrait-v11_sd15",
+    "sdxl": "faceid_sdxl", "plusv2-sdxl": "faceid-plusv2_sdxl", "portrait-sdxl": "faceid-portrait_sdxl",
+    "portrait-unnorm-sdxl": "faceid-portrait_sdxl_unnorm"}.items()})
 # Where h94/IP-Adapter keeps its two encoders: ViT-H/14 and ViT-bigG/14.
 ENCODER_FOLDERS = ("models/image_encoder", "sdxl_models/image_encoder")
 

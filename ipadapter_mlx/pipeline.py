@@ -200,18 +200,33 @@ class StableDiffusion:
 
     # -- IP-Adapters (adapters.py holds them) ---------------------------------------------------------
 
-    def load_ip_adapter(self, ref: str, image_encoder: str | None = None, scale: float | dict = 1.0) -> int:
+    def load_ip_adapter(self, ref: str, image_encoder: str | None = None, scale: float | dict = 1.0,
+                        lora_scale: float | None = None) -> int:
         """Add an IP-Adapter (preset name, `REPO:PATH`, or file); returns its index for image_prompts.
 
         Fails before any work when the adapter was made for another UNet. The image encoder is found
-        (beside the adapter, or the one its shapes call for; `image_encoder` overrides) on first use."""
+        (beside the adapter, or the one its shapes call for; `image_encoder` overrides) on first use.
+        FaceID: the LoRA in its file (or `NAME_lora.safetensors` beside it) is fused at `lora_scale` (default 1)."""
+        from . import faceid
+
         # without a loaded UNet its structure suffices (MLX arrays are lazy: building it costs no memory)
         unet = self._unet if self._unet is not None else build("unet", read_json(self.folder / "unet" / "config.json"))
-        return self.adapters.load(ref, unet, image_encoder, scale)
+        index = self.adapters.load(ref, unet, image_encoder, scale)
+        try:
+            faceid.attach_lora(self, index, lora_scale)
+        except BaseException:
+            self.adapters.unload(index)
+            raise
+        return index
 
     def unload_ip_adapter(self, index: int | None = None) -> None:
-        """Remove one adapter (by index) or all; the UNet is then exactly the base model again."""
+        """Remove one adapter (by index) or all (and a FaceID adapter's LoRA); the UNet is then exactly the base
+        model again."""
+        from . import faceid
+
+        gone = list(self.adapters) if index is None else [self.adapters[index]]
         self.adapters.unload(index)
+        faceid.detach_lora(self, gone)
 
     def set_ip_adapter_scale(self, *scales: float | dict) -> None:
         """One scale per loaded adapter: a number, or a per-block dict in diffusers' form, e.g.
