@@ -126,7 +126,7 @@ def _family(two_encoders: bool, widths: set[int]) -> str:
 
 def _unet_widths(models: dict[str, nn.Module]) -> set[int]:
     unet = models.get("unet")
-    return {a.to_k.weight.shape[1] for _, a in unet.cross_attentions()} if unet is not None else set()
+    return {base_shape(a.to_k)[1] for _, a in unet.cross_attentions()} if unet is not None else set()  # quantized too
 
 
 def check_family(name: str, components: set[str], widths: set[int], models: dict[str, nn.Module]) -> None:
@@ -134,7 +134,8 @@ def check_family(name: str, components: set[str], widths: set[int], models: dict
     `components`: those the LoRA has layers for; `widths`: the input widths of its cross-attention to_k/to_v."""
     model_widths = _unet_widths(models)
     other_encoder = "text_encoder_2" in components and "text_encoder_2" not in models
-    if other_encoder or (widths and model_widths and not widths <= model_widths):
+    # no width in common: another family; some in common: a malformed layer, which the shape check names
+    if other_encoder or (widths and model_widths and not widths & model_widths):
         two = "text_encoder_2" in components or max(widths, default=0) == 2048
         raise UserError(f"LoRA {name} is for {_family(two, widths)}; the model is "
                         f"{_family('text_encoder_2' in models, model_widths)}")

@@ -472,3 +472,22 @@ def test_older_diffusers_format(sd15, mlx_dir, tmp_path):
     wa, wb, base = weights(a), weights(b), weights(StableDiffusion(mlx_dir, dtype=mx.float32))
     assert all(np.array_equal(wa[k], wb[k]) for k in wa)
     assert sum(not np.array_equal(wa[k], base[k]) for k in wa) == len(style)
+
+
+def test_family_check_reads_quantized_widths_and_leaves_bad_shapes_to_the_shape_check(mlx_dir):
+    """The family check compares cross-attention input widths: on a quantized UNet those are the unpacked widths
+    (the packed weight is 32/bits times narrower), and a LoRA sharing the model's width with one malformed layer
+    is a shape error naming that layer, not a family mismatch."""
+    import mlx.nn as nn
+
+    from ipadapter_mlx.loading import build, read_json
+    from ipadapter_mlx.lora import check_family
+
+    unet = build("unet", read_json(mlx_dir / "unet" / "config.json"))
+    width = unet.config.cross_attention_dim[0]
+    nn.quantize(unet, group_size=32, bits=4)
+    models = {"unet": unet, "text_encoder": None}
+    check_family("fits", {"unet"}, {width}, models)  # no error: 4-bit packing must not look like another family
+    check_family("one malformed layer", {"unet"}, {width, width // 2}, models)
+    with pytest.raises(UserError, match=rf"is for SDXL .*2048.*; the model is .*width {width}, one text encoder"):
+        check_family("xl", {"unet", "text_encoder_2"}, {2048}, models)
