@@ -41,6 +41,17 @@ def resolve_ip_adapter(ref: str) -> tuple[Path, tuple[str, str] | None]:
     return hub_file(*hub), hub
 
 
+def resolve_lora(ref: str) -> Path:
+    """A LoRA: a local file or `REPO:PATH` on the Hub (downloaded once, then from the cache)."""
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return path
+    hub = split_hub_path(ref)
+    if hub is None:
+        raise UserError(f"LoRA not found: {ref} is neither a file nor a REPO:PATH")
+    return hub_file(*hub)
+
+
 def _encoder_candidates(adapter_file: Path, hub: tuple[str, str] | None) -> list[tuple[str, str | Path]]:
     """Where the encoder may be: beside the adapter (as in the Hub repo), then h94's two encoders."""
     local = [("local", adapter_file.parent / "image_encoder")]

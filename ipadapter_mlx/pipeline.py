@@ -26,6 +26,7 @@ from .errors import UserError, finite
 from .images import to_pil, to_pixels
 from .ip_adapter import Features, ImagePrompt
 from .loading import build, load_component, load_scheduler_config, read_json
+from .lora import Lora, LoraSet
 from .memory import LOW_MEMORY_TILE
 from .prompts import PromptEncoder
 from .samplers import NoiseFn, alphas_cumprod, make_schedule, run_sampler
@@ -117,6 +118,8 @@ class StableDiffusion:
         self.quantize = quantize
         self.low_memory = low_memory
         self.prompts = PromptEncoder(self.folder, self.dtype, quantize)
+        self.loras = LoraSet()
+        self.prompts.on_load = self.loras.apply  # an encoder (re)loaded after a low-memory run gets them too
         index = self.folder / "model_index.json"
         self.force_zeros_for_empty_prompt = self.is_sdxl and (
             read_json(index).get("force_zeros_for_empty_prompt", True) if index.is_file() else True)
@@ -140,6 +143,7 @@ class StableDiffusion:
     def unet(self):
         if self._unet is None:
             self._unet = load_component(self.folder, "unet", self.dtype, self.quantize)
+            self.loras.apply("unet", self._unet)
         return self._unet
 
     @property
@@ -224,6 +228,42 @@ class StableDiffusion:
                          negative: Image.Image | None = None) -> Features:
         """CLIP features of reference images, as adapter `index` reads them (embeds or hidden states)."""
         return self.adapters.encode(images, index, fit, negative)
+
+    # -- LoRAs (lora.py holds them) -------------------------------------------------------------------
+
+    def load_lora(self, ref: str | Lora, scale: float = 1.0) -> int:
+        """Add a LoRA (a file, `REPO:PATH`, or a `Lora` built in code) at `scale`; returns its index. Its deltas
+        are fused into the UNet and text encoder weights; fails before any change when it does not fit."""
+        from . import discovery
+        from .lora import check_lora, read_lora
+
+        finite("LoRA scale", scale)
+        # the models' structures name and size every layer (MLX arrays are lazy: building them costs nothing)
+        models = {n: build(n, read_json(self.folder / n / "config.json")) for n in ("unet", *self.text_encoder_names)}
+        if isinstance(ref, Lora):
+            check_lora(ref, models)
+            lora = ref
+        else:
+            lora = read_lora(discovery.resolve_lora(ref), models)
+        index = self.loras.add(lora, scale, ref if isinstance(ref, str) else None)
+        self._fuse_loras()
+        return index
+
+    def unload_lora(self, which: int | str | None = None) -> None:
+        """Remove one LoRA (by index or the ref it was loaded with) or all: the weights they touched get their
+        original arrays back, bit for bit."""
+        self.loras.remove(which)
+        self._fuse_loras()
+
+    def set_lora_scale(self, *scales: float) -> None:
+        """One scale per loaded LoRA, in load order (the weights are fused again from the kept originals)."""
+        self.loras.set_scales(*scales)
+        self._fuse_loras()
+
+    def _fuse_loras(self) -> None:
+        for name, model in {"unet": self._unet, **self.prompts.models}.items():
+            if model is not None:
+                self.loras.apply(name, model)
 
     # -- non-finite numbers ---------------------------------------------------------------------------
 
