@@ -102,7 +102,7 @@ def preset_lora(name: str, pipe) -> str:
     family = model_family(pipe)
     if family in preset.loras:
         return preset.loras[family]
-    if family is None and "sdxl" not in preset.loras:  # an unrecognised non-SDXL model
+    if family is None and set(preset.loras) - {"sdxl"}:  # an unrecognised non-SDXL model, a non-SDXL preset
         if len(preset.loras) == 1:  # a named variant: the caller's word
             return next(iter(preset.loras.values()))
         raise UserError(f"--fast {name}: cannot tell this model's family (its text context is "

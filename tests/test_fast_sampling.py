@@ -226,3 +226,172 @@ def test_bad_sampler_options(mlx_pipe, kw, message):
     with pytest.raises(UserError, match=None) as e:
         mlx_pipe.generate_latents(PROMPT, **{"steps": 4, **kw})
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# -- IP-Adapter + LCM-LoRA, and the presets -------------------------------------------------------------------
+
+def write_lora(torch_pipe, path, seed=0):
+    """A kohya-format LoRA on the tiny model's attention and text-encoder layers (lora_fixtures), as the public
+    LCM-LoRA files touch both; returns its layers for the reference fusing."""
+    from lora_fixtures import TEXT_BLOCKS, TRANSFORMER, kohya_file, kohya_targets, random_layer
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    layers = [random_layer("unet", p, m, 4, 2.0, g) for p, m in kohya_targets(torch_pipe.unet, TRANSFORMER, False)]
+    layers += [random_layer("text_encoder", p, m, 4, None, g)
+               for p, m in kohya_targets(torch_pipe.text_encoder, TEXT_BLOCKS, False)]
+    save_file(kohya_file(layers), str(path))
+    return layers
+
+
+@pytest.fixture(scope="module")
+def adapter_repo(torch_pipe, tmp_path_factory):
+    from ip_fixtures import make_adapter_repo
+
+    return make_adapter_repo(tmp_path_factory.mktemp("h94"), torch_pipe.unet)
+
+
+def test_ip_adapter_with_lcm_lora(diffusers_dir, mlx_dir, torch_pipe, adapter_repo, tmp_path, monkeypatch):
+    """diffusers' recipe (IP-Adapter + LCM-LoRA + LCMScheduler, 4 steps, no guidance), through apply_preset."""
+    from lora_fixtures import fuse_into
+    from test_ip_adapter import diffusers_pipe, reference_image
+
+    from ipadapter_mlx import StableDiffusion, fast
+    from ipadapter_mlx.ip_adapter import ImagePrompt
+
+    layers = write_lora(torch_pipe, tmp_path / "lcm-lora.safetensors")
+    image = reference_image(2)
+    ref_pipe = diffusers_pipe(diffusers_dir, adapter_repo, ["base"], [0.7])
+    fuse_into(ref_pipe, layers, 1.0)
+    ref_pipe.scheduler = diffusers.LCMScheduler.from_config(ref_pipe.scheduler.config)
+    ref = ref_pipe("a cat", ip_adapter_image=[image], num_inference_steps=4, guidance_scale=1.0, height=32, width=32,
+                   generator=torch.Generator().manual_seed(4), output_type="np").images
+
+    monkeypatch.setitem(fast.PRESETS, "lcm-sd15", fast.Preset({"sd15": str(tmp_path / "lcm-lora.safetensors")},
+                                                              "lcm", 4, 1.0))
+    pipe = StableDiffusion(mlx_dir, dtype=mx.float32)
+    pipe.load_ip_adapter(str(adapter_repo / "models" / "ip-adapter_sd15.safetensors"))
+    kw = fast.apply_preset(pipe, "lcm-sd15")
+    assert kw == {"scheduler": "lcm", "steps": 4, "cfg": 1.0}
+    got = pipe.generate("a cat", height=32, width=32, image_prompts=[ImagePrompt(images=[image], scale=0.7)],
+                        noise=torch_noise(torch.Generator().manual_seed(4)), return_array=True, **kw)
+    assert record("IP-Adapter + LCM-LoRA (kohya), 4 steps", psnr(np.array(got), ref), "dB") >= 40
+    pipe.unload_lora()  # and the LoRA mattered: without it the picture differs
+    plain = pipe.generate("a cat", height=32, width=32, image_prompts=[ImagePrompt(images=[image], scale=0.7)],
+                          noise=torch_noise(torch.Generator().manual_seed(4)), return_array=True, **kw)
+    assert psnr(np.array(plain), ref) < 40
+
+
+def test_preset_settings_and_overrides():
+    from ipadapter_mlx.fast import settings
+
+    assert settings("lightning-4") == {"scheduler": "euler", "steps": 4, "cfg": 0.0, "timestep_spacing": "trailing"}
+    assert settings("hyper-1") == {"scheduler": "tcd", "steps": 1, "cfg": 0.0, "eta": 1.0}
+    # what the caller gives wins; None means "not given"
+    assert settings("tcd", steps=8, eta=0.5, cfg=None) == {"scheduler": "tcd", "steps": 8, "cfg": 0.0, "eta": 0.5}
+
+
+class FakePipe:
+    def __init__(self, sdxl: bool, context: int):
+        from ipadapter_mlx.config import UNetConfig
+
+        self.is_sdxl = sdxl
+        self.unet_config = UNetConfig.from_dict(dict(block_out_channels=[32], down_block_types=["DownBlock2D"],
+                                                     up_block_types=["UpBlock2D"], cross_attention_dim=context))
+        self.loaded = []
+
+    def load_lora(self, ref, scale=1.0):
+        self.loaded.append((ref, scale))
+
+
+@pytest.mark.parametrize("sdxl,context,name,expected", [
+    (False, 768, "lcm", "latent-consistency/lcm-lora-sdv1-5:pytorch_lora_weights.safetensors"),
+    (True, 2048, "lcm", "latent-consistency/lcm-lora-sdxl:pytorch_lora_weights.safetensors"),
+    (True, 2048, "hyper-4", "ByteDance/Hyper-SD:Hyper-SDXL-4steps-lora.safetensors"),
+    (False, 768, "hyper-1", "ByteDance/Hyper-SD:Hyper-SD15-1step-lora.safetensors"),
+    (True, 2048, "lightning-8", "ByteDance/SDXL-Lightning:sdxl_lightning_8step_lora.safetensors"),
+    (False, 768, "tcd", "h1t/TCD-SD15-LoRA:pytorch_lora_weights.safetensors"),
+    (False, 32, "lcm-sd15", "latent-consistency/lcm-lora-sdv1-5:pytorch_lora_weights.safetensors"),
+])
+def test_family_picks_the_lora(sdxl, context, name, expected):
+    from ipadapter_mlx.fast import apply_preset
+
+    pipe = FakePipe(sdxl, context)
+    apply_preset(pipe, name)
+    assert pipe.loaded == [(expected, 1.0)]
+
+
+@pytest.mark.parametrize("sdxl,context,name,message", [
+    (False, 768, "lightning-4", "--fast lightning-4 is for SDXL models; this model is SD 1.x"),
+    (True, 2048, "lcm-sd15", "--fast lcm-sd15 is for SD 1.x models; this model is SDXL (for this model: lcm, lcm-sdxl)"),
+    (False, 768, "hyper-sdxl-2", "--fast hyper-sdxl-2 is for SDXL models; this model is SD 1.x (for this model: "
+                                 "hyper-2, hyper-sd15-2)"),
+    (False, 1024, "lcm", "--fast lcm is for SD 1.x or SDXL models; this model is SD 2.x"),
+    (False, 32, "lcm", "--fast lcm: cannot tell this model's family (its text context is 32-d); name the variant"),
+    (False, 32, "lightning-2", "--fast lightning-2 is for SDXL models; this model is not SDXL"),
+    (False, 768, "turbo", "unknown --fast preset 'turbo' (choose from lcm, lcm-sd15"),
+])
+def test_preset_refusals(sdxl, context, name, message):
+    from ipadapter_mlx.fast import apply_preset
+
+    pipe = FakePipe(sdxl, context)
+    with pytest.raises(UserError) as e:
+        apply_preset(pipe, name)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    assert pipe.loaded == []  # nothing loaded before the refusal
+
+
+# -- the CLI --------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def run(mlx_dir, tmp_path, capsys):
+    """The CLI in-process on the tiny model: (exit code, stdout, stderr); argparse's refusals exit too."""
+    from ipadapter_mlx.cli import main
+
+    def go(*extra):
+        try:
+            code = main(["generate", "--model", str(mlx_dir), "--prompt", "x", "--height", "16", "--width", "16",
+                         "--output", str(tmp_path / "out.png"), *extra])
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return go
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--scheduler", "tcd", "--eta", "1.5"], "error: eta must be in [0, 1] (0: deterministic, 1: fully stochastic), "
+                                             "got 1.5"),
+    (["--eta", "0.3"], "error: eta (gamma) is TCD's; the dpmpp-2m-karras scheduler takes none"),
+    (["--scheduler", "lcm", "--timestep-spacing", "trailing"], "error: timestep spacing does not apply to lcm"),
+    (["--fast", "lightning-4"], "error: --fast lightning-4 is for SDXL models; this model is not SDXL"),
+    (["--fast", "lcm"], "error: --fast lcm: cannot tell this model's family"),
+    (["--fast", "turbo"], "error: argument --fast: invalid choice: 'turbo'"),
+    (["--scheduler", "tcd", "--eta", "nan"], "error: argument --eta: must be a finite number"),
+    (["--scheduler", "lcm", "--steps", "60"], "error: 60 steps is more than the 50 steps LCM/TCD were distilled"),
+])
+def test_cli_refusals(run, tmp_path, args, message):
+    code, out, err = run(*args)
+    assert code == 2 and err.startswith(message) and err.count("\n") == 1, err
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_cli_preset_from_the_hub_cache(mlx_dir, torch_pipe, tmp_path):
+    """--fast lcm-sd15 finds the LoRA as REPO:PATH in the Hub cache (offline), samples with LCM in 4 steps with no
+    guidance, and --steps given wins; the PNG records what ran."""
+    import json
+
+    from test_cli import hub_cache, run_cli
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_lora(torch_pipe, src / "pytorch_lora_weights.safetensors")
+    hub_cache(tmp_path / "hf", "latent-consistency/lcm-lora-sdv1-5", src)
+    env = {**__import__("os").environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "fast.png"
+    done = run_cli(["generate", "--model", str(mlx_dir), "--prompt", "a fox", "--fast", "lcm-sd15", "--steps", "3",
+                    "--height", "16", "--width", "16", "--seed", "1", "--output", str(out)], env)
+    assert done.returncode == 0, done.stderr
+    meta = json.loads(Image.open(out).text["ipadapter_mlx"])
+    assert (meta["fast"], meta["sampler"], meta["steps"], meta["cfg_scale"]) == ("lcm-sd15", "lcm", 3, 1.0)
