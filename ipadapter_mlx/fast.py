@@ -43,7 +43,8 @@ def _lcm(family: str) -> str:
 
 
 def _hyper(family: str, n: int) -> str:
-    return f"ByteDance/Hyper-SD:Hyper-{'SD15' if family == 'sd15' else 'SDXL'}-{n}step{'s' if n > 1 else ''}-lora.safetensors"
+    steps = f"{n}step{'s' if n > 1 else ''}"
+    return f"ByteDance/Hyper-SD:Hyper-{'SD15' if family == 'sd15' else 'SDXL'}-{steps}-lora.safetensors"
 
 
 def _tcd(family: str) -> str:
@@ -81,8 +82,16 @@ def get_preset(name: str) -> Preset:
 
 def settings(name: str, **given) -> dict:
     """generate()'s keywords for a preset (scheduler, steps, cfg, timestep_spacing, eta), with the ones given
-    (not None) in place of the preset's."""
-    return {**get_preset(name).settings, **{k: v for k, v in given.items() if v is not None}}
+    (not None) in place of the preset's. A scheduler given instead keeps the preset's spacing and eta only
+    where they apply to it (trailing suits euler-a after Lightning; TCD's eta suits nothing else)."""
+    from .samplers import FIXED_TIMESTEPS
+
+    kw = {**get_preset(name).settings, **{k: v for k, v in given.items() if v is not None}}
+    applies = {"eta": kw["scheduler"] == "tcd", "timestep_spacing": kw["scheduler"] not in FIXED_TIMESTEPS}
+    for key, applies in applies.items():
+        if not applies and given.get(key) is None:
+            kw.pop(key, None)
+    return kw
 
 
 def model_family(pipe) -> str | None:

@@ -289,6 +289,12 @@ def test_preset_settings_and_overrides():
     assert settings("hyper-1") == {"scheduler": "tcd", "steps": 1, "cfg": 0.0, "eta": 1.0}
     # what the caller gives wins; None means "not given"
     assert settings("tcd", steps=8, eta=0.5, cfg=None) == {"scheduler": "tcd", "steps": 8, "cfg": 0.0, "eta": 0.5}
+    # another scheduler keeps the preset's options that apply to it, drops those that do not
+    assert settings("hyper-1", scheduler="euler") == {"scheduler": "euler", "steps": 1, "cfg": 0.0}
+    assert settings("lightning-2", scheduler="euler-a")["timestep_spacing"] == "trailing"
+    assert "timestep_spacing" not in settings("lightning-2", scheduler="lcm")
+    given = settings("hyper-2", scheduler="lcm", timestep_spacing="trailing")  # kept: generate() refuses it
+    assert given["timestep_spacing"] == "trailing"
 
 
 class FakePipe:
@@ -323,7 +329,8 @@ def test_family_picks_the_lora(sdxl, context, name, expected):
 
 @pytest.mark.parametrize("sdxl,context,name,message", [
     (False, 768, "lightning-4", "--fast lightning-4 is for SDXL models; this model is SD 1.x"),
-    (True, 2048, "lcm-sd15", "--fast lcm-sd15 is for SD 1.x models; this model is SDXL (for this model: lcm, lcm-sdxl)"),
+    (True, 2048, "lcm-sd15", "--fast lcm-sd15 is for SD 1.x models; this model is SDXL (for this model: lcm, "
+                             "lcm-sdxl)"),
     (False, 768, "hyper-sdxl-2", "--fast hyper-sdxl-2 is for SDXL models; this model is SD 1.x (for this model: "
                                  "hyper-2, hyper-sd15-2)"),
     (False, 1024, "lcm", "--fast lcm is for SD 1.x or SDXL models; this model is SD 2.x"),
@@ -395,3 +402,22 @@ def test_cli_preset_from_the_hub_cache(mlx_dir, torch_pipe, tmp_path):
     assert done.returncode == 0, done.stderr
     meta = json.loads(Image.open(out).text["ipadapter_mlx"])
     assert (meta["fast"], meta["sampler"], meta["steps"], meta["cfg_scale"]) == ("lcm-sd15", "lcm", 3, 1.0)
+
+
+def test_example_runs(mlx_dir, torch_pipe, adapter_repo, tmp_path, monkeypatch):
+    """examples/ip_adapter_lcm.py on the tiny model (its LoRA given as a file: the tiny model has no family)."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    from test_ip_adapter import reference_image
+
+    write_lora(torch_pipe, tmp_path / "lora.safetensors")
+    reference_image(1).save(tmp_path / "ref.png")
+    monkeypatch.setattr(sys, "argv", [
+        "ip_adapter_lcm.py", "--model", str(mlx_dir),
+        "--ip-adapter", str(adapter_repo / "models" / "ip-adapter_sd15.bin"),
+        "--image", str(tmp_path / "ref.png"), "--lora", str(tmp_path / "lora.safetensors"), "--size", "32",
+        "--output", str(tmp_path / "out.png")])
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "ip_adapter_lcm.py"), run_name="__main__")
+    assert Image.open(tmp_path / "out.png").size == (32, 32)
