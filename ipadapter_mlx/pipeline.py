@@ -437,7 +437,7 @@ class StableDiffusion:
 
         def steps() -> Iterator[Step]:
             for i, x_i in enumerate(run_sampler(scheduler, self.scheduler_config, denoise, x, sigmas, noise,
-                                                timesteps, eta)):
+                                                timesteps, eta, len(schedule.timesteps))):
                 mx.eval(x_i)
                 if not all_finite(x_i):  # one small reduction per step
                     raise UserError(f"sampling produced NaN/Inf at step {i + 1} of {total}: {self.nonfinite_cause()}")

@@ -129,6 +129,16 @@ def dpm_schedule(c: SchedulerConfig, n: int, karras: bool = False) -> Schedule:
     return Schedule(ts.astype(np.int64), sigmas, float(np.sqrt(sigmas[0] ** 2 + 1)))
 
 
+def ddim_landing(c: SchedulerConfig, timesteps: np.ndarray, steps: int) -> list[float]:
+    """Where each DDIM step lands: diffusers' DDIMScheduler steps from t to t - T // steps (the final alpha below
+    0), which with trailing or linspace spacing and a step count that does not divide T is not the next
+    timestep (trailing, 6 steps: 999 -> 833, then 832 is sampled)."""
+    ac = alphas_cumprod(c)
+    final = 1.0 if c.get("set_alpha_to_one", True) else ac[0]
+    prev = np.asarray(timesteps, np.int64) - c.num_train_timesteps // steps
+    return [float(v) for v in _sigmas(np.where(prev >= 0, ac[np.maximum(prev, 0)], final))]
+
+
 def lcm_timesteps(c: SchedulerConfig, n: int) -> np.ndarray:
     """LCM's and TCD's timesteps: every k-th training step (k = T // original_inference_steps), the
     distillation schedule, of which `n` are taken evenly by index (diffusers' LCMScheduler.set_timesteps)."""
@@ -184,15 +194,21 @@ def sample_euler(denoise: Denoiser, x: mx.array, sigmas: Sigmas, noise: NoiseFn)
 
 
 def sample_ddim(
-    denoise: Denoiser, x: mx.array, sigmas: Sigmas, noise: NoiseFn, clip: float | None = None
+    denoise: Denoiser, x: mx.array, sigmas: Sigmas, noise: NoiseFn, clip: float | None = None,
+    landing: list[float] | None = None,
 ) -> Iterator[mx.array]:
-    """DDIM with eta = 0: Euler, except that x0 may be clipped (diffusers' clip_sample) while eps is not."""
+    """DDIM with eta = 0: Euler, except that x0 may be clipped (diffusers' clip_sample) while eps is not.
+    `landing` (ddim_landing): where each step lands when that is not the next step's noise level; the next
+    step then reads the sample as if it were at its own level, as diffusers does."""
     for i in range(len(sigmas) - 1):
         x0 = denoise(x, i)
         eps = (x - x0) / sigmas[i]
         if clip is not None:
             x0 = mx.clip(x0, -clip, clip)
-        x = x0 + eps * sigmas[i + 1]
+        to = sigmas[i + 1] if landing is None else landing[i]
+        x = x0 + eps * to
+        if to != sigmas[i + 1]:  # the same DDPM-space sample, in the sigma space of the next level
+            x = x * math.sqrt((1 + sigmas[i + 1] ** 2) / (1 + to**2))
         yield x
 
 
@@ -314,13 +330,15 @@ def make_schedule(name: str, config: SchedulerConfig, steps: int, spacing: str |
 
 def run_sampler(
     name: str, config: SchedulerConfig, denoise: Denoiser, x: mx.array, sigmas: np.ndarray, noise: NoiseFn,
-    timesteps: np.ndarray | None = None, eta: float | None = None,
+    timesteps: np.ndarray | None = None, eta: float | None = None, steps: int | None = None,
 ) -> Iterator[mx.array]:
     """`timesteps`: the schedule's (as sliced for image-to-image), needed by lcm and tcd; `eta`: TCD's gamma
-    (default TCD_DEFAULT_ETA)."""
+    (default TCD_DEFAULT_ETA); `steps`: the whole schedule's step count (DDIM's step to t - T // steps)."""
     sigmas = [float(s) for s in sigmas]  # numpy scalars would turn MLX arrays into numpy ones
-    if name == "ddim" and config.get("clip_sample", True):
-        return sample_ddim(denoise, x, sigmas, noise, clip=config.get("clip_sample_range", 1.0))
+    if name == "ddim":
+        clip = config.get("clip_sample_range", 1.0) if config.get("clip_sample", True) else None
+        landing = ddim_landing(config, timesteps, steps) if timesteps is not None and steps else None
+        return sample_ddim(denoise, x, sigmas, noise, clip=clip, landing=landing)
     if name == "lcm":
         clip = config.get("clip_sample_range", 1.0) if config.get("clip_sample", False) else None
         return sample_lcm(denoise, x, sigmas, noise, *lcm_boundary(config, timesteps, sigmas), clip=clip)

@@ -34,6 +34,7 @@ CASES = {
     "tcd-1": ("tcd", None, 1.0, diffusers.TCDScheduler, {}),
     "euler-trailing": ("euler", "trailing", None, diffusers.EulerDiscreteScheduler, {"timestep_spacing": "trailing"}),
     "ddim-trailing": ("ddim", "trailing", None, diffusers.DDIMScheduler, {"timestep_spacing": "trailing"}),
+    "ddim-linspace": ("ddim", "linspace", None, diffusers.DDIMScheduler, {"timestep_spacing": "linspace"}),
 }
 CONFIGS = {"sd15": SD15_SCHEDULER, "v-pred": {**SD15_SCHEDULER, "prediction_type": "v_prediction"}}
 
@@ -48,7 +49,7 @@ def ours(case: str, config: dict, steps: int):
     return make_schedule(name, SchedulerConfig.from_dict({**config, **CASES[case][4]}), steps, spacing, eta)
 
 
-@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+@pytest.mark.parametrize("steps", [1, 2, 4, 6, 8])
 @pytest.mark.parametrize("case", list(CASES))
 def test_schedule_matches_diffusers(case, steps):
     ref, got = reference(case, SD15_SCHEDULER), ours(case, SD15_SCHEDULER, steps)
@@ -107,14 +108,14 @@ def run_ours(case, config, steps, strength, noise, shape):
     unet = lambda x, t, cond: eps_model(x, float(t[0]), mx)  # noqa: E731
     denoise = Denoiser(unet, Conditioning(mx.zeros((1, 1, 4)), {}, []), timesteps, sigmas, cfg=1.0,
                        prediction=c.prediction_type)
-    for x in run_sampler(name, c, denoise, x, sigmas, noise, timesteps, eta):
+    for x in run_sampler(name, c, denoise, x, sigmas, noise, timesteps, eta, steps):
         pass
     return np.array(x / np.sqrt(float(sigmas[-1]) ** 2 + 1)).transpose(0, 3, 1, 2)  # to diffusers' latents
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("strength", [1.0, 0.5])
-@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+@pytest.mark.parametrize("steps", [1, 2, 4, 6, 8])
 @pytest.mark.parametrize("case", list(CASES))
 def test_sampling_matches_diffusers(case, steps, strength, config):
     """Every update and noise draw of the loop, float32: the final latents agree to ~1e-5 (the first x0
