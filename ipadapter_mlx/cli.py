@@ -173,6 +173,30 @@ def _add_ip_options(p: argparse.ArgumentParser, embed: bool = False) -> None:
                             "K+V-C-penalty, K+mean-V")
 
 
+def lora_arg(text: str) -> tuple[str, float]:
+    """--lora FILE|REPO:PATH[:SCALE]: the last `:` part is the scale unless it is part of the path (it holds a
+    '/' or ends like a weights file)."""
+    from .hub import SINGLE_FILE_SUFFIXES
+
+    ref, sep, tail = text.rpartition(":")
+    if not sep or "/" in tail or tail.lower().endswith(SINGLE_FILE_SUFFIXES) or not ref:
+        return text, 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the scale {tail!r} of {text!r} is not a number") from None
+    if not math.isfinite(scale):
+        raise argparse.ArgumentTypeError(f"the scale of {text!r} must be a finite number")
+    return ref, scale
+
+
+def _add_lora_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="FILE|REPO:PATH[:SCALE]",
+                   help="a LoRA (kohya/A1111 or diffusers/PEFT, .safetensors or .bin/.pt), fused into the UNet and "
+                        "text encoder(s) at SCALE (default 1.0); repeat for several")
+
+
 def _add_embed(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="write reference images' CLIP features to a file, for generate --image-embeds",
                        description="Encode reference images once with the CLIP vision tower one IP-Adapter reads; "
@@ -379,6 +403,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="run even when the memory estimate exceeds this machine (it may swap or be stopped)")
     p.add_argument("--verbose", action="store_true", help="print timings, peak memory, device and BLAS")
     _add_ip_options(p)
+    _add_lora_options(p)
     _add_fast_options(p)
 
 
@@ -430,6 +455,8 @@ def _generate(args: argparse.Namespace) -> int:
     quantize = (args.quantize, args.group_size) if args.quantize else None
     pipe = StableDiffusion.from_pretrained(args.model, dtype=dtype, quantize=quantize, low_memory=args.low_memory,
                                            tokenizer=args.tokenizer, config=args.config)
+    for ref, scale in args.lora:
+        pipe.load_lora(ref, scale)
     if args.fast:
         from .fast import apply_preset
 
@@ -475,6 +502,8 @@ def _generate(args: argparse.Namespace) -> int:
         params.update(init_image=str(args.init_image), strength=strength)
     if latents is not None:
         params["latents"] = str(args.latents)
+    if args.lora:
+        params["loras"] = [{"lora": ref, "scale": scale} for ref, scale in args.lora]
     params.update({k: getattr(args, k) for k in ("fast", "timestep_spacing", "eta") if getattr(args, k) is not None})
     if groups:
         params["ip_adapters"] = [

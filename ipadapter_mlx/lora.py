@@ -5,18 +5,19 @@ The core, which other features (FaceID) build on:
   `Lora(name, layers)`          {component ("unet", "text_encoder", "text_encoder_2") -> {module path -> layer}},
                                 module paths in diffusers naming, as our MLX modules are named
   `check_lora(lora, models)`    every layer against the modules it names (shapes, kind), strictly
-  `LoraSet`                     the loaded LoRAs and their scales; `apply(component, model)` fuses their sum
-                                into a model's Linear / Conv2d weights, restoring the kept originals exactly
+  `LoraSet`                     the loaded LoRAs and their scales; `apply(component, model, source)` fuses
+                                their sum into a model's Linear / Conv2d weights, and restores layers exactly
 
 Names are derived from the models themselves, as kohya's sd-scripts derives them: a kohya name is the module
 path with '.' -> '_' behind `lora_unet_` / `lora_te_` (`lora_te1_` / `lora_te2_` on SDXL); SDXL files name the
 UNet in the original (LDM) layout, which keymaps.py's config-derived table maps. diffusers/PEFT names are the
 module paths behind `unet.` / `text_encoder.` / `text_encoder_2.`.
 
-Fusing keeps each touched weight's original array (MLX arrays are immutable: no copy is made, the fused array
-is the extra memory) and recomputes `original + sum(deltas)` on every change, so unloading restores the base
-weights bit for bit. Quantized layers are dequantized, fused and quantized again with their own bits and
-group size (the originals are kept quantized).
+Fusing computes `original + sum(scale_i * delta_i)` in float32 on every change, from the original arrays:
+re-read from the model's weights file (mx.load is lazy: only those tensors are read) and cast / quantized as
+loading did, so unloading restores the base weights bit for bit with no second copy held (subtracting the
+delta again would not: rounding). Quantized layers are dequantized, fused and quantized again with their own
+bits and group size.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import UserError, finite
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                   "lora_te2_": "text_encoder_2"}
 DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
@@ -40,10 +41,12 @@ DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_en
 # diffusers the rest
 ROLES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha", ".lora_A.weight": "down",
          ".lora_B.weight": "up", ".lora.down.weight": "down", ".lora.up.weight": "up",
-         ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up"}
-# LyCORIS / DoRA variants: a different delta than up @ down, refused by name
-UNSUPPORTED = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lora_mid": "LoCon with a Tucker (CP) mid weight",
-               "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "diff": "full-weight diff", "w_norm": "GLoRA"}
+         ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",
+         "_lora.down.weight": "down", "_lora.up.weight": "up"}
+# LyCORIS / DoRA variants: a different delta than up @ down, refused by name (a key component, or its start)
+UNSUPPORTED = {"hada_": "LoHa", "lokr_": "LoKr", "lora_mid": "LoCon with a Tucker (CP) mid weight",
+               "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "diff": "full-weight diff", "w_norm": "GLoRA",
+               "oft_blocks": "OFT"}
 KNOWN_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # cross-attention width -> family, for messages
 
 
@@ -60,11 +63,14 @@ class LoraLayer:
     def rank(self) -> int:
         return self.down.shape[0]
 
-    def delta(self, weight_shape: tuple[int, ...]) -> mx.array:
-        """The float32 delta in the weight's own layout (out, in) or (out, kh, kw, in)."""
-        scale = (self.alpha if self.alpha is not None else self.rank) / self.rank
-        d = self.up.astype(mx.float32) @ self.down.astype(mx.float32).reshape(self.rank, -1)
-        return (scale * d).reshape(weight_shape)
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+    def add_to(self, w: mx.array, multiplier: float = 1.0) -> mx.array:
+        """w + multiplier * delta, float32, for a weight flattened to (out, -1): one fused product-and-add."""
+        up = self.up.astype(mx.float32) * (multiplier * self.scale)
+        return mx.addmm(w, up, self.down.astype(mx.float32).reshape(self.rank, -1))
 
     @property
     def nbytes(self) -> int:
@@ -160,6 +166,12 @@ def check_lora(lora: Lora, models: dict[str, nn.Module]) -> None:
                                 f"{tuple(u.shape)}; the layer's weight is {shape}")
             if layer.alpha is not None and not (math.isfinite(layer.alpha)):
                 raise UserError(f"LoRA {lora.name}: {component} {path} has alpha {layer.alpha}")
+    items = [(f"{c} {p}", la) for c, layers in lora.layers.items() for p, la in layers.items()]
+    if items:  # one evaluation for all layers
+        good = mx.stack([mx.isfinite(la.down).all() & mx.isfinite(la.up).all() for _, la in items]).tolist()
+        bad = [name for (name, _), ok in zip(items, good) if not ok]
+        if bad:
+            raise UserError(f"LoRA {lora.name}: weights hold NaN/Inf in {len(bad)} layers: {_listing(bad)}")
 
 
 # -- reading files -------------------------------------------------------------------------------------------
@@ -198,9 +210,11 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
             if stem.startswith(prefix):
                 name = stem[len(prefix):]
                 name = name.removeprefix("base_model.model.")  # PEFT's wrapper, when a file keeps it
-                # older diffusers: attention processors' own LoRA layers (attn1.processor.to_q_lora)
-                name = re.sub(r"\.processor\.(to_[qkv]|to_out)_lora$",
+                # older diffusers: attention processors' own LoRA layers (attn1.processor.to_q_lora), and the
+                # same names on CLIP's attention (self_attn.to_q_lora = q_proj)
+                name = re.sub(r"\.processor\.(to_[qkv]|to_out)$",
                               lambda m: "." + ("to_out.0" if m[1] == "to_out" else m[1]), name)
+                name = re.sub(r"\.self_attn\.to_(q|k|v|out)$", r".self_attn.\1_proj", name)
                 return prefixes[prefix], name, role
     return None
 
@@ -235,7 +249,7 @@ def parse_lora(weights: dict[str, mx.array], metadata: dict[str, str], models: d
     """A file's tensors -> a Lora for these models (structures suffice), strictly: every key is read or named."""
     for key in weights:
         for part, kind in UNSUPPORTED.items():
-            if f".{part}" in key or key.startswith(part):
+            if any(p == part or (part.endswith("_") and p.startswith(part)) for p in key.split(".")[1:]):
                 raise UserError(f"LoRA {name}: a {kind} file ({key}); only plain LoRA / LoCon (up @ down) is "
                                 "supported")
     groups: dict[tuple[str, str], dict[str, mx.array]] = {}
@@ -326,12 +340,27 @@ class LoadedLora:
     scale: float
 
 
-class _Originals:
-    """A model's original arrays of the layers LoRAs touch, {path: {name: array}}. Kept as a plain attribute of
-    the model (not a dict, which MLX would take for parameters), so it goes away with the model."""
+class _Fused:
+    """Which layers of a model hold fused weights, and (for a model without a source file) their original arrays.
+    A plain attribute of the model (not a dict, which MLX would take for parameters): it goes away with it."""
 
     def __init__(self):
-        self.arrays: dict[str, dict[str, mx.array]] = {}
+        self.paths: set[str] = set()
+        self.kept: dict[str, dict[str, mx.array]] = {}
+
+
+def original_arrays(file: dict[str, mx.array], path: str, module) -> dict[str, mx.array]:
+    """A module's arrays as load_component made them from its file: cast to the model's dtype, quantized on load
+    with the layer's own bits and group size (or stored quantized). The same operations on the same bits, so the
+    same result, bit for bit."""
+    if not isinstance(module, nn.QuantizedLinear):
+        return {"weight": file[f"{path}.weight"].astype(module.weight.dtype)}
+    dtype = module.scales.dtype
+    if f"{path}.scales" in file:  # a folder converted with --quantize
+        return {k: file[f"{path}.{k}"].astype(dtype) if k != "weight" else file[f"{path}.{k}"]
+                for k in ("weight", "scales", "biases") if f"{path}.{k}" in file}
+    q = mx.quantize(file[f"{path}.weight"].astype(dtype), module.group_size, module.bits, mode=module.mode)
+    return dict(zip(("weight", "scales", "biases"), q))
 
 
 class LoraSet:
@@ -384,31 +413,56 @@ class LoraSet:
                 out.setdefault(path, []).append((la.scale, layer))
         return out
 
-    def apply(self, component: str, model: nn.Module) -> None:
+    def apply(self, component: str, model: nn.Module, source: Callable[[], dict[str, mx.array]] | None = None) -> None:
         """Make `model`'s weights its originals plus every loaded LoRA's scaled delta for this component; layers
-        no LoRA touches any more get their original arrays back (bit for bit)."""
-        originals = model.__dict__.setdefault("_lora_originals", _Originals()).arrays
+        no LoRA touches any more get their original arrays back, bit for bit.
+
+        `source` gives the model's weights file (lazily: mx.load reads only the tensors used), from which
+        `original_arrays` rebuilds a fused layer's originals: no second copy is held. Without it the originals
+        of the fused layers are kept in memory."""
+        state = model.__dict__.setdefault("_lora_fused", _Fused())
         targets = self.targets(component)
-        for path in [p for p in originals if p not in targets]:
-            submodule(model, path).update(originals.pop(path))
-        updated = []
+        file = None
+
+        def original(path: str, module) -> dict[str, mx.array]:
+            nonlocal file
+            if path in state.kept:
+                return state.kept[path]
+            if file is None:
+                file = source()
+            return original_arrays(file, path, module)
+
+        for path in [p for p in state.paths if p not in targets]:
+            module = submodule(model, path)
+            module.update(original(path, module))
+            state.paths.discard(path)
+            state.kept.pop(path, None)
+            mx.eval(module.parameters())
         for path, deltas in targets.items():
             module = submodule(model, path)
-            base = originals.setdefault(path, {k: module[k] for k in ("weight", "scales", "biases") if k in module})
-            shape = base_shape(module)
-            delta = sum(s * layer.delta(shape) for s, layer in deltas)
-            if isinstance(module, nn.QuantizedLinear):
-                w = mx.dequantize(base["weight"], base["scales"], base.get("biases"), module.group_size,
-                                  module.bits, mode=module.mode)
-                w = (w.astype(mx.float32) + delta).astype(base["scales"].dtype)
-                q = mx.quantize(w, module.group_size, module.bits, mode=module.mode)
-                module.update(dict(zip(("weight", "scales", "biases"), q)))
+            if path in state.paths:
+                base = original(path, module)
+            else:  # not fused yet: its arrays are the originals
+                base = {k: module[k] for k in ("weight", "scales", "biases") if k in module}
+                if source is None:
+                    state.kept[path] = base
+            quantized = isinstance(module, nn.QuantizedLinear)
+            w = (mx.dequantize(base["weight"], base["scales"], base.get("biases"), module.group_size, module.bits,
+                               mode=module.mode) if quantized else base["weight"])
+            dtype = base["scales"].dtype if quantized else w.dtype
+            w = w.astype(mx.float32).reshape(w.shape[0], -1)
+            for s, layer in deltas:
+                w = layer.add_to(w, s)
+            w = w.reshape(base_shape(module)).astype(dtype)
+            if quantized:
+                module.update(dict(zip(("weight", "scales", "biases"),
+                                       mx.quantize(w, module.group_size, module.bits, mode=module.mode))))
             else:
-                w = base["weight"]
-                module.weight = (w.astype(mx.float32) + delta).astype(w.dtype)
-            updated.append(module.parameters())
-        mx.eval(updated)
+                module.weight = w
+            state.paths.add(path)
+            mx.eval(module.parameters())  # one layer at a time: the transient float32 copy stays one layer's
 
     def resident_bytes(self) -> int:
-        """The LoRAs' own tensors (the fused copies of the touched weights come on top: memory.py)."""
+        """The LoRAs' own tensors: fused weights replace the originals, so nothing else stays (one layer's float32
+        copy while fusing)."""
         return sum(la.lora.nbytes for la in self.loaded)

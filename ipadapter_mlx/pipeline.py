@@ -25,7 +25,7 @@ from .denoiser import Denoiser, StepHook
 from .errors import UserError, finite
 from .images import to_pil, to_pixels
 from .ip_adapter import Features, ImagePrompt
-from .loading import build, load_component, load_scheduler_config, read_json
+from .loading import build, load_component, load_scheduler_config, read_json, read_safetensors
 from .lora import Lora, LoraSet
 from .memory import LOW_MEMORY_TILE
 from .prompts import PromptEncoder
@@ -119,7 +119,8 @@ class StableDiffusion:
         self.low_memory = low_memory
         self.prompts = PromptEncoder(self.folder, self.dtype, quantize)
         self.loras = LoraSet()
-        self.prompts.on_load = self.loras.apply  # an encoder (re)loaded after a low-memory run gets them too
+        # an encoder (re)loaded after a low-memory run gets them too
+        self.prompts.on_load = lambda name, model: self.loras.apply(name, model, self._weights_file(name))
         index = self.folder / "model_index.json"
         self.force_zeros_for_empty_prompt = self.is_sdxl and (
             read_json(index).get("force_zeros_for_empty_prompt", True) if index.is_file() else True)
@@ -143,7 +144,7 @@ class StableDiffusion:
     def unet(self):
         if self._unet is None:
             self._unet = load_component(self.folder, "unet", self.dtype, self.quantize)
-            self.loras.apply("unet", self._unet)
+            self.loras.apply("unet", self._unet, self._weights_file("unet"))
         return self._unet
 
     @property
@@ -263,7 +264,11 @@ class StableDiffusion:
     def _fuse_loras(self) -> None:
         for name, model in {"unet": self._unet, **self.prompts.models}.items():
             if model is not None:
-                self.loras.apply(name, model)
+                self.loras.apply(name, model, self._weights_file(name))
+
+    def _weights_file(self, component: str):
+        """The component's weights, lazily: fused layers' originals are re-read from here, not kept in memory."""
+        return lambda: read_safetensors(self.folder / component / "model.safetensors")[0]
 
     # -- non-finite numbers ---------------------------------------------------------------------------
 

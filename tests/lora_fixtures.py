@@ -90,8 +90,8 @@ def kohya_file(layers: list[Layer], sdxl: bool = False, unet_config=None) -> dic
         name = layer.path
         if layer.component == "unet" and sdxl:
             name = sgm_name(name, unet_config)
-        elif layer.component != "unet":
-            name = "text_model." + name  # transformers 4's CLIPTextModel, which kohya's files name
+        elif layer.component != "unet" and not name.startswith("text_model."):
+            name = "text_model." + name  # transformers 4's CLIPTextModel, as kohya's files name it
         key = f"{prefix[layer.component]}.{name}".replace(".", "_")
         out[f"{key}.lora_down.weight"] = layer.down.contiguous()
         out[f"{key}.lora_up.weight"] = layer.up.contiguous()
@@ -117,3 +117,16 @@ def fuse_into(pipe, layers: list[Layer], multiplier: float) -> None:
     for layer in layers:
         module = getattr(pipe, layer.component).get_submodule(layer.path)
         module.weight += multiplier * delta(layer, module.weight)
+
+
+def peft_layers(layers: list[Layer]) -> dict[str, dict[str, torch.Tensor]]:
+    """{component: {module.lora_A.weight / lora_B.weight}} as diffusers' save_lora_weights takes them (the
+    text encoders in transformers 4's naming, as published files have them)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for layer in layers:
+        name = layer.path
+        if layer.component != "unet" and not name.startswith("text_model."):
+            name = "text_model." + name
+        out.setdefault(layer.component, {})[f"{name}.lora_A.weight"] = layer.down.contiguous()
+        out[layer.component][f"{name}.lora_B.weight"] = layer.up.contiguous()
+    return out
