@@ -192,14 +192,20 @@ def test_no_guidance_runs_one_batch(mlx_pipe):
 
 # -- IP-Adapter + LCM -----------------------------------------------------------------------------------------
 
-def test_ip_adapter_with_lcm(diffusers_dir, mlx_dir, torch_pipe, tmp_path_factory):
+@pytest.fixture(scope="module")
+def adapter_repo(torch_pipe, tmp_path_factory):
     from ip_fixtures import make_adapter_repo
+
+    return make_adapter_repo(tmp_path_factory.mktemp("h94"), torch_pipe.unet)
+
+
+def test_ip_adapter_with_lcm(diffusers_dir, mlx_dir, adapter_repo):
     from test_ip_adapter import diffusers_pipe, reference_image
 
     from ipadapter_mlx import StableDiffusion
     from ipadapter_mlx.ip_adapter import ImagePrompt
 
-    repo = make_adapter_repo(tmp_path_factory.mktemp("h94"), torch_pipe.unet)
+    repo = adapter_repo
     image = reference_image(1)
     ref_pipe = diffusers_pipe(diffusers_dir, repo, ["plus"], [0.8])
     ref_pipe.scheduler = diffusers.LCMScheduler.from_config(ref_pipe.scheduler.config)
@@ -243,13 +249,6 @@ def write_lora(torch_pipe, path, seed=0):
                for p, m in kohya_targets(torch_pipe.text_encoder, TEXT_BLOCKS, False)]
     save_file(kohya_file(layers), str(path))
     return layers
-
-
-@pytest.fixture(scope="module")
-def adapter_repo(torch_pipe, tmp_path_factory):
-    from ip_fixtures import make_adapter_repo
-
-    return make_adapter_repo(tmp_path_factory.mktemp("h94"), torch_pipe.unet)
 
 
 def test_ip_adapter_with_lcm_lora(diffusers_dir, mlx_dir, torch_pipe, adapter_repo, tmp_path, monkeypatch):
