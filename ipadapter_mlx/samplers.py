@@ -143,8 +143,8 @@ def lcm_timesteps(c: SchedulerConfig, n: int) -> np.ndarray:
     """LCM's and TCD's timesteps: every k-th training step (k = T // original_inference_steps), the
     distillation schedule, of which `n` are taken evenly by index (diffusers' LCMScheduler.set_timesteps)."""
     T, original = c.num_train_timesteps, c.get("original_inference_steps", 50)
-    if not 1 <= original <= T:
-        raise UserError(f"scheduler config: original_inference_steps must be in 1..{T}, got {original}")
+    if type(original) is not int or not 1 <= original <= T:
+        raise UserError(f"scheduler config: original_inference_steps must be in 1..{T}, got {original!r}")
     if n > original:
         raise UserError(f"{n} steps is more than the {original} steps LCM/TCD were distilled with "
                         f"(original_inference_steps); use at most {original}")
@@ -152,8 +152,16 @@ def lcm_timesteps(c: SchedulerConfig, n: int) -> np.ndarray:
     return origin[np.floor(np.linspace(0, original, n, endpoint=False)).astype(np.int64)]
 
 
+def _timestep_scaling(c: SchedulerConfig) -> float:
+    scaling = c.get("timestep_scaling", 10.0)
+    if type(scaling) not in (int, float) or not 0 < scaling < 1e6:
+        raise UserError(f"scheduler config: timestep_scaling must be a positive number, got {scaling!r}")
+    return float(scaling)
+
+
 def lcm_schedule(c: SchedulerConfig, n: int) -> Schedule:
     ts = lcm_timesteps(c, n)
+    _timestep_scaling(c)  # checked with the schedule, before any work
     sigmas = np.append(_sigmas(alphas_cumprod(c)[ts]), 0.0)  # the last step returns the denoised estimate
     return Schedule(ts, sigmas, float(np.sqrt(sigmas[0] ** 2 + 1)))
 
@@ -169,7 +177,7 @@ def lcm_boundary(c: SchedulerConfig, timesteps: np.ndarray, sigmas: Sigmas) -> t
     """LCM's consistency boundary condition, denoised = c_skip * x_t + c_out * x0, with c_skip and c_out of the
     scaled timestep (timestep_scaling, sigma_data 0.5). x_t is the DDPM-space sample, so in sigma space
     c_skip is divided by sqrt(1 + sigma^2). Returns the two coefficients per step: (on x, on x0)."""
-    t = np.asarray(timesteps, np.float64) * c.get("timestep_scaling", 10.0)
+    t = np.asarray(timesteps, np.float64) * _timestep_scaling(c)
     c_skip, c_out = 0.25 / (t**2 + 0.25), t / np.sqrt(t**2 + 0.25)
     return [float(k / math.sqrt(1 + s**2)) for k, s in zip(c_skip, sigmas)], [float(o) for o in c_out]
 

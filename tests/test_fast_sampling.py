@@ -230,6 +230,7 @@ def test_ip_adapter_with_lcm(diffusers_dir, mlx_dir, adapter_repo):
     ({"scheduler": "lcm", "steps": 51}, "more than the 50 steps"),
 ])
 def test_bad_sampler_options(mlx_pipe, kw, message):
+    """Each refused before any work, in one line."""
     with pytest.raises(UserError, match=None) as e:
         mlx_pipe.generate_latents(PROMPT, **{"steps": 4, **kw})
     assert message in str(e.value) and "\n" not in str(e.value)
@@ -421,3 +422,16 @@ def test_example_runs(mlx_dir, torch_pipe, adapter_repo, tmp_path, monkeypatch):
         "--output", str(tmp_path / "out.png")])
     runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "ip_adapter_lcm.py"), run_name="__main__")
     assert Image.open(tmp_path / "out.png").size == (32, 32)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("original_inference_steps", "50", "original_inference_steps must be in 1..1000, got '50'"),
+    ("original_inference_steps", 0, "original_inference_steps must be in 1..1000, got 0"),
+    ("timestep_scaling", None, "timestep_scaling must be a positive number, got None"),
+])
+def test_bad_scheduler_config(key, value, message):
+    """A model folder's scheduler_config.json is untrusted: a wrong type is one line, not a traceback."""
+    c = SchedulerConfig.from_dict({**SD15_SCHEDULER, key: value})
+    with pytest.raises(UserError, match=None) as e:
+        make_schedule("lcm", c, 4)  # with the schedule, before any work
+    assert message in str(e.value)
