@@ -374,6 +374,41 @@ def check_writable(output: str) -> None:
         raise UserError(f"cannot write --output {output}: {parent} is not writable")
 
 
+FAST_FLAGS = ("steps", "cfg", "scheduler")  # what a --fast preset sets unless given
+
+
+def _add_fast_options(p: argparse.ArgumentParser) -> None:
+    from .fast import PRESETS
+    from .samplers import SPACINGS
+
+    g = p.add_argument_group("Few-step sampling (LCM, TCD, SDXL-Lightning, Hyper-SD)")
+    g.add_argument("--fast", choices=list(PRESETS), metavar="PRESET", default=None,
+                   help="load an accelerator LoRA and use its authors' sampler, steps and guidance; flags given "
+                        "win. lcm, tcd, hyper-N pick the model's family; lcm-sd15, lightning-N (SDXL), "
+                        f"hyper-sdxl-N, ... name it. One of: {', '.join(PRESETS)}")
+    g.add_argument("--timestep-spacing", choices=SPACINGS, default=None,
+                   help="override the scheduler config's (SDXL-Lightning and Hyper-SD want trailing)")
+    g.add_argument("--eta", type=finite_float, default=None,
+                   help="TCD's gamma in [0, 1]: 0 deterministic, more adds fresh noise each step (default 0.3)")
+    defaults = {}
+    for action in p._actions:  # a preset fills what the user left out: "not given" must differ from the default
+        if action.dest in FAST_FLAGS:
+            defaults[action.dest] = action.default
+            action.help = f"{action.help} (default: {action.default}, or the --fast preset's)"
+            action.default = None
+    p.set_defaults(fast_defaults=defaults)
+
+
+def fill_fast_flags(args: argparse.Namespace) -> None:
+    """--steps/--cfg/--scheduler/--timestep-spacing/--eta as given, else the --fast preset's, else the defaults."""
+    from .fast import settings
+
+    given = {k: getattr(args, k) for k in (*FAST_FLAGS, "timestep_spacing", "eta")}
+    chosen = settings(args.fast, **given) if args.fast else given
+    for k, v in chosen.items():
+        setattr(args, k, args.fast_defaults.get(k) if v is None else v)
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     from .pipeline import DEFAULT_MODEL, DEFAULT_SCHEDULER, DEFAULT_STEPS, DEFAULT_STRENGTH
     from .samplers import SAMPLERS
@@ -421,6 +456,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     _add_ip_options(p)
     _add_lora_options(p)
     _add_t2i_options(p)
+    _add_fast_options(p)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -432,8 +468,11 @@ def _generate(args: argparse.Namespace) -> int:
     from .images import open_image, save_png, to_pil
     from .loading import read_json
     from .pipeline import DEFAULT_STRENGTH, StableDiffusion, default_dtype
+    from .samplers import check_options as check_sampler
     from .steering import check_options, check_window
 
+    fill_fast_flags(args)
+    check_sampler(args.scheduler, args.timestep_spacing, args.eta)
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     if args.num_images < 1:
@@ -472,6 +511,10 @@ def _generate(args: argparse.Namespace) -> int:
                                            tokenizer=args.tokenizer, config=args.config)
     for ref, scale in args.lora:
         pipe.load_lora(ref, scale)
+    if args.fast:
+        from .fast import apply_preset
+
+        apply_preset(pipe, args.fast)
     prompts = _image_prompts(pipe, groups) if groups else None
     for i, p in enumerate(prompts or []):
         if p.images or p.composition_images:  # the encoder will run: find it now, so the estimate counts it
@@ -488,6 +531,7 @@ def _generate(args: argparse.Namespace) -> int:
         init_image=init, strength=strength, latents=latents, image_prompts=prompts,
         original_size=tuple(args.original_size) if args.original_size else None, crop_coords=tuple(args.crop_coords),
         target_size=tuple(args.target_size) if args.target_size else None, t2i_adapters=controls,
+        timestep_spacing=args.timestep_spacing, eta=args.eta,
     )
     t1 = time.perf_counter()
     step = None
@@ -516,6 +560,7 @@ def _generate(args: argparse.Namespace) -> int:
         params["latents"] = str(args.latents)
     if args.lora:
         params["loras"] = [{"lora": ref, "scale": scale} for ref, scale in args.lora]
+    params.update({k: getattr(args, k) for k in ("fast", "timestep_spacing", "eta") if getattr(args, k) is not None})
     if groups:
         params["ip_adapters"] = [
             {k: v for k, v in g.items() if v not in ([], None)} | {"scale": pipe.adapters[i].scale}

@@ -360,6 +360,8 @@ class StableDiffusion:
         target_size: tuple[int, int] | None = None,
         hooks: list[StepHook] = (),
         t2i_adapters: list[T2IControl] | None = None,
+        timestep_spacing: str | None = None,
+        eta: float | None = None,
     ) -> "Sampling":
         """Iterate for a Step after every sampling step; the last Step's latents are the final (scaled) latents.
 
@@ -375,6 +377,8 @@ class StableDiffusion:
         `hooks`: functions called at every step with the UNet's input (denoiser.py), which they may replace.
         `t2i_adapters`: one T2IControl per T2I-Adapter to use (several add up); without a height/width or an
         init image, the size is the first control image's, as in diffusers' adapter pipelines.
+        `timestep_spacing` (leading/trailing/linspace) overrides the scheduler config's; `eta` is TCD's gamma
+        (samplers.py; fast.py has the few-step presets).
         """
         if num_images < 1:
             raise UserError(f"num_images must be at least 1, got {num_images}")
@@ -405,7 +409,7 @@ class StableDiffusion:
         height, width = self.output_size(height, width, init_image)
         shape = (batch, height // f, width // f, self.unet_config.in_channels)
 
-        schedule = make_schedule(scheduler, self.scheduler_config, steps)
+        schedule = make_schedule(scheduler, self.scheduler_config, steps, timestep_spacing, eta)
         timesteps, sigmas = schedule.timesteps, schedule.sigmas
         if init_image is not None:
             # diffusers' img2img: skip the first (1 - strength) of the schedule, noise the image to that level
@@ -470,7 +474,8 @@ class StableDiffusion:
         total = len(timesteps)
 
         def steps() -> Iterator[Step]:
-            for i, x_i in enumerate(run_sampler(scheduler, self.scheduler_config, denoise, x, sigmas, noise)):
+            for i, x_i in enumerate(run_sampler(scheduler, self.scheduler_config, denoise, x, sigmas, noise,
+                                                timesteps, eta, len(schedule.timesteps))):
                 mx.eval(x_i)
                 if not all_finite(x_i):  # one small reduction per step
                     raise UserError(f"sampling produced NaN/Inf at step {i + 1} of {total}: {self.nonfinite_cause()}")
