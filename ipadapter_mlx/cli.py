@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .argparsing import Parser, show_log
@@ -346,14 +347,24 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     _add_ip_options(p)
 
 
-def _generate(args: argparse.Namespace) -> int:
+@dataclass
+class Checked:
+    """What `check_generate` found before anything big is loaded."""
+
+    init: object  # PIL image or None
+    latents: object  # numpy array or None
+    groups: list[dict]  # one dict per --ip-adapter (ip_groups)
+    seed: int
+    dtype: object  # mx.Dtype
+
+
+def check_generate(args: argparse.Namespace) -> Checked:
+    """Every check that needs no model: sizes, the output path, the input files, the adapter options."""
     import mlx.core as mx
     import numpy as np
-    from tqdm import tqdm
 
-    from .images import open_image, save_png, to_pil
-    from .loading import read_json
-    from .pipeline import DEFAULT_STRENGTH, StableDiffusion, default_dtype
+    from .images import open_image
+    from .pipeline import default_dtype
     from .steering import check_options, check_window
 
     if args.steps < 1:
@@ -386,16 +397,42 @@ def _generate(args: argparse.Namespace) -> int:
             open_image(path)
     seed = args.seed if args.seed is not None else int(np.random.randint(0, 2**31 - 1))
     dtype = getattr(mx, args.dtype) if args.dtype else default_dtype()
+    return Checked(init, latents, groups, seed, dtype)
 
-    t0 = time.perf_counter()
+
+def load_pipeline(args: argparse.Namespace, dtype):
+    """The pipeline the options name (`batch` keeps it between jobs whose pipeline_key is the same)."""
+    from .pipeline import StableDiffusion
+
     quantize = (args.quantize, args.group_size) if args.quantize else None
-    pipe = StableDiffusion.from_pretrained(args.model, dtype=dtype, quantize=quantize, low_memory=args.low_memory,
+    return StableDiffusion.from_pretrained(args.model, dtype=dtype, quantize=quantize, low_memory=args.low_memory,
                                            tokenizer=args.tokenizer, config=args.config)
+
+
+def pipeline_key(args: argparse.Namespace) -> tuple:
+    """The options load_pipeline reads."""
+    return (args.model, args.dtype, args.quantize, args.quantize and args.group_size, args.low_memory,
+            args.tokenizer, args.config)
+
+
+def prepare_prompts(pipe, groups: list[dict]) -> list | None:
+    """Load the adapters into `pipe` and build their image prompts; find each encoder that will run."""
     prompts = _image_prompts(pipe, groups) if groups else None
     for i, p in enumerate(prompts or []):
         if p.images or p.composition_images:  # the encoder will run: find it now, so the estimate counts it
             pipe.image_encoder_folder(i)
-    t_load = time.perf_counter() - t0
+    return prompts
+
+
+def render(pipe, args: argparse.Namespace, checked: Checked, prompts: list | None, progress: bool = True):
+    """Sample and decode: (images (B, H, W, 3), the PNG parameters, sampling seconds, the last Step)."""
+    import mlx.core as mx
+    from tqdm import tqdm
+
+    from .loading import read_json
+    from .pipeline import DEFAULT_STRENGTH
+
+    init, latents, groups, seed, dtype = checked.init, checked.latents, checked.groups, checked.seed, checked.dtype
     height, width = pipe.output_size(args.height, args.width, init)
     check_memory(pipe, args, height, width)
     strength = DEFAULT_STRENGTH if args.strength is None else args.strength
@@ -408,7 +445,7 @@ def _generate(args: argparse.Namespace) -> int:
     )
     t1 = time.perf_counter()
     step = None
-    for step in tqdm(steps, desc="sampling", unit="step", file=sys.stderr):
+    for step in tqdm(steps, desc="sampling", unit="step", file=sys.stderr, disable=not progress):
         pass
     t_sample = time.perf_counter() - t1
     images = pipe.decode(step.latents)
@@ -422,7 +459,7 @@ def _generate(args: argparse.Namespace) -> int:
     stored = read_json(pipe.folder / "unet" / "config.json").get("quantization")
     if stored:  # a folder converted with --quantize: that is what ran, whatever the flags say
         params["quantize"] = f"{stored['bits']}-bit, group {stored['group_size']} (stored)"
-    elif quantize:
+    elif args.quantize:
         params["quantize"] = f"{args.quantize}-bit, group {args.group_size}"
     if pipe.is_sdxl:
         params.update(original_size=args.original_size or [h, w], crop_coords=list(args.crop_coords),
@@ -436,8 +473,29 @@ def _generate(args: argparse.Namespace) -> int:
             {k: v for k, v in g.items() if v not in ([], None)} | {"scale": pipe.adapters[i].scale}
             for i, g in enumerate(groups)
         ]
-    for i, (image, path) in enumerate(zip(to_pil(images), output_paths(args.output, len(images)))):
+    return images, params, t_sample, step
+
+
+def save_images(images, params: dict, output: str) -> list[Path]:
+    """Write the PNGs (atomically), each with its parameters; returns their paths."""
+    from .images import save_png, to_pil
+
+    paths = output_paths(output, len(images))
+    for i, (image, path) in enumerate(zip(to_pil(images), paths)):
         save_png(image, path, {**params, "image_index": i} if len(images) > 1 else params)
+    return paths
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import mlx.core as mx
+
+    checked = check_generate(args)
+    t0 = time.perf_counter()
+    pipe = load_pipeline(args, checked.dtype)
+    prompts = prepare_prompts(pipe, checked.groups)
+    t_load = time.perf_counter() - t0
+    images, params, t_sample, step = render(pipe, args, checked, prompts)
+    for path in save_images(images, params, args.output):
         print(path)
     if args.verbose:
         from ._blas import state
