@@ -536,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_parser
 
     add_parser(sub)
+    from .batch import add_parser as add_batch
+
+    add_batch(sub)
     return parser
 
 
@@ -544,12 +547,13 @@ def main(argv: list[str] | None = None) -> int:
     show_log()
     from ._blas import slow_blas_warning
 
-    if args.command in ("generate", "bench") and (note := slow_blas_warning()):
+    if args.command in ("generate", "bench", "batch") and (note := slow_blas_warning()):
         print(note, file=sys.stderr)
     try:
+        from .batch import main_batch
         from .bench import main_bench
 
-        return {"generate": _generate, "embed": _embed, "bench": main_bench}[args.command](args)
+        return {"generate": _generate, "embed": _embed, "bench": main_bench, "batch": main_batch}[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
