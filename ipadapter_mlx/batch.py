@@ -520,7 +520,7 @@ def _run(jobs: list[Job], folder: Path, ranks: Ranks) -> int:
             (run / f"done-{ranks.rank}").touch()
             while len(list(run.glob("done-*"))) < ranks.size:
                 time.sleep(0.2)
-        total_done, total_failed = ranks.all_sum([counts["done"], counts["failed"]])
+        total_done, total_failed, loads = ranks.all_sum([counts["done"], counts["failed"], render.loads])
         if ranks.rank == 0:
             shutil.rmtree(run, ignore_errors=True)  # every rank is past it
     finally:
@@ -529,7 +529,7 @@ def _run(jobs: list[Job], folder: Path, ranks: Ranks) -> int:
             lock.close()
     if ranks.rank == 0:
         print(f"batch: {total_done} rendered, {skipped} skipped (done before), {total_failed} failed"
-              + (f" (see {folder / MANIFEST})" if total_failed else "") + f"; model loads on rank 0: {render.loads}",
+              + (f" (see {folder / MANIFEST})" if total_failed else "") + f"; pipelines loaded: {loads}",
               file=sys.stderr)
     return 1 if total_failed else 0
 
