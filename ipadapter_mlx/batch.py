@@ -11,12 +11,12 @@ Reuse: the pipeline stays loaded while consecutive jobs name the same one; adapt
 read once, reference features encoded once per (encoder, images, fit, negative image): `CachedAdapters`.
 
 Resume: DIR/manifest.jsonl gets one line per job done or failed. A job counts as finished when the manifest
-has it done with the same options (a hash of the job's full, merged options) and its PNGs exist; PNGs are
-written atomically before their line, so a rerun renders exactly what is missing or changed.
+has a job done with the same key (a hash of its output name and full, merged options) and its PNGs exist; PNGs
+are written atomically before their line, so a rerun renders exactly what is missing or changed.
 
 Several ranks (`mx.distributed`): when DIR is one folder for all ranks (one machine, or a shared mount), jobs are
-claimed one at a time by creating DIR/.batch/run-ID/LINE exclusively: a slow rank simply claims fewer, and the
-batch ends at most one job after its fastest possible end. When the ranks see different folders (no shared
+claimed one at a time by creating DIR/.batch/runs/ID/LINE exclusively (O_EXCL): a slow rank simply claims
+fewer, and the ranks finish within about one job of each other. When the ranks see different folders (no shared
 mount), job i goes to rank i % size. Collectives are used only to agree on the run id, to find whether the
 folder is shared, and for the final totals; a rank that finished first sleeps on the folder before that last
 collective (the ring backend spins while it waits, which would take a core from a rank still working).
@@ -341,8 +341,9 @@ class Renderer:
 # Manifest
 
 
-def read_manifest(folder: Path) -> dict[tuple[int, str], dict]:
-    """(line, key) -> the last line saying that job was done. A torn last line (a killed writer) is skipped."""
+def read_manifest(folder: Path) -> dict[str, dict]:
+    """Job key -> the last line saying that job was done. The key (options and output name) identifies a job:
+    lines moved around in the jobs file keep their pictures. A torn last line (a killed writer) is skipped."""
     done = {}
     try:
         text = (folder / MANIFEST).read_text(encoding="utf-8", errors="replace")
@@ -356,7 +357,7 @@ def read_manifest(folder: Path) -> dict[tuple[int, str], dict]:
         except ValueError:
             continue
         if isinstance(entry, dict) and entry.get("status") == "done":
-            done[(entry.get("line"), entry.get("key"))] = entry
+            done[entry.get("key")] = entry
     return done
 
 
@@ -372,7 +373,7 @@ def append_manifest(folder: Path, entry: dict) -> None:
 
 
 def finished(job: Job, done: dict, folder: Path) -> bool:
-    return job.error is None and (job.line, job.key) in done and all((folder / o).is_file() for o in job.outputs())
+    return job.error is None and job.key in done and all((folder / o).is_file() for o in job.outputs())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -454,6 +455,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "Under `mlx.launch` the ranks share the jobs.")
     p.add_argument("jobs", metavar="JOBS", help="a .jsonl file: one job per line")
     p.add_argument("--output-dir", required=True, help="where the PNGs and manifest.jsonl go")
+    p.add_argument("--static-split", action="store_true",
+                   help="several ranks: job i to rank i %% size, even when they share --output-dir (default there: "
+                        "each rank claims the next job when it is free, so a slow host does fewer)")
     p.set_defaults(output=None)
     for action in p._actions:
         if action.dest == "output":
@@ -466,8 +470,8 @@ def main_batch(args: argparse.Namespace) -> int:
                         "--output is not a batch option")
     folder = Path(args.output_dir)
     _prepare_folder(folder)
-    defaults = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("command", "jobs",
-                                                                                      "output_dir")})
+    defaults = argparse.Namespace(**{k: v for k, v in vars(args).items()
+                                     if k not in ("command", "jobs", "output_dir", "static_split")})
     jobs = read_jobs(args.jobs, defaults)
     for job in jobs:
         if job.args is not None:
@@ -475,7 +479,7 @@ def main_batch(args: argparse.Namespace) -> int:
     ranks = Ranks()
     previous = signal.signal(signal.SIGTERM, _stop)  # mlx.launch stops every rank when one fails: clean up
     try:
-        return _run(jobs, folder, ranks)
+        return _run(jobs, folder, ranks, args.static_split)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -484,7 +488,7 @@ def _stop(signum, frame):
     raise SystemExit(128 + signum)  # unwinds: temp files and the lock are released on the way out
 
 
-def _run(jobs: list[Job], folder: Path, ranks: Ranks) -> int:
+def _run(jobs: list[Job], folder: Path, ranks: Ranks, static: bool = False) -> int:
     from tqdm import tqdm
 
     lock = None
@@ -497,19 +501,21 @@ def _run(jobs: list[Job], folder: Path, ranks: Ranks) -> int:
     run_id = ranks.all_sum([run_id])[0]  # rank 0's, to all; and rank 0 is ready
     run = folder / STATE / "runs" / str(run_id)
     shared = ranks.size == 1 or ranks.all_sum([int(run.is_dir())])[0] == ranks.size
+    claims = ranks.size > 1 and shared and not static
     done = read_manifest(folder)
     pending = [(i, j) for i, j in enumerate(jobs) if not finished(j, done, folder)]
     skipped = len(jobs) - len(pending)
     if ranks.rank == 0:
         where = "" if ranks.size == 1 else (
-            f" over {ranks.size} ranks ({'claimed one at a time' if shared else 'folder not shared: job i to rank i % size'})")
+            f" over {ranks.size} ranks (" + ("claimed one at a time" if claims else "job i to rank i % size" +
+                                           ("" if shared else ": the ranks do not share the folder")) + ")")
         print(f"batch: {len(pending)} of {len(jobs)} jobs to run{where}; {skipped} done before", file=sys.stderr)
     render = Renderer()
     counts = {"done": 0, "failed": 0}
     bar = tqdm(total=len(pending), desc="jobs", unit="job", file=sys.stderr, disable=ranks.rank != 0)
     try:
         for i, job in pending:
-            mine = _claim(run, job) if ranks.size > 1 and shared else i % ranks.size == ranks.rank
+            mine = _claim(run, job) if claims else i % ranks.size == ranks.rank
             if not mine:
                 bar.update(1)  # another rank has it
                 continue

@@ -167,6 +167,14 @@ def test_options_added_to_generate_work_in_jobs(monkeypatch):
     assert parse_job({"extra-knob": 0.25}, defaults, parser, Options.of(parser)).extra_knob == 0.25
 
 
+def test_example_jobs_file_is_valid():
+    from ipadapter_mlx.batch import read_jobs
+
+    jobs = read_jobs(str(ROOT / "examples" / "style_sweep.jsonl"), cli.build_parser().parse_args(["generate"]))
+    assert len(jobs) == 12 and [j.error for j in jobs] == [None] * 12
+    assert {j.args.ip_args[0] for j in jobs} == {("ip_adapter", "sd15-plus")}
+
+
 # -- one process ------------------------------------------------------------------------------------
 
 
@@ -290,10 +298,11 @@ def _free(port: int) -> bool:
             return False
 
 
-def launch(tiny, jobs: Path, out: Path, *extra) -> subprocess.Popen:
+def launch(tiny, jobs: Path, out, *extra) -> subprocess.Popen:
+    """`mlx.launch -n 2` of batch; `out` may hold $MLX_RANK (each rank its own folder)."""
     command = ["mlx.launch", "-n", "2", "--backend", "ring", "--starting-port", str(free_ports()), "--",
-               sys.executable, "-m", "ipadapter_mlx", "batch", str(jobs), "--output-dir", str(out),
-               "--model", str(tiny / "model"), *BASE, *extra]
+               "sh", "-c", 'exec "$@" --output-dir "' + str(out) + '"', "batch", sys.executable, "-m", "ipadapter_mlx",
+               "batch", str(jobs), "--model", str(tiny / "model"), *BASE, *extra]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
 
@@ -353,3 +362,15 @@ def test_killed_rank_jobs_are_done_on_rerun(tiny, tmp_path, launcher):
     second = [e["line"] for e in manifest(tmp_path / "out")][len(first):]
     assert sorted(first + second) == list(range(1, 13))  # each job once over the two runs
     assert len(list((tmp_path / "out").glob("0*.png"))) == 12 and not list((tmp_path / "out").rglob("*.tmp.png"))
+
+
+def test_ranks_without_a_shared_folder_split_statically(tiny, tmp_path, launcher):
+    """Ranks that do not see one folder (separate Macs without a shared mount; here $MLX_RANK in the path): job
+    i goes to rank i % 2, each writing into its own folder."""
+    write_jobs(tmp_path / "jobs.jsonl", [{"prompt": f"job {n}", "seed": n} for n in range(4)])
+    p = launch(tiny, tmp_path / "jobs.jsonl", str(tmp_path / "out-$MLX_RANK"))
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0 and "job i to rank i % size: the ranks do not share the folder" in err, err
+    for rank in (0, 1):
+        entries = manifest(tmp_path / f"out-{rank}")
+        assert [(e["line"], e["rank"]) for e in entries] == [(n, rank) for n in (1, 2, 3, 4) if (n - 1) % 2 == rank]
