@@ -137,7 +137,8 @@ def _unknown(key: str, known) -> UserError:
 
 
 def job_argv(job: dict, options: Options) -> tuple[list[str], dict]:
-    """A job's keys -> (generate's command-line tokens, options reset to their default with null)."""
+    """A job's keys -> (generate's command-line tokens, options put back to generate's default: null, or a flag
+    set to false)."""
     argv, reset, top = [], {}, {}
     for key, value in job.items():
         name = key.replace("-", "_")
@@ -161,8 +162,8 @@ def job_argv(job: dict, options: Options) -> tuple[list[str], dict]:
             raise _unknown(key, [*options.actions, *options.groups])
     for name, value in top.items():
         if options.member_group(options.actions[name]) is None:
-            if value is None:  # null: generate's default, whatever the command line says
-                reset[options.actions[name].dest] = options.actions[name].default
+            if value is None or value is False and options.actions[name].nargs == 0:
+                reset[options.actions[name].dest] = options.actions[name].default  # whatever the command line says
             else:
                 argv += _tokens(name, options.actions[name], value)
     for group, (head, members) in options.groups.items():  # one group at the top level: its head first

@@ -149,6 +149,8 @@ def test_job_keys_are_generates_options(tiny):
     # the top-level form of one adapter, and null for generate's default
     got = parse_job({"ip_adapter": "sd15", "image": "x.png", "steps": None}, defaults, parser, Options.of(parser))
     assert got.ip_args == [("ip_adapter", "sd15"), ("image", "x.png")] and got.steps == DEFAULT_STEPS
+    defaults.low_memory = True  # a flag on the command line, false in the job
+    assert parse_job({"low_memory": False}, defaults, parser, Options.of(parser)).low_memory is False
 
 
 def test_options_added_to_generate_work_in_jobs(monkeypatch):
