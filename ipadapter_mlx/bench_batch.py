@@ -47,11 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--hogs", type=int, default=1, help="busy loops beside the slowed rank")
     p.add_argument("--output", default="bench_batch.json")
     args = p.parse_args(argv)
     py = [sys.executable, "-m", "ipadapter_mlx"]
     common = ["--steps", str(args.steps), "--height", str(args.size), "--width", str(args.size)]
     report = {"jobs": args.jobs, "size": args.size, "steps": args.steps, "cpus": os.cpu_count(),
+              "hogs": args.hogs,
               "load_average_before": os.getloadavg(), "modes": {}}
     with tempfile.TemporaryDirectory(prefix="ipadapter-mlx-bench-batch-") as tmp:
         tmp = Path(tmp)
@@ -75,20 +77,22 @@ def main(argv: list[str] | None = None) -> int:
             elif mode == "ranks2":
                 result = timed([["mlx.launch", "-n", "2", "--backend", "ring", "--", *batch, "--output-dir",
                                  str(out)]], one_thread)
-            else:  # rank 0 alone on core 0; rank 1 on core 1 beside a busy loop: about half its speed
-                hog = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-c", "while True: pass"])
+            else:  # rank 0 alone on core 0; rank 1 on core 1 beside busy loops: 1 / (hogs + 1) of its speed
+                hogs = [subprocess.Popen(["taskset", "-c", "1", sys.executable, "-c", "while True: pass"])
+                        for _ in range(args.hogs)]
                 try:
                     pinned = ["sh", "-c", 'exec taskset -c "$MLX_RANK" "$@"', "pin", *batch, "--output-dir", str(out)]
                     result = timed([["mlx.launch", "-n", "2", "--backend", "ring", "--", *pinned,
                                      *(["--static-split"] if mode == "slow-static" else [])]], one_thread)
                 finally:
-                    hog.kill()
-                    hog.wait()
+                    for hog in hogs:
+                        hog.kill()
+                        hog.wait()
             if mode != "loop":
                 entries = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
                 result["jobs_per_rank"] = [sum(e["rank"] == r for e in entries) for r in range(2)]
             result["pictures_per_hour"] = round(3600 * args.jobs / result["wall_s"])
-            report["modes"][mode] = result
+            report["modes"].setdefault(mode, []).append(result)
             print(mode, result, flush=True)
             shutil.rmtree(out, ignore_errors=True)
     report["load_average_after"] = os.getloadavg()
