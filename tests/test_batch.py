@@ -306,7 +306,7 @@ def launch(tiny, jobs: Path, out, *extra) -> subprocess.Popen:
                "sh", "-c", 'exec "$@" --output-dir "' + str(out) + '"', "batch", sys.executable, "-m", "ipadapter_mlx",
                "batch", str(jobs), "--model", str(tiny / "model"), *BASE, *extra]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+                            env=os.environ)
 
 
 @pytest.fixture(scope="module")
@@ -336,7 +336,9 @@ def test_two_ranks_split_the_batch(tiny, reference, tmp_path, launcher):
         for k, name in enumerate(e["outputs"]):
             worst = min(worst, record(f"batch: 2 ranks vs generate, line {e['line']}",
                                       psnr(pixels(tmp_path / "out" / name) / 255, reference[first + k] / 255), "dB"))
-    assert worst >= 40  # bit-equal (inf) when both runs' BLAS split the sums alike
+    # bit-equal (inf) with the same BLAS thread count as `generate`; OPENBLAS_NUM_THREADS=1 in the ranks alone
+    # gave 84-89 dB (sums split differently): the stated tolerance
+    assert worst >= 40
     p = launch(tiny, tmp_path / "jobs.jsonl", tmp_path / "out")
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0 and "0 rendered, 10 skipped (done before), 0 failed; pipelines loaded: 0" in err and out == "", err
