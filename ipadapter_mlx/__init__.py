@@ -14,7 +14,8 @@ from .errors import UserError  # noqa: E402
 from .ip_adapter import Features, ImagePrompt, load_features, save_features  # noqa: E402
 from .pipeline import DEFAULT_MODEL, Sampling, StableDiffusion, Step, default_dtype  # noqa: E402
 from .samplers import SAMPLERS  # noqa: E402
+from .t2i_adapter import T2IControl  # noqa: E402
 
 __all__ = ["StableDiffusion", "ImagePrompt", "Features", "load_features", "save_features", "Sampling", "Step",
-           "UserError", "DEFAULT_MODEL", "SAMPLERS", "default_dtype"]
+           "UserError", "DEFAULT_MODEL", "SAMPLERS", "default_dtype", "T2IControl"]
 __version__ = "0.1.0"

@@ -33,6 +33,7 @@ class LoadedAdapter:
     encoder_ref: str | None  # the user's --image-encoder, if any
     scale: float | dict  # a number, or diffusers' per-block dict
     encoder_folder: Path | None = None
+    lora: object | None = None  # FaceID: the LoRA it fused into the UNet (faceid.py), removed with it
 
 
 class AdapterSet:
@@ -131,7 +132,7 @@ class AdapterSet:
                                        p.start_at, p.end_at, p.timing, timeline, p.boost)
             for w in p.weights or []:
                 finite(f"image weight for {la.ref}", w)
-            feats = self._checked(la, p.features or self.encode(p.images, i, p.fit, p.negative))
+            feats = self._checked(la, p.features or self._features(i, p))
             if p.negative_content is not None:
                 feats = self._without_content(la, p, feats, pooled_text)
             if p.embeds_scaling not in EMBEDS_SCALINGS:
@@ -144,9 +145,21 @@ class AdapterSet:
                     out.append(ImageCondition(layers, part_tokens, rule, masks, p.embeds_scaling))
         return out
 
+    def _features(self, i: int, p: ImagePrompt) -> Features:
+        """What adapter `i` reads from this prompt: CLIP features of its images, or (FaceID) its faces."""
+        from . import faceid
+
+        if faceid.check_prompt(self.loaded[i], p):
+            return faceid.face_features(self, i, p)
+        return self.encode(p.images, i, p.fit, p.negative)
+
     @staticmethod
     def _checked(la: LoadedAdapter, feats: Features) -> Features:
         want = la.adapter.config.image_proj
+        if feats.face or want.face:
+            from .faceid import check_features
+
+            return check_features(la, feats)
         if feats.hidden_states != want.reads_hidden_states or feats.cond.shape[-1] != want.input_dim:
             kind = lambda h: "hidden states" if h else "image embeds"  # noqa: E731
             raise UserError(f"adapter {la.ref} reads {want.input_dim}-d {kind(want.reads_hidden_states)}, "

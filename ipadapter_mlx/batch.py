@@ -47,7 +47,6 @@ MANIFEST = "manifest.jsonl"
 STATE = ".batch"  # DIR/.batch: the lock, and each run's claim folder
 FEATURES_KEPT = 256  # reference encodings kept between jobs (a few MB each at most)
 TEMP_FILE = re.compile(r"^\..+\.[0-9a-f]{16}\.tmp\.png$")  # files.atomic_file's temp names
-SENTINEL = object()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -185,9 +184,11 @@ def parse_job(job: dict, defaults: argparse.Namespace, parser: argparse.Argument
               options: Options) -> argparse.Namespace:
     """The job's options over the defaults: what it names replaces them, the rest stays."""
     argv, reset = job_argv(job, options)
-    ns = argparse.Namespace(**{a.dest: SENTINEL for a in parser._actions if a.dest != "help"})
+    # every option starts as None, so argparse fills in no default and appending actions start a fresh list:
+    # what is not None afterwards, the job gave (a given value is never None: JSON null is a reset)
+    ns = argparse.Namespace(**{a.dest: None for a in parser._actions if a.dest != "help"})
     parser.parse_args(argv, namespace=ns)
-    given = {k: v for k, v in vars(ns).items() if v is not SENTINEL}
+    given = {k: v for k, v in vars(ns).items() if v is not None}
     return argparse.Namespace(**{**vars(defaults), **given, **reset})
 
 
@@ -281,7 +282,7 @@ class CachedAdapters(AdapterSet):
         key = (ref, image_encoder)
         if key not in self.kept:
             index = super().load(ref, unet, image_encoder, scale)
-            self.kept[key] = self.loaded[index]
+            self.kept[key] = replace(self.loaded[index])  # what a job attaches to its copy stays with the copy
             return index
         self.loaded.append(replace(self.kept[key], scale=scale))
         try:
@@ -312,17 +313,18 @@ class CachedAdapters(AdapterSet):
 
 class Renderer:
     """Runs jobs with generate's own steps (cli.check_generate, load_pipeline, prepare_prompts, render,
-    save_images), keeping the pipeline while jobs name the same one."""
+    save_images), keeping the pipeline while jobs name the same one; LoRAs are swapped in place (unfusing gives
+    the original weights back bit for bit), adapters unloaded after each job."""
 
     def __init__(self):
-        self.pipe, self.key = None, None
+        self.pipe, self.key, self.loras = None, None, None
         self.loads = 0
 
     def __call__(self, args: argparse.Namespace) -> tuple[list[Path], int]:
         from . import cli
 
         checked = cli.check_generate(args)
-        key = cli.pipeline_key(args)
+        key, loras = cli.pipeline_key(args), tuple(args.lora)
         if key != self.key:
             import mlx.core as mx
 
@@ -330,11 +332,18 @@ class Renderer:
             mx.clear_cache()
             pipe = cli.load_pipeline(args, checked.dtype)
             pipe.adapters = CachedAdapters(pipe.dtype, pipe.quantize)
-            self.pipe, self.key = pipe, key
+            self.pipe, self.key, self.loras = pipe, key, loras
             self.loads += 1
-        self.pipe.adapters.unload()  # this job's adapters only; their files and features stay cached
-        prompts = cli.prepare_prompts(self.pipe, checked.groups)
-        images, params, _, _ = cli.render(self.pipe, args, checked, prompts, progress=False)
+        pipe = self.pipe
+        pipe.unload_ip_adapter()  # the last job's adapters (a FaceID adapter's LoRA with it); files stay cached
+        pipe.unload_t2i_adapter()
+        if loras != self.loras:
+            self.loras = None  # until all are in
+            pipe.unload_lora()
+            cli.load_loras(pipe, args)
+            self.loras = loras
+        prompts, controls = cli.prepare_prompts(pipe, checked)
+        images, params, _, _ = cli.render(pipe, args, checked, prompts, controls, progress=False)
         return cli.save_images(images, params, args.output), checked.seed
 
 

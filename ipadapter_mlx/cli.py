@@ -70,10 +70,10 @@ def fraction(text: str) -> float:
 IP_OPTIONS = ("image", "image_weight", "scale", "negative_image", "image_embeds", "combine", "image_encoder",
               "image_fit", "weight_type", "layer_weights", "composition_weight", "start_at", "end_at", "timing",
               "mask", "embeds_scaling", "boost", "composition_image", "negative_content_prompt",
-              "negative_content_scale")
+              "negative_content_scale", "face_image", "face_embeds", "faceid_v2_weight", "faceid_lora_scale")
 STEERING = {"weight_type": "linear", "layer_weights": None, "composition_weight": 1.0, "start_at": 0.0,
             "end_at": 1.0, "timing": "step", "boost": None}  # ImagePrompt's fields and defaults
-LISTS = ("image", "image_weight", "image_embeds", "mask", "composition_image")  # repeatable
+LISTS = ("image", "image_weight", "image_embeds", "mask", "composition_image", "face_image", "face_embeds")
 
 
 class _IPOption(argparse.Action):
@@ -131,6 +131,7 @@ def _add_ip_options(p: argparse.ArgumentParser, embed: bool = False) -> None:
                    help="crop: CLIP's centre crop (default); pad: keep a non-square image whole")
     g.add_argument("--negative-image", action=_IPOption, dest="negative_image",
                    help="replaces the null image in the unconditional branch")
+    _add_faceid_options(g, embed)
     if not embed:
         g.add_argument("--image-weight", action=_IPOption, dest="image_weight", type=finite_float,
                        help="weight of each --image, in order (repeatable; default 1)")
@@ -174,6 +175,63 @@ def _add_ip_options(p: argparse.ArgumentParser, embed: bool = False) -> None:
                             "K+V-C-penalty, K+mean-V")
 
 
+def lora_arg(text: str) -> tuple[str, float]:
+    """--lora FILE|REPO:PATH[:SCALE]: the last `:` part is the scale unless it is part of the path (it holds a
+    '/' or ends like a weights file)."""
+    from .hub import SINGLE_FILE_SUFFIXES
+
+    ref, sep, tail = text.rpartition(":")
+    if not sep or "/" in tail or tail.lower().endswith(SINGLE_FILE_SUFFIXES) or not ref:
+        return text, 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the scale {tail!r} of {text!r} is not a number") from None
+    if not math.isfinite(scale):
+        raise argparse.ArgumentTypeError(f"the scale of {text!r} must be a finite number")
+    return ref, scale
+
+
+def _add_lora_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="FILE|REPO:PATH[:SCALE]",
+                   help="a LoRA (kohya/A1111 or diffusers/PEFT, .safetensors or .bin/.pt), fused into the UNet and "
+                        "text encoder(s) at SCALE (default 1.0); repeat for several")
+
+
+def _add_t2i_options(p: argparse.ArgumentParser) -> None:
+    from .t2i_adapter import PRESETS
+
+    g = p.add_argument_group("T2I-Adapter (structural control: edges, depth, pose, sketch; repeat for several)")
+    g.add_argument("--t2i-adapter", action="append", metavar="REF",
+                   help=f"preset ({', '.join(PRESETS)}), Hub repo id, REPO:FOLDER, a diffusers folder, "
+                        "or a folder from `python -m convert`")
+    g.add_argument("--t2i-image", action="append", metavar="PATH",
+                   help="the control image of each --t2i-adapter, in order (one each); the picture's size "
+                        "defaults to the first one's")
+    g.add_argument("--adapter-conditioning-scale", action="append", type=finite_float, metavar="S",
+                   help="its features are multiplied by S (default 1.0); once for all, or once per adapter")
+    g.add_argument("--adapter-conditioning-factor", action="append", type=fraction, metavar="F",
+                   help="the fraction of the first steps it acts in (default 1.0); once for all, or once per adapter")
+
+
+def _add_faceid_options(g, embed: bool) -> None:
+    """FaceID adapters (faceid.py): a face instead of a reference picture."""
+    g.add_argument("--face-image", action=_IPOption, dest="face_image", metavar="FILE",
+                   help="FaceID: a photo of the face (repeatable: portrait's several faces); needs insightface "
+                        """(pip install ".[faceid]"; its models are for non-commercial research)""")
+    if embed:
+        return
+    g.add_argument("--face-embeds", action=_IPOption, dest="face_embeds", metavar="FILE",
+                   help="FaceID: identity embeddings, (faces, 512) .npy or .safetensors (from `embed --face-image`), "
+                        "instead of --face-image; Plus adapters also need the aligned face crop as --image")
+    g.add_argument("--faceid-v2-weight", action=_IPOption, dest="faceid_v2_weight", type=finite_float, metavar="W",
+                   help="FaceID Plus v2: scale of the CLIP branch added to the identity tokens (default 1.0; given to a "
+                        "Plus file not named plusv2, it turns v2's shortcut on)")
+    g.add_argument("--faceid-lora-scale", action=_IPOption, dest="faceid_lora_scale", type=finite_float, metavar="S",
+                   help="FaceID: strength of the LoRA its file carries (default 1.0, the authors'; ComfyUI uses 0.6)")
+
+
 def _add_embed(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="write reference images' CLIP features to a file, for generate --image-embeds",
                        description="Encode reference images once with the CLIP vision tower one IP-Adapter reads; "
@@ -198,11 +256,19 @@ def _embed(args: argparse.Namespace) -> int:
     if len(groups) != 1:
         raise UserError("embed takes exactly one --ip-adapter (its shapes say which features to compute)")
     g = groups[0]
-    if not g["image"]:
-        raise UserError("give at least one --image")
+    if not g["image"] and not g["face_image"]:
+        raise UserError("give at least one --image (or --face-image for a FaceID adapter)")
     if not args.output.endswith(".safetensors"):
         raise UserError(f"--output must be a .safetensors path, got {args.output}")
     check_writable(args.output)
+    if g["face_image"]:
+        from .faceid import embed_faces
+
+        file, _ = discovery.resolve_ip_adapter(g["ip_adapter"])
+        embed_faces(read_ip_adapter(file), g["face_image"], args.output,
+                    {"ip_adapter": g["ip_adapter"], "face_images": g["face_image"]})
+        print(args.output)
+        return 0
     images = [open_image(p) for p in g["image"]]
     negative = open_image(g["negative_image"]) if g.get("negative_image") else None
     dtype = getattr(mx, args.dtype) if args.dtype else default_dtype()
@@ -219,21 +285,28 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _image_prompts(pipe, groups: list[dict]) -> list:
+    from . import faceid
     from .images import open_image
     from .ip_adapter import ImagePrompt, join_features, load_features
 
     prompts = []
     for g in groups:
-        if bool(g["image"]) == bool(g["image_embeds"]):
-            raise UserError(f"IP-Adapter {g['ip_adapter']}: give --image or --image-embeds (one of them)")
+        face = bool(g["face_image"] or g["face_embeds"])
+        if (bool(g["image"]) == bool(g["image_embeds"]) and not face) or (face and g["image_embeds"]):
+            raise UserError(f"IP-Adapter {g['ip_adapter']}: give --image or --image-embeds (one of them; FaceID: "
+                            "--face-image or --face-embeds)")
         images = [open_image(p) for p in g["image"]]
         features = join_features([load_features(p) for p in g["image_embeds"]]) if g["image_embeds"] else None
-        n = len(images) if images else features.cond.shape[0]
-        if g["image_weight"] and len(g["image_weight"]) != n:
+        n = len(images) if images else features.cond.shape[0] if features else len(g["face_image"]) or None
+        if n and g["image_weight"] and len(g["image_weight"]) != n:
             raise UserError(f"IP-Adapter {g['ip_adapter']}: {len(g['image_weight'])} --image-weight for {n} images")
-        if g["mask"] and len(g["mask"]) != n:
+        if n and g["mask"] and len(g["mask"]) != n:
             raise UserError(f"IP-Adapter {g['ip_adapter']}: {len(g['mask'])} --mask for {n} images (one per image)")
-        pipe.load_ip_adapter(g["ip_adapter"], image_encoder=g.get("image_encoder"), scale=g.get("scale", 1.0))
+        index = pipe.load_ip_adapter(g["ip_adapter"], image_encoder=g.get("image_encoder"), scale=g.get("scale", 1.0),
+                                     lora_scale=g.get("faceid_lora_scale"))
+        face_embeds = None
+        if face or g.get("faceid_v2_weight") is not None:
+            face_embeds, images = faceid.cli_faces(pipe.adapters[index], g, images)
         prompts.append(ImagePrompt(
             images=images, features=features, weights=g["image_weight"] or None,
             negative=open_image(g["negative_image"]) if g.get("negative_image") else None,
@@ -243,7 +316,9 @@ def _image_prompts(pipe, groups: list[dict]) -> list:
             composition_images=[open_image(p) for p in g["composition_image"]] or None,
             negative_content=g.get("negative_content_prompt"),
             negative_content_scale=g.get("negative_content_scale", 1.0),
+            face_embeds=face_embeds, faceid_v2_weight=g.get("faceid_v2_weight"),
         ))
+        faceid.check_prompt(pipe.adapters[index], prompts[-1])  # a face for FaceID, a picture for the others
     return prompts
 
 
@@ -345,6 +420,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="run even when the memory estimate exceeds this machine (it may swap or be stopped)")
     p.add_argument("--verbose", action="store_true", help="print timings, peak memory, device and BLAS")
     _add_ip_options(p)
+    _add_lora_options(p)
+    _add_t2i_options(p)
 
 
 @dataclass
@@ -356,6 +433,7 @@ class Checked:
     groups: list[dict]  # one dict per --ip-adapter (ip_groups)
     seed: int
     dtype: object  # mx.Dtype
+    t2i: list[tuple]  # t2i_adapter.cli_requests
 
 
 def check_generate(args: argparse.Namespace) -> Checked:
@@ -363,6 +441,7 @@ def check_generate(args: argparse.Namespace) -> Checked:
     import mlx.core as mx
     import numpy as np
 
+    from . import t2i_adapter
     from .images import open_image
     from .pipeline import default_dtype
     from .steering import check_options, check_window
@@ -393,11 +472,12 @@ def check_generate(args: argparse.Namespace) -> Checked:
         check_options(g.get("weight_type", "linear"), g.get("boost"), bool(g["composition_image"]))
         if "negative_content_scale" in g and g.get("negative_content_prompt") is None:
             raise UserError("--negative-content-scale needs a --negative-content-prompt")
-        for path in g["image"] + g["composition_image"] + ([g["negative_image"]] if g.get("negative_image") else []):
+        for path in g["image"] + g["composition_image"] + g["face_image"] + ([g["negative_image"]] if g.get("negative_image") else []):
             open_image(path)
+    t2i = t2i_adapter.cli_requests(args)  # checks counts and opens the control images before loading anything
     seed = args.seed if args.seed is not None else int(np.random.randint(0, 2**31 - 1))
     dtype = getattr(mx, args.dtype) if args.dtype else default_dtype()
-    return Checked(init, latents, groups, seed, dtype)
+    return Checked(init, latents, groups, seed, dtype, t2i)
 
 
 def load_pipeline(args: argparse.Namespace, dtype):
@@ -405,26 +485,39 @@ def load_pipeline(args: argparse.Namespace, dtype):
     from .pipeline import StableDiffusion
 
     quantize = (args.quantize, args.group_size) if args.quantize else None
-    return StableDiffusion.from_pretrained(args.model, dtype=dtype, quantize=quantize, low_memory=args.low_memory,
+    pipe = StableDiffusion.from_pretrained(args.model, dtype=dtype, quantize=quantize, low_memory=args.low_memory,
                                            tokenizer=args.tokenizer, config=args.config)
+    load_loras(pipe, args)
+    return pipe
+
+
+def load_loras(pipe, args: argparse.Namespace) -> None:
+    """--lora: fused into the UNet and text encoder(s)."""
+    for ref, scale in args.lora:
+        pipe.load_lora(ref, scale)
 
 
 def pipeline_key(args: argparse.Namespace) -> tuple:
-    """The options load_pipeline reads."""
+    """The options load_pipeline reads, but the LoRAs (`batch` changes those in place)."""
     return (args.model, args.dtype, args.quantize, args.quantize and args.group_size, args.low_memory,
             args.tokenizer, args.config)
 
 
-def prepare_prompts(pipe, groups: list[dict]) -> list | None:
-    """Load the adapters into `pipe` and build their image prompts; find each encoder that will run."""
+def prepare_prompts(pipe, checked: Checked) -> tuple[list | None, list]:
+    """Load the IP-Adapters and T2I-Adapters into `pipe`: (image prompts, T2I controls); find each image encoder
+    that will run."""
+    from . import t2i_adapter
+
+    groups = checked.groups
     prompts = _image_prompts(pipe, groups) if groups else None
     for i, p in enumerate(prompts or []):
         if p.images or p.composition_images:  # the encoder will run: find it now, so the estimate counts it
             pipe.image_encoder_folder(i)
-    return prompts
+    return prompts, t2i_adapter.cli_controls(pipe, checked.t2i)
 
 
-def render(pipe, args: argparse.Namespace, checked: Checked, prompts: list | None, progress: bool = True):
+def render(pipe, args: argparse.Namespace, checked: Checked, prompts: list | None, controls: list,
+           progress: bool = True):
     """Sample and decode: (images (B, H, W, 3), the PNG parameters, sampling seconds, the last Step)."""
     import mlx.core as mx
     from tqdm import tqdm
@@ -433,7 +526,8 @@ def render(pipe, args: argparse.Namespace, checked: Checked, prompts: list | Non
     from .pipeline import DEFAULT_STRENGTH
 
     init, latents, groups, seed, dtype = checked.init, checked.latents, checked.groups, checked.seed, checked.dtype
-    height, width = pipe.output_size(args.height, args.width, init)
+    height, width = pipe.output_size(*pipe.t2i_adapters.default_size(controls, args.height, args.width)
+                                     if init is None else (args.height, args.width), init)
     check_memory(pipe, args, height, width)
     strength = DEFAULT_STRENGTH if args.strength is None else args.strength
     steps = pipe.generate_latents(
@@ -441,7 +535,7 @@ def render(pipe, args: argparse.Namespace, checked: Checked, prompts: list | Non
         height=height, width=width, scheduler=args.scheduler, num_images=args.num_images,
         init_image=init, strength=strength, latents=latents, image_prompts=prompts,
         original_size=tuple(args.original_size) if args.original_size else None, crop_coords=tuple(args.crop_coords),
-        target_size=tuple(args.target_size) if args.target_size else None,
+        target_size=tuple(args.target_size) if args.target_size else None, t2i_adapters=controls,
     )
     t1 = time.perf_counter()
     step = None
@@ -468,11 +562,16 @@ def render(pipe, args: argparse.Namespace, checked: Checked, prompts: list | Non
         params.update(init_image=str(args.init_image), strength=strength)
     if latents is not None:
         params["latents"] = str(args.latents)
+    if args.lora:
+        params["loras"] = [{"lora": ref, "scale": scale} for ref, scale in args.lora]
     if groups:
         params["ip_adapters"] = [
             {k: v for k, v in g.items() if v not in ([], None)} | {"scale": pipe.adapters[i].scale}
             for i, g in enumerate(groups)
         ]
+    if checked.t2i:
+        params["t2i_adapters"] = [{"t2i_adapter": r[0], "image": r[1], "scale": r[3], "factor": r[4]}
+                                  for r in checked.t2i]
     return images, params, t_sample, step
 
 
@@ -492,9 +591,9 @@ def _generate(args: argparse.Namespace) -> int:
     checked = check_generate(args)
     t0 = time.perf_counter()
     pipe = load_pipeline(args, checked.dtype)
-    prompts = prepare_prompts(pipe, checked.groups)
+    prompts, controls = prepare_prompts(pipe, checked)
     t_load = time.perf_counter() - t0
-    images, params, t_sample, step = render(pipe, args, checked, prompts)
+    images, params, t_sample, step = render(pipe, args, checked, prompts, controls)
     for path in save_images(images, params, args.output):
         print(path)
     if args.verbose:

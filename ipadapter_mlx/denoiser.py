@@ -15,6 +15,7 @@ import mlx.core as mx
 
 from .conditioning import Conditioning, StepConditioning
 from .errors import UserError
+from .models.unet import Residuals
 
 
 @dataclass
@@ -24,6 +25,7 @@ class UNetInput:
     x: mx.array  # (B, H, W, C), already scaled to unit variance
     t: mx.array  # (B,) timesteps
     cond: StepConditioning
+    residuals: Residuals | None = None  # ControlNet / T2I-Adapter hooks add theirs (Residuals.__add__)
 
 
 # (the UNet's input, step index, sigma) -> the input to use instead
@@ -58,7 +60,7 @@ class Denoiser:
         step = UNetInput(x_in, mx.full((x_in.shape[0],), float(self.timesteps[i])), self.cond.at(i, sigma))
         for hook in self.hooks:
             step = hook(step, i, sigma)
-        out = self.unet(step.x, step.t, step.cond).astype(mx.float32)
+        out = self.unet(step.x, step.t, step.cond, step.residuals).astype(mx.float32)
         if self.guided:
             uncond, cond = mx.split(out, 2)
             out = uncond + self.cfg * (cond - uncond)

@@ -24,6 +24,12 @@ PRESETS = {
     "sd15-full-face": "h94/IP-Adapter:models/ip-adapter-full-face_sd15.safetensors",
     "sd15-vit-g": "h94/IP-Adapter:models/ip-adapter_sd15_vit-G.safetensors",
 }
+# FaceID (faceid.py): the .bin files carry their LoRA (portrait has none); Plus reads h94/IP-Adapter's ViT-H
+PRESETS.update({f"faceid-{name}": f"h94/IP-Adapter-FaceID:ip-adapter-{file}.bin" for name, file in {
+    "sd15": "faceid_sd15", "plus-sd15": "faceid-plus_sd15", "plusv2-sd15": "faceid-plusv2_sd15",
+    "portrait-sd15": "faceid-portrait_sd15", "portrait-v11-sd15": "faceid-portrait-v11_sd15",
+    "sdxl": "faceid_sdxl", "plusv2-sdxl": "faceid-plusv2_sdxl", "portrait-sdxl": "faceid-portrait_sdxl",
+    "portrait-unnorm-sdxl": "faceid-portrait_sdxl_unnorm"}.items()})
 # Where h94/IP-Adapter keeps its two encoders: ViT-H/14 and ViT-bigG/14.
 ENCODER_FOLDERS = ("models/image_encoder", "sdxl_models/image_encoder")
 
@@ -39,6 +45,17 @@ def resolve_ip_adapter(ref: str) -> tuple[Path, tuple[str, str] | None]:
         raise UserError(f"IP-Adapter not found: {ref} is not a file, a REPO:PATH, or a preset "
                         f"({', '.join(PRESETS)})")
     return hub_file(*hub), hub
+
+
+def resolve_lora(ref: str) -> Path:
+    """A LoRA: a local file or `REPO:PATH` on the Hub (downloaded once, then from the cache)."""
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return path
+    hub = split_hub_path(ref)
+    if hub is None:
+        raise UserError(f"LoRA not found: {ref} is neither a file nor a REPO:PATH")
+    return hub_file(*hub)
 
 
 def _encoder_candidates(adapter_file: Path, hub: tuple[str, str] | None) -> list[tuple[str, str | Path]]:

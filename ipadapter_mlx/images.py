@@ -120,7 +120,8 @@ def to_pil(images: mx.array) -> list[Image.Image]:
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
 
 
-LABELS = {"cfg_scale": "CFG scale", "ip_adapters": "IP-Adapter", "ip_adapter": "IP-Adapter"}  # A1111's names
+LABELS = {"cfg_scale": "CFG scale", "ip_adapters": "IP-Adapter", "ip_adapter": "IP-Adapter",  # A1111's names
+          "t2i_adapters": "T2I-Adapter", "t2i_adapter": "T2I-Adapter"}
 
 
 def _label(key: str) -> str:

@@ -82,6 +82,7 @@ class IPAdapter(nn.Module):
         super().__init__()
         self.config = config
         self.image_proj = build_image_proj(config.image_proj)
+        self._lora: dict[str, mx.array] = {}  # FaceID: its UNet LoRA (faceid.py fuses it); not a parameter here
         # a list indexed like the checkpoint; the even places (self-attention) hold no weights
         last = max(int(i) for i in config.layers)
         self.ip_adapter = [
@@ -117,8 +118,10 @@ class IPAdapter(nn.Module):
         p = self.config.image_proj
         hidden = p.reads_hidden_states
         width = encoder_config.hidden_size if hidden else encoder_config.projection_dim
-        if width != p.input_dim:
-            raise UserError(f"adapter expects a {encoder_name(p.input_dim, hidden)} encoder, "
+        if p.clip_width is None:
+            raise UserError("this FaceID adapter reads no CLIP features (give it face embeddings)")
+        if width != p.clip_width:
+            raise UserError(f"adapter expects a {encoder_name(p.clip_width, hidden)} encoder, "
                             f"got {encoder_name(width, hidden)}")
 
 
@@ -134,9 +137,12 @@ def model_family(context_dim: int) -> str:
 class Features:
     """CLIP features of reference images for one adapter: `cond` per image, `uncond` the CFG counterpart."""
 
-    cond: mx.array  # (n, D) image_embeds or (n, tokens, hidden) penultimate hidden states
-    uncond: mx.array  # same shape: the null image (or the negative image)
+    cond: mx.array  # (n, D) image_embeds or (n, tokens, hidden) penultimate hidden states; FaceID: (n, 512) faces
+    uncond: mx.array  # same shape: the null image (or the negative image); FaceID: zeros
     hidden_states: bool
+    face: bool = False  # cond/uncond are face identity embeddings (faceid.py)
+    clip: mx.array | None = None  # FaceID Plus: CLIP hidden states of the aligned face crops, and of the null image
+    clip_uncond: mx.array | None = None
 
 
 def encode_images(
@@ -219,6 +225,12 @@ class ImagePrompt:
     # prompt; for adapters whose image embeds are as wide as the text projection (SDXL ip-adapter_sdxl, ViT-bigG)
     negative_content: str | None = None
     negative_content_scale: float = 1.0
+    # FaceID (faceid.py): identity embeddings, (n, 512) one per face (or read from --face-image with insightface);
+    # for the Plus adapters `images` are the aligned face crops their CLIP branch reads
+    face_embeds: object | None = None  # numpy or MLX array
+    # Plus v2: the scale of the perceiver output added to the identity tokens (None: 1 for a v2 file, no shortcut
+    # for v1; a number turns the shortcut on, for a v2 file under another name)
+    faceid_v2_weight: float | None = None
 
 
 def image_tokens(adapter: IPAdapter, features: Features, prompt: ImagePrompt, batch: int, guided: bool) -> mx.array:
@@ -232,16 +244,23 @@ def image_tokens(adapter: IPAdapter, features: Features, prompt: ImagePrompt, ba
     cond = combine(features.cond, weights, prompt.combine)
     # the null image stays the null image whatever the blend; with concat it is repeated once per image
     uncond = features.uncond[: cond.shape[0]]
+    clip = None if features.clip is None else combine(features.clip, weights, prompt.combine)
+    clip_uncond = None if clip is None else features.clip_uncond[: clip.shape[0]]
 
-    def project(f: mx.array) -> mx.array:
-        tokens = adapter.image_proj(f.astype(adapter.dtype))
+    def project(f: mx.array, clip: mx.array | None) -> mx.array:
+        f = f.astype(adapter.dtype)
+        if clip is not None:  # FaceID Plus: identity + CLIP hidden states of the face crop
+            tokens = adapter.image_proj(f, clip.astype(adapter.dtype), prompt.faceid_v2_weight)
+        else:  # portrait-unnorm's Resampler reads each face as a one-token sequence
+            tokens = adapter.image_proj(f[:, None] if features.face and f.ndim == 2 and
+                                        adapter.config.image_proj.kind == "resampler" else f)
         return tokens.reshape(1, -1, tokens.shape[-1])  # several images: their tokens joined in order
 
-    cond_t = project(cond)
+    cond_t = project(cond, clip)
     cond_t = mx.broadcast_to(cond_t, (batch, *cond_t.shape[1:]))
     if not guided:
         return cond_t
-    uncond_t = mx.broadcast_to(project(uncond), cond_t.shape)
+    uncond_t = mx.broadcast_to(project(uncond, clip_uncond), cond_t.shape)
     return mx.concatenate([uncond_t, cond_t])
 
 

@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 from .config import CLIPTextConfig, CLIPVisionConfig, SchedulerConfig, UNetConfig, VAEConfig
 from .errors import UserError
 from .models import AutoencoderKL, CLIPTextModel, CLIPVisionModel, UNet2DConditionModel
+from .models.t2i_adapter import T2IAdapter, T2IAdapterConfig
 
 MARKER = "mlx_model.json"
 FORMAT_VERSION = 1
@@ -29,6 +30,7 @@ COMPONENTS = {
     "unet": (UNetConfig, UNet2DConditionModel),
     "vae": (VAEConfig, AutoencoderKL),
     "image_encoder": (CLIPVisionConfig, CLIPVisionModel),
+    "t2i_adapter": (T2IAdapterConfig, T2IAdapter),
 }
 
 

@@ -58,6 +58,8 @@ def estimate_memory(pipe, height: int, width: int, num_images: int = 1) -> int:
     weights = sum(component_bytes(f, c, pipe.dtype, pipe.quantize) for c, f in resident)
     weights += sum(v.nbytes for m in (pipe.vae, *(la.adapter for la in pipe.adapters))
                    for _, v in tree_flatten(m.parameters()))
+    weights += pipe.loras.resident_bytes()  # fused in place: only their own tensors add (lora.py)
+    weights += pipe.t2i_adapters.memory_bytes(height, width, num_images)
     f = pipe.vae_scale_factor
     unet = unet_activation_bytes(pipe.unet_config, height // f, width // f, 2 * num_images, pipe.dtype.size)
     tile = LOW_MEMORY_TILE * f if pipe.low_memory else None  # decode() tiles then

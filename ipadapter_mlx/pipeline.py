@@ -25,11 +25,13 @@ from .denoiser import Denoiser, StepHook
 from .errors import UserError, finite
 from .images import to_pil, to_pixels
 from .ip_adapter import Features, ImagePrompt
-from .loading import build, load_component, load_scheduler_config, read_json
+from .loading import build, load_component, load_scheduler_config, read_json, read_safetensors
+from .lora import Lora, LoraSet
 from .memory import LOW_MEMORY_TILE
 from .prompts import PromptEncoder
 from .samplers import NoiseFn, alphas_cumprod, make_schedule, run_sampler
 from .steering import Timeline
+from .t2i_adapter import T2IAdapterSet, T2IControl
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -117,6 +119,9 @@ class StableDiffusion:
         self.quantize = quantize
         self.low_memory = low_memory
         self.prompts = PromptEncoder(self.folder, self.dtype, quantize)
+        self.loras = LoraSet()
+        # an encoder (re)loaded after a low-memory run gets them too
+        self.prompts.on_load = lambda name, model: self.loras.apply(name, model, self._weights_file(name))
         index = self.folder / "model_index.json"
         self.force_zeros_for_empty_prompt = self.is_sdxl and (
             read_json(index).get("force_zeros_for_empty_prompt", True) if index.is_file() else True)
@@ -128,6 +133,7 @@ class StableDiffusion:
         self.vae = load_component(folder, "vae", mx.float32)
         self.scheduler_config: SchedulerConfig = load_scheduler_config(folder)
         self.adapters = AdapterSet(self.dtype, quantize)
+        self.t2i_adapters = T2IAdapterSet(self.dtype, self.vae_scale_factor)
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, dtype: mx.Dtype | None = None,
@@ -140,6 +146,7 @@ class StableDiffusion:
     def unet(self):
         if self._unet is None:
             self._unet = load_component(self.folder, "unet", self.dtype, self.quantize)
+            self.loras.apply("unet", self._unet, self._weights_file("unet"))
         return self._unet
 
     @property
@@ -193,18 +200,33 @@ class StableDiffusion:
 
     # -- IP-Adapters (adapters.py holds them) ---------------------------------------------------------
 
-    def load_ip_adapter(self, ref: str, image_encoder: str | None = None, scale: float | dict = 1.0) -> int:
+    def load_ip_adapter(self, ref: str, image_encoder: str | None = None, scale: float | dict = 1.0,
+                        lora_scale: float | None = None) -> int:
         """Add an IP-Adapter (preset name, `REPO:PATH`, or file); returns its index for image_prompts.
 
         Fails before any work when the adapter was made for another UNet. The image encoder is found
-        (beside the adapter, or the one its shapes call for; `image_encoder` overrides) on first use."""
+        (beside the adapter, or the one its shapes call for; `image_encoder` overrides) on first use.
+        FaceID: the LoRA in its file (or `NAME_lora.safetensors` beside it) is fused at `lora_scale` (default 1)."""
+        from . import faceid
+
         # without a loaded UNet its structure suffices (MLX arrays are lazy: building it costs no memory)
         unet = self._unet if self._unet is not None else build("unet", read_json(self.folder / "unet" / "config.json"))
-        return self.adapters.load(ref, unet, image_encoder, scale)
+        index = self.adapters.load(ref, unet, image_encoder, scale)
+        try:
+            faceid.attach_lora(self, index, lora_scale)
+        except BaseException:
+            self.adapters.unload(index)
+            raise
+        return index
 
     def unload_ip_adapter(self, index: int | None = None) -> None:
-        """Remove one adapter (by index) or all; the UNet is then exactly the base model again."""
+        """Remove one adapter (by index) or all (and a FaceID adapter's LoRA); the UNet is then exactly the base
+        model again."""
+        from . import faceid
+
+        gone = list(self.adapters) if index is None else [self.adapters[index]]
         self.adapters.unload(index)
+        faceid.detach_lora(self, gone)
 
     def set_ip_adapter_scale(self, *scales: float | dict) -> None:
         """One scale per loaded adapter: a number, or a per-block dict in diffusers' form, e.g.
@@ -224,6 +246,55 @@ class StableDiffusion:
                          negative: Image.Image | None = None) -> Features:
         """CLIP features of reference images, as adapter `index` reads them (embeds or hidden states)."""
         return self.adapters.encode(images, index, fit, negative)
+
+    # -- LoRAs (lora.py holds them) -------------------------------------------------------------------
+
+    def load_lora(self, ref: str | Lora, scale: float = 1.0) -> int:
+        """Add a LoRA (a file, `REPO:PATH`, or a `Lora` built in code) at `scale`; returns its index. Its deltas
+        are fused into the UNet and text encoder weights; fails before any change when it does not fit."""
+        from . import discovery
+        from .lora import check_lora, read_lora
+
+        finite("LoRA scale", scale)
+        # the models' structures name and size every layer (MLX arrays are lazy: building them costs nothing)
+        models = {n: build(n, read_json(self.folder / n / "config.json")) for n in ("unet", *self.text_encoder_names)}
+        if isinstance(ref, Lora):
+            check_lora(ref, models)
+            lora = ref
+        else:
+            lora = read_lora(discovery.resolve_lora(ref), models)
+        index = self.loras.add(lora, scale, ref if isinstance(ref, str) else None)
+        self._fuse_loras()
+        return index
+
+    def unload_lora(self, which: int | str | None = None) -> None:
+        """Remove one LoRA (by index or the ref it was loaded with) or all: the weights they touched get their
+        original arrays back, bit for bit."""
+        self.loras.remove(which)
+        self._fuse_loras()
+
+    def set_lora_scale(self, *scales: float) -> None:
+        """One scale per loaded LoRA, in load order (the weights are fused again from the kept originals)."""
+        self.loras.set_scales(*scales)
+        self._fuse_loras()
+
+    def _fuse_loras(self) -> None:
+        for name, model in {"unet": self._unet, **self.prompts.models}.items():
+            if model is not None:
+                self.loras.apply(name, model, self._weights_file(name))
+
+    def _weights_file(self, component: str):
+        """The component's weights, lazily: fused layers' originals are re-read from here, not kept in memory."""
+        return lambda: read_safetensors(self.folder / component / "model.safetensors")[0]
+    # -- T2I-Adapters (t2i_adapter.py) ----------------------------------------------------------------
+
+    def load_t2i_adapter(self, ref: str) -> int:
+        """Add a T2I-Adapter (preset, Hub repo, `REPO:FOLDER`, diffusers or converted folder); returns its index
+        for T2IControl. Fails before reading its weights when it was made for another model family."""
+        return self.t2i_adapters.load(ref, self.unet_config, self.is_sdxl)
+
+    def unload_t2i_adapter(self, index: int | None = None) -> None:
+        self.t2i_adapters.unload(index)
 
     # -- non-finite numbers ---------------------------------------------------------------------------
 
@@ -288,6 +359,7 @@ class StableDiffusion:
         crop_coords: tuple[int, int] = (0, 0),
         target_size: tuple[int, int] | None = None,
         hooks: list[StepHook] = (),
+        t2i_adapters: list[T2IControl] | None = None,
     ) -> "Sampling":
         """Iterate for a Step after every sampling step; the last Step's latents are the final (scaled) latents.
 
@@ -301,6 +373,8 @@ class StableDiffusion:
         size, and `crop_coords` (top, left), as diffusers' defaults. `negative_prompt=None` on SDXL gives zero
         negative embeddings (its force_zeros_for_empty_prompt), as diffusers does.
         `hooks`: functions called at every step with the UNet's input (denoiser.py), which they may replace.
+        `t2i_adapters`: one T2IControl per T2I-Adapter to use (several add up); without a height/width or an
+        init image, the size is the first control image's, as in diffusers' adapter pipelines.
         """
         if num_images < 1:
             raise UserError(f"num_images must be at least 1, got {num_images}")
@@ -326,6 +400,8 @@ class StableDiffusion:
         train_steps = self.scheduler_config.num_train_timesteps
         if not 1 <= steps <= train_steps:
             raise UserError(f"steps must be in 1..{train_steps} (the model's training timesteps), got {steps}")
+        if t2i_adapters and init_image is None:
+            height, width = self.t2i_adapters.default_size(t2i_adapters, height, width)
         height, width = self.output_size(height, width, init_image)
         shape = (batch, height // f, width // f, self.unet_config.in_channels)
 
@@ -377,6 +453,8 @@ class StableDiffusion:
         images = (self.adapters.conditions(image_prompts, batch, guided, timeline, (height, width), content)
                   if image_prompts else [])
         cond = Conditioning(text, added, images)
+        if t2i_adapters:
+            hooks = [*hooks, *self.t2i_adapters.hooks(t2i_adapters, batch, guided, (height, width), len(timesteps))]
         tokens = [c.tokens for c in images]
         mx.eval(text, x, added, tokens)
         for what, values in (("the text embeddings", [text, pooled]), ("the starting latents", [x]),

@@ -30,6 +30,7 @@ class PromptEncoder:
             except Exception as e:
                 raise UserError(f"cannot load the tokenizer in {self.folder / name}: {e}") from None
         self.models: dict[str, object] = {}
+        self.on_load = lambda name, model: None  # the pipeline fuses its LoRAs into each encoder it loads
 
     @property
     def is_sdxl(self) -> bool:
@@ -38,6 +39,7 @@ class PromptEncoder:
     def model(self, name: str = "text_encoder"):
         if name not in self.models:
             self.models[name] = load_component(self.folder, name, self.dtype, self.quantize)
+            self.on_load(name, self.models[name])
         return self.models[name]
 
     def free(self) -> None:

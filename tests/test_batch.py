@@ -378,3 +378,44 @@ def test_ranks_without_a_shared_folder_split_statically(tiny, tmp_path, launcher
     for rank in (0, 1):
         entries = manifest(tmp_path / f"out-{rank}")
         assert [(e["line"], e["rank"]) for e in entries] == [(n, rank) for n in (1, 2, 3, 4) if (n - 1) % 2 == rank]
+
+
+def test_loras_swap_between_jobs(mlx_dir, tmp_path, capsys, request):
+    """LoRAs change in place between jobs (the model loads once): each picture equals `generate`'s with the same
+    --lora flags, none before it leaking into the next."""
+    pytest.importorskip("torch", reason="the LoRA files are written from torch layers")
+    from ipadapter_mlx import pipeline
+
+    style, locon = request.getfixturevalue("lora_files")
+    jobs = [{"lora": [f"{style}:0.8"]}, {}, {"lora": [str(locon)]}, {"lora": [f"{style}:0.8", str(locon)]}, {}]
+    flags = [["--lora", f"{style}:0.8"], [], ["--lora", str(locon)], ["--lora", f"{style}:0.8", "--lora", str(locon)],
+             []]
+    base = ["--model", str(mlx_dir), "--prompt", "a fox", "--seed", "7", "--steps", "2", "--height", "32",
+            "--width", "32", "--dtype", "float32"]
+    want = []
+    for n, f in enumerate(flags):
+        assert main(["generate", *base, *f, "--output", str(tmp_path / f"g{n}.png")]) == 0
+        want.append(pixels(tmp_path / f"g{n}.png"))
+    loads = []
+    original = pipeline.StableDiffusion.from_pretrained.__func__
+    request.getfixturevalue("monkeypatch").setattr(
+        pipeline.StableDiffusion, "from_pretrained", classmethod(lambda *a, **k: loads.append(1) or original(*a, **k)))
+    code = main(["batch", str(write_jobs(tmp_path / "jobs.jsonl", jobs)), "--output-dir", str(tmp_path / "out"), *base])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    assert len(loads) == 1
+    for n in range(len(jobs)):
+        assert np.array_equal(pixels(tmp_path / "out" / f"{n + 1:05d}.png"), want[n]), n
+    assert not np.array_equal(want[0], want[1])  # the LoRA does change the picture
+
+
+@pytest.fixture(scope="module")
+def lora_files(request):
+    return request.getfixturevalue("files")
+
+
+try:  # kohya LoRA files built from the tiny diffusers pipeline (test_lora's fixtures), where torch is installed
+    import torch  # noqa: F401
+
+    from test_lora import files, sd15  # noqa: F401
+except ImportError:
+    pass

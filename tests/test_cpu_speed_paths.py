@@ -1,4 +1,4 @@
-"""The CPU backend's own kernels (models/cpu.py): attention with numpy's softmax, SiLU, GELU, the 3x3 convolution
+"""The CPU backend's own kernels (models/cpu.py): attention with numpy's softmax, SiLU, GELU, GroupNorm, the 3x3 convolution
 as nine accumulated products, and bench's profile. Each against torch in float64, and each checked to be the
 path that runs on the CPU (by which function ran, never by timing)."""
 
@@ -153,17 +153,42 @@ def test_eager_conv_other_shapes_keep_mlx_conv(monkeypatch, kernel, stride, padd
     np.testing.assert_allclose(np.array(conv(x)), torch_conv(x, conv, padding), rtol=0, atol=1e-5)
 
 
-def test_vae_uses_the_cpu_silu(monkeypatch):
+def test_vae_uses_the_cpu_group_norm_and_silu(monkeypatch):
     from ipadapter_mlx.bench_shapes import TINY
     from ipadapter_mlx.config import VAEConfig
     from ipadapter_mlx.models import AutoencoderKL
 
     calls = []
-    real = cpu.silu
-    monkeypatch.setattr(cpu, "silu", lambda x: calls.append(x.shape) or real(x))
+    real = cpu.group_norm
+    monkeypatch.setattr(cpu, "group_norm", lambda x, *a: calls.append((x.shape, a[-1])) or real(x, *a))
     vae = AutoencoderKL(VAEConfig.from_dict(TINY["vae"]))
     mx.eval(vae.decode(mx.random.normal((1, 32, 32, 4))))
-    assert (1, 256, 256, 16) in calls  # the decoder's last SiLU, 16 channels at full resolution
+    assert ((1, 256, 256, 16), True) in calls  # the decoder's last norm + SiLU, 16 channels at full resolution
+
+
+# VAE/UNet shapes (32 groups), a batch of 2 with odd sizes, one group per channel, a 512x512 image's worth of pixels
+# (where float32 sums over the whole image drift), half precision in and out
+@pytest.mark.parametrize("shape,groups,dtype", [((2, 33, 17, 64), 32, mx.float32), ((1, 96, 96, 12), 12, mx.float32),
+                                                ((1, 512, 512, 8), 4, mx.float32), ((2, 40, 40, 32), 8, mx.bfloat16)])
+@pytest.mark.parametrize("then_silu", [False, True])
+def test_cpu_group_norm_matches_torch(shape, groups, dtype, then_silu):
+    keys = mx.random.split(mx.random.key(4), 3)
+    C = shape[-1]
+    x = (mx.random.normal(shape, key=keys[0]) * 3 + 1.5).astype(dtype)  # an offset mean: the variance must not cancel
+    norm = ops.GroupNorm(groups, C, 1e-6)
+    norm.weight, norm.bias = mx.random.normal((C,), key=keys[1]), mx.random.normal((C,), key=keys[2])
+    ref = F.group_norm(t64(x).permute(0, 3, 1, 2), groups, t64(norm.weight), t64(norm.bias), 1e-6)
+    ref = (F.silu(ref) if then_silu else ref).permute(0, 2, 3, 1).numpy()
+    assert x.size >= cpu.MIN_SPLIT  # ops.GroupNorm takes the numpy path for these
+    out = norm(x, then_silu=then_silu)
+    assert out.dtype == dtype and out.shape == x.shape
+    tol = dict(rtol=0, atol=2e-5) if dtype == mx.float32 else dict(rtol=2**-7, atol=2**-7)  # bfloat16: its rounding
+    np.testing.assert_allclose(np.array(out.astype(mx.float32)), ref, **tol)
+    mlx_path = norm._mlx(x)  # the MLX path (small inputs, GPUs) agrees with it, less closely: float32 sums
+    if then_silu:
+        mlx_path = nn.silu(mlx_path)
+    np.testing.assert_allclose(np.array(mlx_path.astype(mx.float32)), ref,
+                               **(dict(rtol=0, atol=1e-3) if dtype == mx.float32 else tol))
 
 
 def test_profile_counts_every_op_once():

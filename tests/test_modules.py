@@ -14,7 +14,9 @@ import torch
 from conftest import UNET_CONFIGS, make_torch_pipeline, record, to_np
 from ipadapter_mlx.checkpoints.stable_diffusion import component_weights, diffusers_rename
 from ipadapter_mlx.checkpoints.weights import fit_weights
+from ipadapter_mlx.errors import UserError
 from ipadapter_mlx.loading import build, read_json
+from ipadapter_mlx.models.unet import Residuals
 
 TOL = 1e-4
 
@@ -67,3 +69,56 @@ def test_vae_encode_decode(torch_pipe, diffusers_dir):
     assert np.abs(to_np(std).transpose(0, 3, 1, 2) - to_np(dist.std)).max() < TOL
     out = ours.decode(mx.array(z.permute(0, 2, 3, 1).numpy()))
     assert record("VAE decode", np.abs(to_np(out).transpose(0, 3, 1, 2) - to_np(dec)).max(), "abs") < TOL
+
+
+@pytest.mark.parametrize("layout", list(UNET_CONFIGS))
+def test_unet_control_residuals(layout, tmp_path):
+    """ControlNet residuals (one per skip + mid) and T2I-Adapter intrablock residuals enter the UNet where
+    diffusers adds them: random residuals of the right shapes, our UNet against diffusers' on the same weights."""
+    pipe = make_torch_pipeline(layout, seed=11)
+    pipe.unet.save_pretrained(tmp_path / "unet")
+    ours = mlx_module("unet", tmp_path)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    ctx = torch.randn(2, 9, pipe.unet.config.cross_attention_dim, generator=g)
+    t = torch.tensor([500.0, 20.0])
+    with torch.no_grad():  # the skips' and the mid block's shapes, read off diffusers' own forward
+        skips, mid = [], []
+        hooks = [pipe.unet.conv_in.register_forward_hook(lambda m, i, o: skips.append(o.shape))]
+        hooks += [b.register_forward_hook(lambda m, i, o: skips.extend(s.shape for s in o[1]))
+                  for b in pipe.unet.down_blocks]
+        hooks += [pipe.unet.mid_block.register_forward_hook(lambda m, i, o: mid.append(o.shape))]
+        pipe.unet(x, t, ctx)
+        for h in hooks:
+            h.remove()
+        down = [torch.randn(s, generator=g) for s in skips]
+        mid_r = torch.randn(mid[0], generator=g)
+        # T2I: one feature per down block, the size of its last attention output (before downsampling) or,
+        # without attention, of the block's output
+        intra_shapes = []
+        hooks = [(b.attentions[-1] if getattr(b, "has_cross_attention", False) else b).register_forward_hook(
+            lambda m, i, o: intra_shapes.append((o[0] if isinstance(o, tuple) else o.sample).shape))
+            for b in pipe.unet.down_blocks]
+        pipe.unet(x, t, ctx)
+        for h in hooks:
+            h.remove()
+        intra = [torch.randn(s, generator=g) for s in intra_shapes]
+        ref_control = pipe.unet(x, t, ctx, down_block_additional_residuals=down,
+                                mid_block_additional_residual=mid_r).sample
+        ref_t2i = pipe.unet(x, t, ctx, down_intrablock_additional_residuals=[r.clone() for r in intra]).sample
+        plain = pipe.unet(x, t, ctx).sample
+
+    nhwc = lambda a: mx.array(a.permute(0, 2, 3, 1).numpy())  # noqa: E731
+    cond = StepConditioning(mx.array(ctx.numpy()))
+    out_control = ours(nhwc(x), mx.array(t.numpy()), cond, Residuals([nhwc(d) for d in down], nhwc(mid_r)))
+    out_t2i = ours(nhwc(x), mx.array(t.numpy()), cond, Residuals(intrablock=[nhwc(r) for r in intra]))
+    for name, out, ref in (("ControlNet residuals", out_control, ref_control), ("T2I residuals", out_t2i, ref_t2i)):
+        assert np.abs(to_np(ref) - to_np(plain)).max() > 1e-2  # the residuals do change the output
+        err = record(f"UNet + {name} ({layout})", np.abs(to_np(out).transpose(0, 3, 1, 2) - to_np(ref)).max(), "abs")
+        assert err < TOL, (name, err)
+    # several controls sum (diffusers' MultiControlNet), and a wrong residual count names both sides
+    half = Residuals([nhwc(d) / 2 for d in down], nhwc(mid_r) / 2)
+    summed = ours(nhwc(x), mx.array(t.numpy()), cond, half + half)
+    assert np.abs(to_np(summed) - to_np(out_control)).max() < TOL
+    with pytest.raises(UserError, match=rf"{len(down) - 1} down residuals for a UNet with {len(down)} skip"):
+        ours(nhwc(x), mx.array(t.numpy()), cond, Residuals([nhwc(d) for d in down[1:]], nhwc(mid_r)))

@@ -37,10 +37,20 @@ def flat_adapter_weights(path: str | Path) -> dict[str, mx.array]:
     return weights
 
 
-def infer_ip_adapter_config(weights: dict[str, mx.array]) -> IPAdapterConfig:
+def split_faceid_lora(weights: dict[str, mx.array]) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
+    """(adapter weights, the FaceID LoRA's `ip_adapter.N.to_{q,k,v,out}_lora.{down,up}.weight`)."""
+    lora = {k: v for k, v in weights.items() if k.startswith("ip_adapter.") and "_lora." in k}
+    return {k: v for k, v in weights.items() if k not in lora}, lora
+
+
+def infer_ip_adapter_config(weights: dict[str, mx.array], name: str = "") -> IPAdapterConfig:
+    """The config from the tensors' shapes; `name` (the file's) tells what the weights cannot: FaceID Plus v2's
+    shortcut and portrait-unnorm's face input (as ComfyUI_IPAdapter_plus tells them)."""
+    name = name.lower()
     try:
         proj = infer_image_proj_config({k[len("image_proj."):]: v for k, v in weights.items()
-                                        if k.startswith("image_proj.")})
+                                        if k.startswith("image_proj.")}, face="unnorm" in name)
+        proj.shortcut = proj.kind == "faceid-plus" and "plusv2" in name
     except (KeyError, IndexError, ValueError, ZeroDivisionError) as e:
         raise UserError(f"IP-Adapter projection has unexpected tensors ({type(e).__name__}: {e})") from None
     layers: dict[str, int] = {}
@@ -66,21 +76,21 @@ def read_ip_adapter(path: str | Path, dtype: mx.Dtype | None = None) -> IPAdapte
     if Path(path).is_dir():
         folder = Path(path) / "ip_adapter"
         adapter = IPAdapter(IPAdapterConfig.from_dict(read_json(folder / "config.json")))
-        weights = read_weights(folder / "model.safetensors")
+        weights, lora = split_faceid_lora(read_weights(folder / "model.safetensors"))
         fitted = fit_weights(adapter, weights, what=str(folder), dtype=dtype)
         adapter.load_weights(list(fitted.items()))
+        adapter._lora = lora
         return adapter
-    weights = flat_adapter_weights(path)
-    if any(k.startswith("ip_adapter.") and "lora" in k for k in weights):
-        raise UserError(f"{path}: FaceID adapters with LoRA weights are not supported")
+    weights, lora = split_faceid_lora(flat_adapter_weights(path))
     try:
-        config = infer_ip_adapter_config(weights)
+        config = infer_ip_adapter_config(weights, Path(path).name)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     adapter = IPAdapter(config)
     fitted = fit_weights(adapter, weights, what=str(path), dtype=dtype)
     adapter.load_weights(list(fitted.items()))
     adapter.eval()
+    adapter._lora = lora
     return adapter
 
 
@@ -89,7 +99,8 @@ def save_ip_adapter(path: str | Path, dst: str | Path, dtype: mx.Dtype | None = 
     adapter = read_ip_adapter(path, dtype)
     from mlx.utils import tree_flatten
 
-    return write_mlx_folder(Path(dst), {"ip_adapter": (adapter.config.to_dict(), dict(tree_flatten(adapter.parameters())))},
+    tensors = dict(tree_flatten(adapter.parameters())) | adapter._lora  # a FaceID LoRA travels with its adapter
+    return write_mlx_folder(Path(dst), {"ip_adapter": (adapter.config.to_dict(), tensors)},
                             str(path), kind="ip-adapter")
 
 

@@ -1,4 +1,4 @@
-"""Kernels for MLX's CPU backend where its own are slow: attention's softmax, SiLU and GELU.
+"""Kernels for MLX's CPU backend where its own are slow: attention's softmax, SiLU, GELU and GroupNorm.
 
 MLX's CPU `exp` and `erf` are scalar and single-threaded (~16 ns and ~70 ns per float32 on an EPYC Zen 5): the
 softmax of one 512x512 self-attention (16 x 4096 x 4096 scores) takes seconds, and the VAE's SiLUs a fifth of
@@ -128,3 +128,47 @@ def silu(x: mx.array) -> mx.array:
 def gelu(x: mx.array) -> mx.array:
     """The exact (erf) GELU, as mlx.nn.gelu and torch's default; |error| <= 1e-7 |x|."""
     return _map(_gelu, x)
+
+
+def group_norm(x: mx.array, groups: int, weight: mx.array, bias: mx.array, eps: float,
+               then_silu: bool = False) -> mx.array:
+    """PyTorch's GroupNorm over (B, ..., C), optionally followed by SiLU, in two passes on every core: channel
+    sums and sums of squares per cache-sized piece (float32 inside a piece, float64 across pieces), then one
+    multiply-add (+ SiLU) per element. MLX's reductions run on one core and sum a whole image's pixels in
+    float32: 2x slower, and 4e-4 off torch at 512x512 where this is 2e-6 off."""
+    B, C = x.shape[0], x.shape[-1]
+    src = np.asarray(x.astype(mx.float32)).reshape(B, -1, C)  # evaluates x; read only here
+    rows = max(1, CHUNK // C)
+    pieces = [(b, slice(s, s + rows)) for b in range(B) for s in range(0, src.shape[1], rows)]
+
+    def sums(piece):
+        b, rs = piece
+        block = src[b, rs]
+        return b, block.sum(axis=0), (block * block).sum(axis=0)
+
+    s1, s2 = np.zeros((B, C)), np.zeros((B, C))
+    for b, total, squares in _workers().map(sums, pieces):
+        s1[b] += total
+        s2[b] += squares
+    n = src.shape[1] * (C // groups)
+    mean = s1.reshape(B, groups, -1).sum(-1) / n
+    var = np.maximum(s2.reshape(B, groups, -1).sum(-1) / n - mean * mean, 0)  # float64: no cancellation to fear
+    scale = np.repeat(1 / np.sqrt(var + eps), C // groups, axis=1) * np.asarray(weight.astype(mx.float32))
+    shift = (np.asarray(bias.astype(mx.float32)) - np.repeat(mean, C // groups, axis=1) * scale).astype(np.float32)
+    scale = scale.astype(np.float32)
+    out = np.empty_like(src)
+
+    def normalise(piece):
+        b, rs = piece
+        o = out[b, rs]
+        np.multiply(src[b, rs], scale[b], out=o)
+        o += shift[b]
+        if then_silu:  # o / (1 + exp(-o)), in place
+            with np.errstate(over="ignore"):
+                t = np.negative(o)
+                np.exp(t, out=t)
+                t += 1
+                np.divide(o, t, out=o)
+
+    list(_workers().map(normalise, pieces))
+    return mx.array(out).reshape(x.shape).astype(x.dtype)

@@ -3,6 +3,8 @@
 MLX's GroupNorm reduces over strided group axes, ~35 ns per element on the CPU (16x PyTorch). Here the
 per-channel sums are contiguous reductions, groups are summed from them, and the normalisation is one
 multiply-add: 2.7x faster, and closer to a float64 reference than MLX's own (max error 3e-5 against 2e-4).
+On the CPU, large inputs go to numpy on every core instead (`cpu.group_norm`, fused with the SiLU that
+follows every resnet's norm): 2x faster again, as fast as PyTorch's.
 (A faster `exp` was tried the same way, from polynomials fused by mx.compile: no faster than MLX's. SiLU and
 GELU therefore run in numpy on the CPU: `cpu.silu` / `cpu.gelu`.)
 """
@@ -24,7 +26,14 @@ class GroupNorm(nn.Module):
         self.weight = mx.ones((channels,))
         self.bias = mx.zeros((channels,))
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, then_silu: bool = False) -> mx.array:
+        """`then_silu`: SiLU of the result (every resnet's norm is followed by one), fused on the CPU."""
+        if mx.default_device() == mx.cpu and x.size >= cpu.MIN_SPLIT:
+            return cpu.group_norm(x, self.groups, self.weight, self.bias, self.eps, then_silu)
+        y = self._mlx(x)
+        return nn.silu(y) if then_silu else y
+
+    def _mlx(self, x: mx.array) -> mx.array:
         B, C, g = x.shape[0], x.shape[-1], self.groups
         flat = x.reshape(B, -1, C).astype(mx.float32)
         n = flat.shape[1] * (C // g)

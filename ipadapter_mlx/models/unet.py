@@ -7,6 +7,7 @@ so SDXL's variant only adds the extra time/text embeddings.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -70,10 +71,10 @@ class ResnetBlock2D(nn.Module):
             self.conv_shortcut = conv(in_ch, out_ch, 1)
 
     def __call__(self, x: mx.array, temb: mx.array | None = None) -> mx.array:
-        h = self.conv1(silu(self.norm1(x)))
+        h = self.conv1(self.norm1(x, then_silu=True))
         if temb is not None:
             h = h + self.time_emb_proj(silu(temb))[:, None, None, :]
-        h = self.conv2(silu(self.norm2(h)))
+        h = self.conv2(self.norm2(h, then_silu=True))
         if "conv_shortcut" in self:
             x = self.conv_shortcut(x)
         return x + h
@@ -185,7 +186,10 @@ class UNetBlock2D(nn.Module):
         if add_upsample:
             self.upsamplers = [Upsample2D(out_ch)]
 
-    def __call__(self, x, temb, cond: StepConditioning, skips: list[mx.array] | None = None):
+    def __call__(self, x, temb, cond: StepConditioning, skips: list[mx.array] | None = None,
+                 residual: mx.array | None = None):
+        """`residual` (T2I-Adapter, attention blocks only): added to the last resnet+attention output, before
+        it becomes a skip and before downsampling, as diffusers' CrossAttnDownBlock2D does."""
         outputs = []
         for j, resnet in enumerate(self.resnets):
             if skips is not None:
@@ -193,6 +197,8 @@ class UNetBlock2D(nn.Module):
             x = resnet(x, temb)
             if "attentions" in self:
                 x = self.attentions[j](x, cond)
+                if residual is not None and j == len(self.resnets) - 1:
+                    x = x + residual
             outputs.append(x)
         if "downsamplers" in self:
             x = self.downsamplers[0](x)
@@ -214,6 +220,23 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         x = self.resnets[0](x, temb)
         x = self.attentions[0](x, cond)
         return self.resnets[1](x, temb)
+
+
+@dataclass
+class Residuals:
+    """What structural controls add to the UNet at one step (each list in the UNet's own order)."""
+
+    down: list[mx.array] | None = None  # ControlNet: one per skip connection
+    mid: mx.array | None = None  # ControlNet: added to the mid block's output
+    intrablock: list[mx.array] | None = None  # T2I-Adapter: added inside the down blocks
+
+    def __add__(self, other: "Residuals") -> "Residuals":
+        """Several controls at once: their residuals are summed (diffusers' MultiControlNet)."""
+        def add(a, b):
+            if a is None or b is None:
+                return a if b is None else b
+            return [p + q for p, q in zip(a, b, strict=True)] if isinstance(a, list) else a + b
+        return Residuals(add(self.down, other.down), add(self.mid, other.mid), add(self.intrablock, other.intrablock))
 
 
 class UNet2DConditionModel(nn.Module):
@@ -279,26 +302,54 @@ class UNet2DConditionModel(nn.Module):
                 for index, (name, t) in enumerate(self.transformers())
                 for k, tb in enumerate(t.transformer_blocks)]
 
-    def __call__(self, x: mx.array, timestep: mx.array, cond: StepConditioning) -> mx.array:
+    def __call__(self, x: mx.array, timestep: mx.array, cond: StepConditioning,
+                 residuals: Residuals | None = None) -> mx.array:
         """x: (B, H, W, C) latents; timestep: (B,) floats; `cond`: the text context (B, L, D), SDXL's added
         inputs (`text_embeds` (B, pooled), `time_ids` (B, 6): original size, crop, target size) and what each
-        cross-attention layer's image attention reads at this step."""
+        cross-attention layer's image attention reads at this step. `residuals`: what ControlNets and
+        T2I-Adapters add (diffusers' down_block_additional_residuals, mid_block_additional_residual,
+        down_intrablock_additional_residuals)."""
+        r = residuals or Residuals()
+        temb = self.time_embed(timestep, cond, x.dtype)
+        x, skips = self.encode(x, temb, cond, r.intrablock)
+        if r.down is not None:
+            if len(r.down) != len(skips):
+                raise UserError(f"{len(r.down)} down residuals for a UNet with {len(skips)} skip connections")
+            skips = [s + d for s, d in zip(skips, r.down)]
+        if r.mid is not None:
+            x = x + r.mid
+        for block in self.up_blocks:
+            x, _ = block(x, temb, cond, skips=skips)
+        return self.conv_out(self.conv_norm_out(x, then_silu=True))
+
+    def time_embed(self, timestep: mx.array, cond: StepConditioning, dtype: mx.Dtype) -> mx.array:
+        """The time embedding, plus SDXL's pooled-text and size/crop embedding."""
         c = self.config
         text_embeds, time_ids = cond.added.get("text_embeds"), cond.added.get("time_ids")
         temb = timestep_embedding(timestep, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
-        temb = self.time_embedding(temb.astype(x.dtype))
+        temb = self.time_embedding(temb.astype(dtype))
         if "add_embedding" in self:
             if text_embeds is None or time_ids is None:
                 raise UserError("this UNet (SDXL) needs text_embeds and time_ids")
             ids = timestep_embedding(time_ids.reshape(-1), c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
-            added = mx.concatenate([text_embeds, ids.reshape(x.shape[0], -1).astype(text_embeds.dtype)], axis=-1)
-            temb = temb + self.add_embedding(added.astype(x.dtype))
+            added = mx.concatenate([text_embeds, ids.reshape(timestep.shape[0], -1).astype(text_embeds.dtype)], axis=-1)
+            temb = temb + self.add_embedding(added.astype(dtype))
+        return temb
+
+    def encode(self, x: mx.array, temb: mx.array, cond: StepConditioning,
+               intrablock: list[mx.array] | None = None) -> tuple[mx.array, list[mx.array]]:
+        """conv_in, the down blocks and the mid block: (the mid block's output, the skip connections).
+        `intrablock`: T2I-Adapter features, consumed in order as diffusers' UNet consumes them."""
+        intra = list(intrablock or [])
         x = self.conv_in(x)
         skips = [x]
         for block in self.down_blocks:
-            x, out = block(x, temb, cond)
+            has_attention = "attentions" in block
+            x, out = block(x, temb, cond, residual=intra.pop(0) if intra and has_attention else None)
+            if intra and not has_attention:  # diffusers adds in place: the block's last skip is that tensor
+                x = out[-1] = x + intra.pop(0)
             skips.extend(out)
         x = self.mid_block(x, temb, cond)
-        for block in self.up_blocks:
-            x, _ = block(x, temb, cond, skips=skips)
-        return self.conv_out(silu(self.conv_norm_out(x)))
+        if intra and intra[0].shape == x.shape:  # T2I-Adapter-XL's last feature goes to the mid block
+            x = x + intra.pop(0)
+        return x, skips

@@ -77,7 +77,7 @@ class Encoder(nn.Module):
         for b in self.down_blocks:
             x = b(x)
         x = self.mid_block(x)
-        return self.conv_out(silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, then_silu=True))
 
 
 class Decoder(nn.Module):
@@ -96,7 +96,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for b in self.up_blocks:
             x = b(x)
-        return self.conv_out(silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, then_silu=True))
 
 
 class AutoencoderKL(nn.Module):
