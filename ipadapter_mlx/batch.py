@@ -47,7 +47,6 @@ MANIFEST = "manifest.jsonl"
 STATE = ".batch"  # DIR/.batch: the lock, and each run's claim folder
 FEATURES_KEPT = 256  # reference encodings kept between jobs (a few MB each at most)
 TEMP_FILE = re.compile(r"^\..+\.[0-9a-f]{16}\.tmp\.png$")  # files.atomic_file's temp names
-SENTINEL = object()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -185,9 +184,11 @@ def parse_job(job: dict, defaults: argparse.Namespace, parser: argparse.Argument
               options: Options) -> argparse.Namespace:
     """The job's options over the defaults: what it names replaces them, the rest stays."""
     argv, reset = job_argv(job, options)
-    ns = argparse.Namespace(**{a.dest: SENTINEL for a in parser._actions if a.dest != "help"})
+    # every option starts as None, so argparse fills in no default and appending actions start a fresh list:
+    # what is not None afterwards, the job gave (a given value is never None: JSON null is a reset)
+    ns = argparse.Namespace(**{a.dest: None for a in parser._actions if a.dest != "help"})
     parser.parse_args(argv, namespace=ns)
-    given = {k: v for k, v in vars(ns).items() if v is not SENTINEL}
+    given = {k: v for k, v in vars(ns).items() if v is not None}
     return argparse.Namespace(**{**vars(defaults), **given, **reset})
 
 
