@@ -162,11 +162,15 @@ def test_options_added_to_generate_work_in_jobs(monkeypatch):
     def with_extra(p, embed=False):
         original(p, embed)
         p.add_argument("--extra-knob", type=float, default=1.0)
+        p.add_argument("--extra-file", action="append", default=[])  # repeatable, like --lora
 
     monkeypatch.setattr(cli, "_add_ip_options", with_extra)
     parser = generate_parser()
-    defaults = parser.parse_args([])
-    assert parse_job({"extra-knob": 0.25}, defaults, parser, Options.of(parser)).extra_knob == 0.25
+    defaults = parser.parse_args(["--extra-file", "d"])
+    got = parse_job({"extra-knob": 0.25, "extra_file": ["a", "b"]}, defaults, parser, Options.of(parser))
+    assert got.extra_knob == 0.25 and got.extra_file == ["a", "b"]
+    got = parse_job({}, defaults, parser, Options.of(parser))
+    assert got.extra_knob == 1.0 and got.extra_file == ["d"]
 
 
 def test_example_jobs_file_is_valid():
