@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .argparsing import Parser, show_log
@@ -459,15 +460,26 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     _add_fast_options(p)
 
 
-def _generate(args: argparse.Namespace) -> int:
+@dataclass
+class Checked:
+    """What `check_generate` found before anything big is loaded."""
+
+    init: object  # PIL image or None
+    latents: object  # numpy array or None
+    groups: list[dict]  # one dict per --ip-adapter (ip_groups)
+    seed: int
+    dtype: object  # mx.Dtype
+    t2i: list[tuple]  # t2i_adapter.cli_requests
+
+
+def check_generate(args: argparse.Namespace) -> Checked:
+    """Every check that needs no model: sizes, the output path, the input files, the adapter options."""
     import mlx.core as mx
     import numpy as np
-    from tqdm import tqdm
 
     from . import t2i_adapter
-    from .images import open_image, save_png, to_pil
-    from .loading import read_json
-    from .pipeline import DEFAULT_STRENGTH, StableDiffusion, default_dtype
+    from .images import open_image
+    from .pipeline import default_dtype
     from .samplers import check_options as check_sampler
     from .steering import check_options, check_window
 
@@ -504,23 +516,59 @@ def _generate(args: argparse.Namespace) -> int:
     t2i = t2i_adapter.cli_requests(args)  # checks counts and opens the control images before loading anything
     seed = args.seed if args.seed is not None else int(np.random.randint(0, 2**31 - 1))
     dtype = getattr(mx, args.dtype) if args.dtype else default_dtype()
+    return Checked(init, latents, groups, seed, dtype, t2i)
 
-    t0 = time.perf_counter()
+
+def load_pipeline(args: argparse.Namespace, dtype):
+    """The pipeline the options name (`batch` keeps it between jobs whose pipeline_key is the same)."""
+    from .pipeline import StableDiffusion
+
     quantize = (args.quantize, args.group_size) if args.quantize else None
     pipe = StableDiffusion.from_pretrained(args.model, dtype=dtype, quantize=quantize, low_memory=args.low_memory,
                                            tokenizer=args.tokenizer, config=args.config)
+    load_loras(pipe, args)
+    return pipe
+
+
+def load_loras(pipe, args: argparse.Namespace) -> None:
+    """--lora and the --fast preset's LoRA: fused into the UNet and text encoder(s)."""
     for ref, scale in args.lora:
         pipe.load_lora(ref, scale)
     if args.fast:
         from .fast import apply_preset
 
         apply_preset(pipe, args.fast)
+
+
+def pipeline_key(args: argparse.Namespace) -> tuple:
+    """The options load_pipeline reads, but the LoRAs (`batch` changes those in place)."""
+    return (args.model, args.dtype, args.quantize, args.quantize and args.group_size, args.low_memory,
+            args.tokenizer, args.config)
+
+
+def prepare_prompts(pipe, checked: Checked) -> tuple[list | None, list]:
+    """Load the IP-Adapters and T2I-Adapters into `pipe`: (image prompts, T2I controls); find each image encoder
+    that will run."""
+    from . import t2i_adapter
+
+    groups = checked.groups
     prompts = _image_prompts(pipe, groups) if groups else None
     for i, p in enumerate(prompts or []):
         if p.images or p.composition_images:  # the encoder will run: find it now, so the estimate counts it
             pipe.image_encoder_folder(i)
-    controls = t2i_adapter.cli_controls(pipe, t2i)
-    t_load = time.perf_counter() - t0
+    return prompts, t2i_adapter.cli_controls(pipe, checked.t2i)
+
+
+def render(pipe, args: argparse.Namespace, checked: Checked, prompts: list | None, controls: list,
+           progress: bool = True):
+    """Sample and decode: (images (B, H, W, 3), the PNG parameters, sampling seconds, the last Step)."""
+    import mlx.core as mx
+    from tqdm import tqdm
+
+    from .loading import read_json
+    from .pipeline import DEFAULT_STRENGTH
+
+    init, latents, groups, seed, dtype = checked.init, checked.latents, checked.groups, checked.seed, checked.dtype
     height, width = pipe.output_size(*pipe.t2i_adapters.default_size(controls, args.height, args.width)
                                      if init is None else (args.height, args.width), init)
     check_memory(pipe, args, height, width)
@@ -535,7 +583,7 @@ def _generate(args: argparse.Namespace) -> int:
     )
     t1 = time.perf_counter()
     step = None
-    for step in tqdm(steps, desc="sampling", unit="step", file=sys.stderr):
+    for step in tqdm(steps, desc="sampling", unit="step", file=sys.stderr, disable=not progress):
         pass
     t_sample = time.perf_counter() - t1
     images = pipe.decode(step.latents)
@@ -549,7 +597,7 @@ def _generate(args: argparse.Namespace) -> int:
     stored = read_json(pipe.folder / "unet" / "config.json").get("quantization")
     if stored:  # a folder converted with --quantize: that is what ran, whatever the flags say
         params["quantize"] = f"{stored['bits']}-bit, group {stored['group_size']} (stored)"
-    elif quantize:
+    elif args.quantize:
         params["quantize"] = f"{args.quantize}-bit, group {args.group_size}"
     if pipe.is_sdxl:
         params.update(original_size=args.original_size or [h, w], crop_coords=list(args.crop_coords),
@@ -566,10 +614,32 @@ def _generate(args: argparse.Namespace) -> int:
             {k: v for k, v in g.items() if v not in ([], None)} | {"scale": pipe.adapters[i].scale}
             for i, g in enumerate(groups)
         ]
-    if t2i:
-        params["t2i_adapters"] = [{"t2i_adapter": r[0], "image": r[1], "scale": r[3], "factor": r[4]} for r in t2i]
-    for i, (image, path) in enumerate(zip(to_pil(images), output_paths(args.output, len(images)))):
+    if checked.t2i:
+        params["t2i_adapters"] = [{"t2i_adapter": r[0], "image": r[1], "scale": r[3], "factor": r[4]}
+                                  for r in checked.t2i]
+    return images, params, t_sample, step
+
+
+def save_images(images, params: dict, output: str) -> list[Path]:
+    """Write the PNGs (atomically), each with its parameters; returns their paths."""
+    from .images import save_png, to_pil
+
+    paths = output_paths(output, len(images))
+    for i, (image, path) in enumerate(zip(to_pil(images), paths)):
         save_png(image, path, {**params, "image_index": i} if len(images) > 1 else params)
+    return paths
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import mlx.core as mx
+
+    checked = check_generate(args)
+    t0 = time.perf_counter()
+    pipe = load_pipeline(args, checked.dtype)
+    prompts, controls = prepare_prompts(pipe, checked)
+    t_load = time.perf_counter() - t0
+    images, params, t_sample, step = render(pipe, args, checked, prompts, controls)
+    for path in save_images(images, params, args.output):
         print(path)
     if args.verbose:
         from ._blas import state
@@ -610,6 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_parser
 
     add_parser(sub)
+    from .batch import add_parser as add_batch
+
+    add_batch(sub)
     return parser
 
 
@@ -618,12 +691,13 @@ def main(argv: list[str] | None = None) -> int:
     show_log()
     from ._blas import slow_blas_warning
 
-    if args.command in ("generate", "bench") and (note := slow_blas_warning()):
+    if args.command in ("generate", "bench", "batch") and (note := slow_blas_warning()):
         print(note, file=sys.stderr)
     try:
+        from .batch import main_batch
         from .bench import main_bench
 
-        return {"generate": _generate, "embed": _embed, "bench": main_bench}[args.command](args)
+        return {"generate": _generate, "embed": _embed, "bench": main_bench, "batch": main_batch}[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -131,7 +131,5 @@ def apply_preset(pipe, name: str, **given) -> dict:
     """
     kw = settings(name, **given)
     ref = preset_lora(name, pipe)
-    if not hasattr(pipe, "load_lora"):
-        raise UserError(f"--fast {name} needs LoRA loading (load_lora), which this build lacks")
     pipe.load_lora(ref, scale=get_preset(name).lora_scale)
     return kw
