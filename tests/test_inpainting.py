@@ -177,3 +177,112 @@ def test_sdxl_inpainting_matches_diffusers(xl_models, channels, scheduler, stren
     assert ref.std() > 0.05
     assert record(f"SDXL inpainting {channels}-channel, {scheduler}, strength {strength}",
                   psnr(np.array(got), ref), "dB") >= 40
+
+
+# -- around the mask: crop, blur, overlay --------------------------------------------------------
+
+
+def big_photo(size=(120, 90)):
+    return reference_image(12, size)
+
+
+def small_mask(size=(120, 90), box=(70, 20, 86, 41)):
+    return make_mask(size, box)
+
+
+@pytest.mark.parametrize("channels,pad,size", [(9, 8, (120, 90)), (4, 4, (120, 90)), (9, 30, (70, 100))])
+def test_padding_mask_crop_matches_diffusers(models, channels, pad, size):
+    """Repaint a crop around a small mask at full resolution, paste it back (diffusers returns PIL here)."""
+    components, ours = models[channels]
+    photo, mask = big_photo(size), small_mask(size, (40, 20, 56, 41))
+    ref = reference(components, "euler")(
+        PROMPT, image=photo, mask_image=mask, height=H, width=W, padding_mask_crop=pad, num_inference_steps=STEPS,
+        guidance_scale=7.5, generator=torch.Generator().manual_seed(6)).images[0]
+    got = ours.generate(PROMPT, init_image=photo, mask_image=mask, height=H, width=W, padding_mask_crop=pad,
+                        steps=STEPS, cfg=7.5, scheduler="euler", strength=1.0,
+                        noise=torch_noise(torch.Generator().manual_seed(6)))[0]
+    assert got.size == ref.size == photo.size
+    a, b = np.asarray(got) / 255.0, np.asarray(ref) / 255.0
+    assert record(f"padding_mask_crop {pad}, {channels}-channel, {size}", psnr(a, b), "dB") >= 40
+    outside = np.asarray(mask) == 0
+    assert (np.asarray(got)[outside] == np.asarray(photo)[outside]).all()
+
+
+def test_crop_region_matches_diffusers():
+    from diffusers.image_processor import VaeImageProcessor
+
+    from ipadapter_mlx.inpainting import crop_region
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        w, h = rng.integers(16, 200, 2)
+        x1, y1 = rng.integers(0, w - 1), rng.integers(0, h - 1)
+        x2, y2 = rng.integers(x1, w), rng.integers(y1, h)
+        mask = Image.new("L", (int(w), int(h)), 0)
+        ImageDraw.Draw(mask).rectangle((int(x1), int(y1), int(x2), int(y2)), fill=int(rng.integers(1, 256)))
+        ow, oh, pad = 8 * rng.integers(2, 20), 8 * rng.integers(2, 20), int(rng.integers(0, 40))
+        assert crop_region(mask, ow, oh, pad) == VaeImageProcessor.get_crop_region(mask, ow, oh, pad=pad)
+
+
+def test_mask_blur_matches_diffusers(models):
+    """--mask-blur is diffusers' mask_processor.blur applied to the mask before everything else."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    blurred = VaeImageProcessor.blur(make_mask(), blur_factor=3)
+    got, ref = run_both(models, 4, "euler", mask_blur=3, ref_mask=blurred)
+    assert record("inpainting with mask blur 3", psnr(got, ref), "dB") >= 40
+    # and the blur changes the binarised mask (the ellipse, grey 200, shrinks), so this is not the plain mask twice
+    plain, _ = run_both(models, 4, "euler")
+    assert psnr(got, plain) < 40
+
+
+def test_keep_unmasked_is_bit_identical_outside(models):
+    """Pixels under a black mask are the input's, exactly; also when the picture is not a multiple of 8 (the
+    result is the input's size) and the mask has another size (resized to the picture's)."""
+    _, ours = models[4]
+    photo = reference_image(3, (W + 5, H + 3))
+    mask = make_mask((W + 5, H + 3))
+    for m in (mask, mask.resize((2 * W, 2 * H), Image.NEAREST)):
+        got = ours.generate(PROMPT, init_image=photo, mask_image=m, steps=2, cfg=5.0, scheduler="euler", seed=1,
+                            strength=1.0, keep_unmasked=True)[0]
+        assert got.size == photo.size
+        outside = np.asarray(m.resize(photo.size, Image.LANCZOS)) == 0  # the mask at the picture's size
+        assert outside.mean() > 0.5 and (np.asarray(got)[outside] == np.asarray(photo)[outside]).all()
+        assert not (np.asarray(got)[~outside] == np.asarray(photo)[~outside]).all()  # the mask was repainted
+
+
+def test_apply_overlay_matches_diffusers():
+    from diffusers.image_processor import VaeImageProcessor
+
+    from ipadapter_mlx.inpainting import apply_overlay
+
+    photo, image = reference_image(1, (120, 90)), reference_image(2, (48, 32))
+    mask = VaeImageProcessor.blur(small_mask(), 4)
+    for crop in (None, (30, 10, 90, 50), (0, 0, 120, 80)):
+        img = image if crop else image.resize(photo.size)
+        ref = VaeImageProcessor().apply_overlay(mask, photo, img, crop)
+        assert np.array_equal(np.asarray(apply_overlay(mask, photo, img, crop)), np.asarray(ref))
+
+
+def test_mask_processing_matches_diffusers():
+    """Our mask pixels and latent mask equal VaeImageProcessor's (mask config) + F.interpolate, for several
+    modes, sizes and crops."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from ipadapter_mlx.inpainting import fit, mask_pixels, nearest
+
+    proc = VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+    images = VaeImageProcessor(vae_scale_factor=8)
+    photo = reference_image(4, (75, 53))
+    for mode in ("L", "RGB", "1", "RGBA"):
+        mask = make_mask((75, 53), (20, 9, 51, 40), mode)
+        for crop, fill in ((None, "default"), ((10, 5, 60, 45), "fill"), ((3, 0, 70, 20), "fill")):
+            for w, h in ((48, 32), (80, 56), (32, 64)):
+                ref = proc.preprocess(mask, height=h, width=w, resize_mode=fill, crops_coords=crop)
+                ours = mask_pixels(mask, w, h, crop)
+                assert np.array_equal(ours, ref[0, 0].numpy())
+                lat = torch.nn.functional.interpolate(ref, size=(h // 8, w // 8))[0, 0].numpy()
+                assert np.array_equal(nearest(ours, (h // 8, w // 8)), lat)
+                px = images.preprocess(photo, height=h, width=w, resize_mode=fill, crops_coords=crop)
+                ours_px = np.asarray(fit(photo, w, h, crop), np.float32) / 127.5 - 1
+                assert np.abs(ours_px - px[0].permute(1, 2, 0).numpy()).max() < 1e-6
