@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
@@ -54,6 +55,22 @@ def as_pil(image: Image.Image | np.ndarray, what: str) -> Image.Image:
     if arr.dtype != np.uint8:  # floats in [0, 1], as diffusers takes numpy images
         arr = (np.clip(arr.astype(np.float64), 0, 1) * 255).round().astype(np.uint8)
     return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
+
+
+def open_mask(path: str | Path) -> Image.Image:
+    """A mask file in its own mode (EXIF orientation applied): a transparent pixel counts by its colour, as
+    diffusers reads masks (open_image would composite it on white, which would repaint everything)."""
+    try:
+        with Image.open(path) as im:
+            mask = ImageOps.exif_transpose(im)
+            mask.load()
+            return mask
+    except FileNotFoundError:
+        raise UserError(f"mask image not found: {path}") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # PIL raises many kinds for a broken file
+        raise UserError(f"cannot read mask image {path}: {e or type(e).__name__}") from None
 
 
 def read_mask(mask: Image.Image | np.ndarray, blur: float = 0.0) -> Image.Image:

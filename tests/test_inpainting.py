@@ -286,3 +286,116 @@ def test_mask_processing_matches_diffusers():
                 px = images.preprocess(photo, height=h, width=w, resize_mode=fill, crops_coords=crop)
                 ours_px = np.asarray(fit(photo, w, h, crop), np.float32) / 127.5 - 1
                 assert np.abs(ours_px - px[0].permute(1, 2, 0).numpy()).max() < 1e-6
+
+
+# -- the CLI, outpainting and bad inputs ---------------------------------------------------------
+
+
+@pytest.fixture
+def cli(models, tmp_path, capsys):
+    """Run `generate` in-process on a tiny model (4 or 9 channels); (exit code, stderr)."""
+    from ipadapter_mlx.cli import main
+
+    photo = reference_image(5, (W, H))
+    photo.save(tmp_path / "photo.png")
+    make_mask().save(tmp_path / "mask.png")
+
+    def go(*extra, channels=4):
+        code = main(["generate", "--model", str(models[channels][1].folder), "--prompt", "x", "--steps", "2",
+                     "--scheduler", "euler", "--seed", "3", "--output", str(tmp_path / "out.png"), *extra])
+        return code, capsys.readouterr().err
+
+    return go
+
+
+def test_cli_inpaint_equals_python_api(cli, models, tmp_path):
+    """--mask-image (default strength 1, as diffusers' inpainting) and --keep-unmasked give the Python API's
+    picture, and the PNG records the inpainting parameters."""
+    import json
+
+    code, err = cli("--init-image", str(tmp_path / "photo.png"), "--mask-image", str(tmp_path / "mask.png"),
+                    "--keep-unmasked", "--mask-blur", "1", channels=9)
+    assert code == 0, err
+    saved = Image.open(tmp_path / "out.png")
+    meta = json.loads(saved.text["ipadapter_mlx"])
+    assert meta["mask_image"].endswith("mask.png") and meta["keep_unmasked"] and meta["strength"] == 1.0
+    want = models[9][1].generate("x", init_image=Image.open(tmp_path / "photo.png").convert("RGB"),
+                                 mask_image=make_mask(), mask_blur=1, keep_unmasked=True, steps=2, scheduler="euler",
+                                 seed=3, strength=1.0)[0]
+    assert np.array_equal(np.asarray(saved), np.asarray(want))
+
+
+def test_outpaint_canvas():
+    from ipadapter_mlx.inpainting import outpaint_canvas
+
+    photo = reference_image(6, (40, 24))
+    for fill in ("edge", "noise", "grey"):
+        canvas, mask = outpaint_canvas(photo, (8, 0, 16, 8), fill)
+        assert canvas.size == mask.size == (64, 32)
+        m = np.asarray(mask)
+        assert (m[:24, 8:48] == 0).all() and (m[24:] == 255).all() and (m[:, :8] == 255).all()
+        assert np.array_equal(np.asarray(canvas)[:24, 8:48], np.asarray(photo))  # the picture itself is intact
+    edge = np.asarray(outpaint_canvas(photo, (8, 0, 16, 8))[0])
+    assert np.array_equal(edge[:24, :8], np.repeat(np.asarray(photo)[:, :1], 8, axis=1))  # numpy's edge padding
+
+
+def test_cli_outpaint(cli, tmp_path):
+    code, err = cli("--init-image", str(tmp_path / "photo.png"), "--outpaint", "8", "0", "16", "8",
+                    "--keep-unmasked")
+    assert code == 0, err
+    out = np.asarray(Image.open(tmp_path / "out.png"))
+    assert out.shape == (H + 8, W + 24, 3)
+    assert np.array_equal(out[:H, 8 : 8 + W], np.asarray(Image.open(tmp_path / "photo.png").convert("RGB")))
+
+
+def test_mask_of_another_size_is_resized_as_diffusers(models):
+    """A mask of another size than the picture is resized to the output size (lanczos), as diffusers does."""
+    got, ref = run_both(models, 9, "euler", mask=make_mask().resize((W * 3, H * 2), Image.BILINEAR))
+    assert record("inpainting, mask of another size", psnr(got, ref), "dB") >= 40
+
+
+BAD = {
+    "mask missing": (["--init-image", "{tmp}/photo.png", "--mask-image", "{tmp}/nope.png"], "mask image not found"),
+    "mask unreadable": (["--init-image", "{tmp}/photo.png", "--mask-image", "{tmp}/broken.png"],
+                        "cannot read mask image"),
+    "mask without init": (["--mask-image", "{tmp}/mask.png"], "--mask-image needs an --init-image"),
+    "inpainting model without mask": (["--channels9"], "this is an inpainting model"),
+    "inpainting model, img2img": (["--channels9", "--init-image", "{tmp}/photo.png"], "this is an inpainting model"),
+    "keep-unmasked alone": (["--keep-unmasked"], "--keep-unmasked is for inpainting"),
+    "blur alone": (["--init-image", "{tmp}/photo.png", "--mask-blur", "2"], "--mask-blur is for inpainting"),
+    "negative blur": (["--init-image", "{tmp}/photo.png", "--mask-image", "{tmp}/mask.png", "--mask-blur", "-1"],
+                      "mask blur must be"),
+    "negative crop": (["--init-image", "{tmp}/photo.png", "--mask-image", "{tmp}/mask.png",
+                       "--padding-mask-crop", "-4"], "--padding-mask-crop must be >= 0"),
+    "crop of a black mask": (["--init-image", "{tmp}/photo.png", "--mask-image", "{tmp}/black.png",
+                              "--padding-mask-crop", "4"], "the mask is all black"),
+    "outpaint not x8": (["--init-image", "{tmp}/photo.png", "--outpaint", "4", "0", "0", "0"], "multiples of 8"),
+    "outpaint zero": (["--init-image", "{tmp}/photo.png", "--outpaint", "0", "0", "0", "0"], "nothing to add"),
+    "outpaint and mask": (["--init-image", "{tmp}/photo.png", "--mask-image", "{tmp}/mask.png",
+                           "--outpaint", "8", "0", "0", "0"], "does not combine with --mask-image"),
+    "outpaint without init": (["--outpaint", "8", "0", "0", "0"], "--outpaint needs an --init-image"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_gives_one_line(case, cli, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    Image.new("L", (W, H)).save(tmp_path / "black.png")
+    args, message = BAD[case]
+    channels = 9 if "--channels9" in args else 4
+    code, err = cli(*[a.format(tmp=tmp_path) for a in args if a != "--channels9"], channels=channels)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    assert message in err, err
+
+
+def test_python_api_bad_inputs(models):
+    _, ours = models[4]
+    kw = dict(steps=1, height=H, width=W)
+    with pytest.raises(UserError, match="a mask needs an init image"):
+        ours.generate_latents("x", mask_image=make_mask(), **kw)
+    with pytest.raises(UserError, match="keep_unmasked is for inpainting"):
+        ours.generate("x", keep_unmasked=True, **kw)
+    with pytest.raises(UserError, match="give a mask_image too"):
+        ours.generate_latents("x", init_image=init_image(), padding_mask_crop=8, strength=1.0, **kw)
+    with pytest.raises(UserError, match=r"mask array has shape \(2, 3, 4, 5\)"):
+        ours.generate_latents("x", init_image=init_image(), mask_image=np.zeros((2, 3, 4, 5)), strength=1.0, **kw)
