@@ -38,17 +38,22 @@ def init_image(size=(W, H)) -> Image.Image:
     return reference_image(9, size)
 
 
+def inpainting_torch_pipeline():
+    """The session's tiny SD with a 9-channel (inpainting) UNet instead of its own."""
+    pipe = make_torch_pipeline("sd1")
+    torch.manual_seed(7)
+    pipe.unet = perturb(diffusers.UNet2DConditionModel(**{**UNET_CONFIGS["sd1"], "in_channels": 9}), 8)
+    return pipe
+
+
 @pytest.fixture(scope="module")
 def models(torch_pipe, mlx_dir, tmp_path_factory):
     """{channels: (diffusers components, our pipeline)}: the session's 4-channel model and a 9-channel one
     (the same model with an inpainting UNet), converted from its diffusers folder."""
     from ipadapter_mlx.checkpoints.stable_diffusion import convert_diffusers_folder
 
-    pipe = make_torch_pipeline("sd1")
-    torch.manual_seed(7)
-    pipe.unet = perturb(diffusers.UNet2DConditionModel(**{**UNET_CONFIGS["sd1"], "in_channels": 9}), 8)
     src = tmp_path_factory.mktemp("sd-inpaint-tiny")
-    pipe.save_pretrained(src, safe_serialization=True)
+    inpainting_torch_pipeline().save_pretrained(src, safe_serialization=True)
     nine = diffusers.StableDiffusionPipeline.from_pretrained(src, safety_checker=None)
     mlx9 = StableDiffusion(convert_diffusers_folder(src, tmp_path_factory.mktemp("mlx") / "inpaint"), mx.float32)
     return {4: (dict(torch_pipe.components), StableDiffusion(mlx_dir, dtype=mx.float32)),
@@ -399,3 +404,24 @@ def test_python_api_bad_inputs(models):
         ours.generate_latents("x", init_image=init_image(), padding_mask_crop=8, strength=1.0, **kw)
     with pytest.raises(UserError, match=r"mask array has shape \(2, 3, 4, 5\)"):
         ours.generate_latents("x", init_image=init_image(), mask_image=np.zeros((2, 3, 4, 5)), strength=1.0, **kw)
+
+
+def test_single_file_inpainting_model(models, diffusers_dir, tmp_path):
+    """An original-layout inpainting file: 9 input channels read from its conv_in, also when the configs come
+    from the base model's folder (`--config` of the 4-channel model, as sd-v1-5-inpainting.ckpt is used)."""
+    from safetensors.torch import save_file
+
+    from ipadapter_mlx.checkpoints import keymaps
+    from ipadapter_mlx.checkpoints.stable_diffusion import convert_single_file, infer_unet_config
+    from test_convert import assert_same_weights, original_checkpoint
+
+    folder = tmp_path / "d9"
+    inpainting_torch_pipeline().save_pretrained(folder, safe_serialization=True)  # the weights of models[9]
+    ckpt = original_checkpoint(folder)
+    unet = {k[len(keymaps.UNET_PREFIX):]: mx.array(v.numpy()) for k, v in ckpt.items()
+            if k.startswith(keymaps.UNET_PREFIX)}
+    assert infer_unet_config(unet)["in_channels"] == 9
+    save_file({k: v.contiguous() for k, v in ckpt.items()}, tmp_path / "inpaint.safetensors")
+    out = convert_single_file(tmp_path / "inpaint.safetensors", tmp_path / "mlx", diffusers_dir / "tokenizer",
+                              config_dir=diffusers_dir)
+    assert_same_weights(out, models[9][1].folder)
