@@ -451,3 +451,32 @@ def test_edge_fill_is_the_least_seamed():
         scores[fill] = np.mean(rmse), np.mean(seam)
     assert scores["edge"][0] < 0.6 * min(scores["noise"][0], scores["grey"][0])
     assert scores["edge"][1] == 0 and min(scores["noise"][1], scores["grey"][1]) > 3
+
+
+@pytest.mark.parametrize("script,args", [
+    ("inpaint_with_reference.py", ["--init", "{photo}", "--mask", "{mask}", "--padding-mask-crop", "8"]),
+    ("outpaint_in_style.py", ["--init", "{photo}", "--border", "8", "0", "16", "0"]),
+])
+def test_example_runs(script, args, models, adapter_repo, tmp_path, monkeypatch):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    init_image().save(tmp_path / "photo.png")
+    make_mask().save(tmp_path / "mask.png")
+    reference_image(1).save(tmp_path / "ref.png")
+    argv = [script, "--model", str(models[9][1].folder),
+            "--ip-adapter", str(adapter_repo / "models" / VARIANTS["plus"][0]),
+            "--image", str(tmp_path / "ref.png"), "--steps", "2", "--output", str(tmp_path / "out.png")]
+    argv += [a.format(photo=tmp_path / "photo.png", mask=tmp_path / "mask.png") for a in args] + ["--mask-blur", "1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / script), run_name="__main__")
+    out = np.asarray(Image.open(tmp_path / "out.png"))
+    assert out.shape == ((H, W, 3) if script.startswith("inpaint") else (H, W + 24, 3))
+    photo = np.asarray(init_image())
+    from ipadapter_mlx.inpainting import outpaint_canvas, read_mask
+
+    mask = make_mask() if script.startswith("inpaint") else outpaint_canvas(photo, (8, 0, 16, 0))[1]
+    keep = np.asarray(read_mask(mask, 1)) == 0  # outside the blurred mask: the input's pixels exactly
+    canvas = photo if script.startswith("inpaint") else np.pad(photo, ((0, 0), (8, 16), (0, 0)))
+    assert keep.mean() > 0.25 and (out[keep] == canvas[keep]).all()
