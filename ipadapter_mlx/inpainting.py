@@ -50,6 +50,8 @@ def as_pil(image: Image.Image | np.ndarray, what: str) -> Image.Image:
     arr = np.asarray(image)
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
         raise UserError(f"the {what} array has shape {arr.shape}; expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)")
+    if arr.size == 0:
+        raise UserError(f"the {what} array is empty (shape {arr.shape})")
     if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
         raise UserError(f"the {what} array must hold finite numbers")
     if arr.dtype != np.uint8:  # floats in [0, 1], as diffusers takes numpy images
@@ -204,10 +206,8 @@ class Inpaint:
         encode = lambda px: mx.broadcast_to(pipe.encode_image(px, noise).astype(mx.float32), shape)  # noqa: E731
         image = encode(pixels) if not nine or (not given and not full) else None
         eps = start_noise if given else start_noise(shape)
-        if given:  # diffusers: latents * init_noise_sigma, in its scheduler's space at the first kept step
-            x = eps * init_sigma
-            if scheduler in DDPM_SPACE and not full:
-                x = eps * math.sqrt(float(sigmas[0]) ** 2 + 1)
+        if given:  # diffusers: latents * init_noise_sigma, in its scheduler's own space at the first kept step
+            x = eps * (math.sqrt(float(sigmas[0]) ** 2 + 1) if scheduler in DDPM_SPACE else init_sigma)
         else:
             x = eps * init_sigma if full else image + eps * float(sigmas[0])
         # diffusers encodes the masked image for 4-channel UNets too (and so draws its VAE noise): do the same

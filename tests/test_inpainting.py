@@ -21,7 +21,7 @@ from test_pipeline import torch_noise
 from test_samplers import REFERENCE
 
 PROMPT, NEGATIVE = "a red jacket", "blurry"
-H, W, STEPS = 32, 48, 6
+H, W, STEPS = 32, 48, 4
 
 
 def make_mask(size=(W, H), box=(13, 5, 37, 27), mode="L") -> Image.Image:
@@ -86,23 +86,23 @@ def run_both(models, channels, scheduler="euler", strength=1.0, latents=None, se
     return np.array(got), ref
 
 
-@pytest.mark.parametrize("channels", [9, 4])
-@pytest.mark.parametrize("scheduler", list(REFERENCE))
+@pytest.mark.parametrize("channels,scheduler", [(4, s) for s in REFERENCE] + [(9, "euler"), (9, "euler-a")])
 def test_inpainting_matches_diffusers(models, channels, scheduler):
-    """strength 1, noise drawn in diffusers' order (image, start noise, masked image, ancestral steps)."""
+    """strength 1, noise drawn in diffusers' order (image, start noise, masked image, ancestral steps). The
+    4-channel blend on every sampler (it relies on their elementwise updates); the 9-channel input does not
+    depend on the sampler."""
     got, ref = run_both(models, channels, scheduler)
     assert record(f"inpainting {channels}-channel, {scheduler}", psnr(got, ref), "dB") >= 40
 
 
-@pytest.mark.parametrize("channels", [9, 4])
-@pytest.mark.parametrize("scheduler", ["euler", "dpmpp-2m-karras"])
+@pytest.mark.parametrize("channels,scheduler", [(9, "dpmpp-2m-karras"), (4, "euler")])
 def test_strength_below_one(models, channels, scheduler):
     got, ref = run_both(models, channels, scheduler, strength=0.6, num_images=2)
     assert record(f"inpainting {channels}-channel, strength 0.6, {scheduler}, 2 images", psnr(got, ref), "dB") >= 40
 
 
-@pytest.mark.parametrize("channels", [9, 4])
-@pytest.mark.parametrize("scheduler,strength", [("euler", 1.0), ("euler", 0.7), ("ddim", 0.7), ("euler-a", 1.0)])
+@pytest.mark.parametrize("channels,scheduler,strength", [(9, "euler", 1.0), (4, "euler-a", 1.0), (9, "ddim", 0.7),
+                                                         (4, "euler", 0.7)])
 def test_given_latents(models, channels, scheduler, strength):
     """`latents=` as diffusers takes it: the start noise (also the noise the 4-channel blend re-uses), scaled
     by init_noise_sigma in its scheduler's own space even at strength < 1."""
@@ -112,9 +112,8 @@ def test_given_latents(models, channels, scheduler, strength):
                   psnr(got, ref), "dB") >= 40
 
 
-def test_no_guidance_rgb_mask_and_unmasked_region(models):
-    """cfg 1 (no CFG batch), an RGB mask; and the 4-channel blend really keeps the known latents: the picture
-    differs from plain image-to-image inside the mask only."""
+def test_no_guidance_and_rgb_mask(models):
+    """cfg 1 (no CFG batch: the hook's mask and image latents are not doubled) and an RGB mask."""
     got, ref = run_both(models, 4, "euler", cfg=1.0, mask=make_mask(mode="RGB"))
     assert record("inpainting 4-channel, cfg 1, RGB mask", psnr(got, ref), "dB") >= 40
 
@@ -126,8 +125,11 @@ def adapter_repo(torch_pipe, tmp_path_factory):
 
 @pytest.mark.parametrize("channels", [9, 4])
 def test_with_ip_adapter(models, adapter_repo, channels):
+    import copy
+
     components, _ = models[channels]
-    ref_pipe = reference(components, "euler")
+    # load_ip_adapter changes the UNet in place: give it a copy, the session's models stay plain
+    ref_pipe = reference({**components, "unet": copy.deepcopy(components["unet"])}, "euler")
     file = VARIANTS["plus"][0]
     ref_pipe.load_ip_adapter(str(adapter_repo), subfolder="models", weight_name=file,
                              image_encoder_folder="models/image_encoder")
