@@ -22,7 +22,7 @@ After decoding, `overlay` pastes the original back outside the (blurred) mask as
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -223,15 +223,16 @@ class Inpaint:
         return mx.concatenate([a] * (n // a.shape[0])) if n != a.shape[0] else a
 
     def hook(self, step: UNetInput, i: int, sigma: float) -> UNetInput:
-        """Denoiser hook: the 9-channel input, or the blended latents the 4-channel UNet must see."""
+        """Denoiser hook: the 9-channel input, or the blended latents the 4-channel UNet must see (the rest of
+        the input, e.g. residuals other hooks added, passes through)."""
         n, dtype = step.x.shape[0], step.x.dtype
         if self.masked is not None:
             extra = mx.concatenate([self.mask, self.masked], axis=-1).astype(dtype)
-            return UNetInput(mx.concatenate([step.x, self._cfg(extra, n)], axis=-1), step.t, step.cond)
+            return replace(step, x=mx.concatenate([step.x, self._cfg(extra, n)], axis=-1))
         if i == 0:  # diffusers blends after each step: the first step sees the start latents as they are
             return step
         known = ((self.image + self.noise * sigma) * (1.0 / math.sqrt(sigma**2 + 1))).astype(dtype)  # scaled as x
-        return UNetInput(mx.where(self._cfg(self.mask, n) > 0, step.x, self._cfg(known, n)), step.t, step.cond)
+        return replace(step, x=mx.where(self._cfg(self.mask, n) > 0, step.x, self._cfg(known, n)))
 
     def blend(self, x: mx.array, i: int, last: bool) -> mx.array:
         """The latents after step i as diffusers has them: the known region re-noised to the next sigma, or the
