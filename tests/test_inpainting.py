@@ -482,3 +482,16 @@ def test_example_runs(script, args, models, adapter_repo, tmp_path, monkeypatch)
     keep = np.asarray(read_mask(mask, 1)) == 0  # outside the blurred mask: the input's pixels exactly
     canvas = photo if script.startswith("inpaint") else np.pad(photo, ((0, 0), (8, 16), (0, 0)))
     assert keep.mean() > 0.25 and (out[keep] == canvas[keep]).all()
+
+
+def test_cli_latents_with_a_mask(cli, models, tmp_path):
+    """--latents combines with --init-image when there is a mask (diffusers' latents= of the inpaint pipeline)."""
+    latents = np.random.default_rng(0).standard_normal((1, 4, H // 2, W // 2)).astype(np.float32)
+    np.save(tmp_path / "lat.npy", latents)
+    code, err = cli("--init-image", str(tmp_path / "photo.png"), "--mask-image", str(tmp_path / "mask.png"),
+                    "--latents", str(tmp_path / "lat.npy"))
+    assert code == 0, err
+    want = models[4][1].generate("x", init_image=Image.open(tmp_path / "photo.png").convert("RGB"),
+                                 mask_image=make_mask(), latents=latents, steps=2, scheduler="euler", seed=3,
+                                 strength=1.0)[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png").convert("RGB")), np.asarray(want))
