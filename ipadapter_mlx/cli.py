@@ -458,6 +458,55 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     _add_lora_options(p)
     _add_t2i_options(p)
     _add_fast_options(p)
+    _add_inpaint_options(p)
+
+
+def _add_inpaint_options(p: argparse.ArgumentParser) -> None:
+    from .inpainting import FILLS
+
+    g = p.add_argument_group("inpainting and outpainting (README: Inpainting and outpainting)")
+    g.add_argument("--mask-image", default=None,
+                   help="with --init-image: repaint where the mask is white, keep where black (diffusers' rule; "
+                        "binarised at 50%%, resized to the picture as diffusers does when the sizes differ). "
+                        "Inpainting models (9-channel UNet) need it; ordinary models blend the kept part back")
+    g.add_argument("--mask-blur", type=finite_float, default=0.0, metavar="PX",
+                   help="Gaussian blur of the mask, in pixels (diffusers' mask_processor.blur): rounds its "
+                        "corners and softens the paste-back edge")
+    g.add_argument("--padding-mask-crop", type=int, default=None, metavar="PX",
+                   help="repaint only a crop around the mask, PX pixels wider, at the full output size, and paste "
+                        "it back into the picture (diffusers' padding_mask_crop: small edits in large photos)")
+    g.add_argument("--keep-unmasked", action="store_true",
+                   help="paste the original pixels back outside the mask (exactly; diffusers' apply_overlay); "
+                        "the result then has the init image's size")
+    g.add_argument("--outpaint", type=int, nargs=4, default=None, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"),
+                   help="extend the init image by these many pixels (multiples of 8) and paint the new border")
+    g.add_argument("--outpaint-fill", choices=FILLS, default="edge",
+                   help="what the new border holds before it is painted (default edge: the nearest edge pixel)")
+
+
+def _inpaint_inputs(args: argparse.Namespace, init):
+    """(init image, mask or None) for the inpainting options, checked before anything big is loaded."""
+    from .inpainting import open_mask, outpaint_canvas, read_mask
+
+    mask = open_mask(args.mask_image) if args.mask_image else None
+    if mask is not None and init is None:
+        raise UserError("--mask-image needs an --init-image (the picture to repaint)")
+    if args.outpaint:
+        if init is None:
+            raise UserError("--outpaint needs an --init-image (the picture to extend)")
+        if mask is not None:
+            raise UserError("--outpaint makes its own mask (the new border); it does not combine with --mask-image")
+        init, mask = outpaint_canvas(init, tuple(args.outpaint), args.outpaint_fill, seed=args.seed or 0)
+    if mask is None:
+        for flag, given in (("--mask-blur", args.mask_blur), ("--padding-mask-crop", args.padding_mask_crop is not None),
+                            ("--keep-unmasked", args.keep_unmasked)):
+            if given:
+                raise UserError(f"{flag} is for inpainting: give a --mask-image (or --outpaint) too")
+    else:
+        read_mask(mask, args.mask_blur)  # checks the blur
+        if args.padding_mask_crop is not None and args.padding_mask_crop < 0:
+            raise UserError(f"--padding-mask-crop must be >= 0 pixels, got {args.padding_mask_crop}")
+    return init, mask
 
 
 @dataclass
@@ -470,6 +519,7 @@ class Checked:
     seed: int
     dtype: object  # mx.Dtype
     t2i: list[tuple]  # t2i_adapter.cli_requests
+    mask: object = None  # PIL image or None: inpainting (or outpainting's border)
 
 
 def check_generate(args: argparse.Namespace) -> Checked:
@@ -500,9 +550,10 @@ def check_generate(args: argparse.Namespace) -> Checked:
     if args.strength is not None and not args.init_image:
         raise UserError("--strength is for image-to-image: give an --init-image too")
     init = open_image(args.init_image) if args.init_image else None
+    init, mask = _inpaint_inputs(args, init)
     latents = None
     if args.latents:
-        if init is not None:
+        if init is not None and mask is None:
             raise UserError("--latents is the text-to-image starting noise; it does not combine with --init-image")
         latents = read_latents(args.latents)
     groups = ip_groups(getattr(args, "ip_args", None) or [])
@@ -516,7 +567,7 @@ def check_generate(args: argparse.Namespace) -> Checked:
     t2i = t2i_adapter.cli_requests(args)  # checks counts and opens the control images before loading anything
     seed = args.seed if args.seed is not None else int(np.random.randint(0, 2**31 - 1))
     dtype = getattr(mx, args.dtype) if args.dtype else default_dtype()
-    return Checked(init, latents, groups, seed, dtype, t2i)
+    return Checked(init, latents, groups, seed, dtype, t2i, mask)
 
 
 def load_pipeline(args: argparse.Namespace, dtype):
@@ -561,18 +612,20 @@ def prepare_prompts(pipe, checked: Checked) -> tuple[list | None, list]:
 
 def render(pipe, args: argparse.Namespace, checked: Checked, prompts: list | None, controls: list,
            progress: bool = True):
-    """Sample and decode: (images (B, H, W, 3), the PNG parameters, sampling seconds, the last Step)."""
+    """Sample and decode: (PIL pictures, the PNG parameters, sampling seconds, the last Step)."""
     import mlx.core as mx
     from tqdm import tqdm
 
+    from .images import to_pil
     from .loading import read_json
     from .pipeline import DEFAULT_STRENGTH
 
     init, latents, groups, seed, dtype = checked.init, checked.latents, checked.groups, checked.seed, checked.dtype
+    mask = checked.mask
     height, width = pipe.output_size(*pipe.t2i_adapters.default_size(controls, args.height, args.width)
                                      if init is None else (args.height, args.width), init)
     check_memory(pipe, args, height, width)
-    strength = DEFAULT_STRENGTH if args.strength is None else args.strength
+    strength = (DEFAULT_STRENGTH if mask is None else 1.0) if args.strength is None else args.strength
     steps = pipe.generate_latents(
         args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg, seed=seed,
         height=height, width=width, scheduler=args.scheduler, num_images=args.num_images,
@@ -580,6 +633,7 @@ def render(pipe, args: argparse.Namespace, checked: Checked, prompts: list | Non
         original_size=tuple(args.original_size) if args.original_size else None, crop_coords=tuple(args.crop_coords),
         target_size=tuple(args.target_size) if args.target_size else None, t2i_adapters=controls,
         timestep_spacing=args.timestep_spacing, eta=args.eta,
+        mask_image=mask, mask_blur=args.mask_blur, padding_mask_crop=args.padding_mask_crop,
     )
     t1 = time.perf_counter()
     step = None
@@ -588,7 +642,8 @@ def render(pipe, args: argparse.Namespace, checked: Checked, prompts: list | Non
     t_sample = time.perf_counter() - t1
     images = pipe.decode(step.latents)
     mx.eval(images)
-    h, w = images.shape[1:3]
+    pictures = steps.inpaint.overlay(images, args.keep_unmasked) if steps.inpaint else to_pil(images)
+    w, h = pictures[0].size
     params = {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt or "", "steps": args.steps,
         "sampler": args.scheduler, "cfg_scale": args.cfg, "seed": seed, "size": f"{w}x{h}",
@@ -609,6 +664,9 @@ def render(pipe, args: argparse.Namespace, checked: Checked, prompts: list | Non
     if args.lora:
         params["loras"] = [{"lora": ref, "scale": scale} for ref, scale in args.lora]
     params.update({k: getattr(args, k) for k in ("fast", "timestep_spacing", "eta") if getattr(args, k) is not None})
+    if mask is not None:
+        params.update(mask_image=args.mask_image, outpaint=args.outpaint, mask_blur=args.mask_blur or None,
+                      padding_mask_crop=args.padding_mask_crop, keep_unmasked=args.keep_unmasked or None)
     if groups:
         params["ip_adapters"] = [
             {k: v for k, v in g.items() if v not in ([], None)} | {"scale": pipe.adapters[i].scale}
@@ -617,16 +675,16 @@ def render(pipe, args: argparse.Namespace, checked: Checked, prompts: list | Non
     if checked.t2i:
         params["t2i_adapters"] = [{"t2i_adapter": r[0], "image": r[1], "scale": r[3], "factor": r[4]}
                                   for r in checked.t2i]
-    return images, params, t_sample, step
+    return pictures, params, t_sample, step
 
 
-def save_images(images, params: dict, output: str) -> list[Path]:
+def save_images(pictures: list, params: dict, output: str) -> list[Path]:
     """Write the PNGs (atomically), each with its parameters; returns their paths."""
-    from .images import save_png, to_pil
+    from .images import save_png
 
-    paths = output_paths(output, len(images))
-    for i, (image, path) in enumerate(zip(to_pil(images), paths)):
-        save_png(image, path, {**params, "image_index": i} if len(images) > 1 else params)
+    paths = output_paths(output, len(pictures))
+    for i, (image, path) in enumerate(zip(pictures, paths)):
+        save_png(image, path, {**params, "image_index": i} if len(pictures) > 1 else params)
     return paths
 
 
@@ -638,8 +696,8 @@ def _generate(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args, checked.dtype)
     prompts, controls = prepare_prompts(pipe, checked)
     t_load = time.perf_counter() - t0
-    images, params, t_sample, step = render(pipe, args, checked, prompts, controls)
-    for path in save_images(images, params, args.output):
+    pictures, params, t_sample, step = render(pipe, args, checked, prompts, controls)
+    for path in save_images(pictures, params, args.output):
         print(path)
     if args.verbose:
         from ._blas import state

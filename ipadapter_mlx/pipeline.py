@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from . import cache, memory
+from . import cache, inpainting, memory
 from .adapters import AdapterSet
 from .conditioning import Conditioning
 from .config import SchedulerConfig, UNetConfig
@@ -80,8 +80,9 @@ def decode_tiled(vae, z: mx.array, tile: int, overlap: int = 8) -> mx.array:
 class Sampling:
     """The steps of one generation: iterate for Steps (stop early by breaking), len() gives their count."""
 
-    def __init__(self, steps: Iterator[Step], total: int):
+    def __init__(self, steps: Iterator[Step], total: int, inpaint: "inpainting.Inpaint | None" = None):
         self._steps, self.total = steps, total
+        self.inpaint = inpaint  # its overlay() turns the decoded pictures into the final ones
 
     def __iter__(self) -> Iterator[Step]:
         return self._steps
@@ -104,6 +105,22 @@ def seeded_noise(seed: int | None) -> NoiseFn:
         return mx.random.normal(shape, key=sub)
 
     return draw
+
+
+def given_latents(latents: np.ndarray | mx.array, shape: tuple[int, ...], f: int) -> mx.array:
+    """`latents=` in diffusers' layout (B, C, H/f, W/f), checked against the NHWC `shape`, as NHWC float32."""
+    given = np.asarray(latents.astype(mx.float32) if isinstance(latents, mx.array) and
+                       mx.issubdtype(latents.dtype, mx.floating) else latents)
+    if not np.issubdtype(given.dtype, np.floating):
+        raise UserError(f"latents must be floating point, got {given.dtype}")
+    if not np.isfinite(given).all():
+        raise UserError("latents hold NaN or Inf values")
+    start_noise = mx.array(given.astype(np.float32))
+    expected = (shape[0], shape[3], shape[1], shape[2])
+    if tuple(start_noise.shape) != expected:
+        raise UserError(f"latents have shape {tuple(start_noise.shape)}, expected {expected} "
+                        f"(batch, channels, height/{f}, width/{f})")
+    return start_noise.transpose(0, 2, 3, 1)
 
 
 class StableDiffusion:
@@ -362,6 +379,9 @@ class StableDiffusion:
         t2i_adapters: list[T2IControl] | None = None,
         timestep_spacing: str | None = None,
         eta: float | None = None,
+        mask_image: Image.Image | np.ndarray | None = None,
+        mask_blur: float = 0.0,
+        padding_mask_crop: int | None = None,
     ) -> "Sampling":
         """Iterate for a Step after every sampling step; the last Step's latents are the final (scaled) latents.
 
@@ -379,6 +399,9 @@ class StableDiffusion:
         init image, the size is the first control image's, as in diffusers' adapter pipelines.
         `timestep_spacing` (leading/trailing/linspace) overrides the scheduler config's; `eta` is TCD's gamma
         (samplers.py; fast.py has the few-step presets).
+        Inpainting (inpainting.py): `mask_image` (white = repaint) with `init_image`, blurred by `mask_blur`
+        pixels; `padding_mask_crop` repaints only a crop around the mask (the result's `inpaint.overlay` pastes
+        it back); `latents` is then diffusers' `latents=` of its inpainting pipelines.
         """
         if num_images < 1:
             raise UserError(f"num_images must be at least 1, got {num_images}")
@@ -407,35 +430,31 @@ class StableDiffusion:
         if t2i_adapters and init_image is None:
             height, width = self.t2i_adapters.default_size(t2i_adapters, height, width)
         height, width = self.output_size(height, width, init_image)
-        shape = (batch, height // f, width // f, self.unet_config.in_channels)
+        shape = (batch, height // f, width // f, self.vae.config.latent_channels)
+        inpainting.check_unet(self.unet_config.in_channels, shape[3], mask_image is not None)
 
         schedule = make_schedule(scheduler, self.scheduler_config, steps, timestep_spacing, eta)
         timesteps, sigmas = schedule.timesteps, schedule.sigmas
+        inpaint = None
         if init_image is not None:
             # diffusers' img2img: skip the first (1 - strength) of the schedule, noise the image to that level
             start = steps - min(int(steps * strength), steps)
             if start >= steps:
                 raise UserError(f"strength {strength} with {steps} steps leaves no step to run")
             timesteps, sigmas = timesteps[start:], sigmas[start:]
+        if mask_image is not None or (mask_blur or padding_mask_crop is not None):
+            if mask_image is None:
+                raise UserError("mask_blur and padding_mask_crop are for inpainting: give a mask_image too")
+            start_noise = noise if latents is None else given_latents(latents, shape, f)
+            inpaint, x = inpainting.Inpaint.prepare(self, init_image, mask_image, shape, sigmas, schedule.init_sigma,
+                                                    scheduler, strength, start_noise, noise, mask_blur,
+                                                    padding_mask_crop)
+        elif init_image is not None:
             pixels = to_pixels(init_image, (width, height))
             x0 = self.encode_image(mx.concatenate([pixels] * batch), noise)
             x = x0.astype(mx.float32) + noise(shape) * float(sigmas[0])
         else:
-            if latents is not None:
-                given = np.asarray(latents.astype(mx.float32) if isinstance(latents, mx.array) and
-                                   mx.issubdtype(latents.dtype, mx.floating) else latents)
-                if not np.issubdtype(given.dtype, np.floating):
-                    raise UserError(f"latents must be floating point, got {given.dtype}")
-                if not np.isfinite(given).all():
-                    raise UserError("latents hold NaN or Inf values")
-                start_noise = mx.array(given.astype(np.float32))
-                expected = (batch, shape[3], shape[1], shape[2])
-                if tuple(start_noise.shape) != expected:
-                    raise UserError(f"latents have shape {tuple(start_noise.shape)}, expected {expected} "
-                                    f"(batch, channels, height/{f}, width/{f})")
-                start_noise = start_noise.transpose(0, 2, 3, 1)
-            else:
-                start_noise = noise(shape)
+            start_noise = noise(shape) if latents is None else given_latents(latents, shape, f)
             x = start_noise * schedule.init_sigma
 
         text, pooled = self.encode_prompt(prompts)
@@ -470,7 +489,7 @@ class StableDiffusion:
             self.adapters.encoders.clear()
             mx.clear_cache()
         denoise = Denoiser(self.unet, cond, timesteps, sigmas, cfg, self.scheduler_config.prediction_type,
-                           self.dtype, list(hooks))
+                           self.dtype, list(hooks) + ([inpaint.hook] if inpaint else []))
         total = len(timesteps)
 
         def steps() -> Iterator[Step]:
@@ -481,15 +500,25 @@ class StableDiffusion:
                     raise UserError(f"sampling produced NaN/Inf at step {i + 1} of {total}: {self.nonfinite_cause()}")
                 if i == total - 1:
                     x_i = x_i / math.sqrt(float(sigmas[-1]) ** 2 + 1)  # from sigma space to diffusers' latents
+                if inpaint is not None:  # 4 channels: the known region back (inpainting.py says why it is exact)
+                    x_i = inpaint.blend(x_i, i, last=i == total - 1)
                 yield Step(i, total, x_i)
 
-        return Sampling(steps(), total)
+        return Sampling(steps(), total, inpaint)
 
-    def generate(self, prompt: str | list[str], return_array: bool = False, **kw) -> list[Image.Image] | mx.array:
-        """Run all steps and decode: PIL images, or the (B, H, W, 3) array in [0, 1] with return_array=True."""
+    def generate(self, prompt: str | list[str], return_array: bool = False, keep_unmasked: bool = False,
+                 **kw) -> list[Image.Image] | mx.array:
+        """Run all steps and decode: PIL images, or the (B, H, W, 3) array in [0, 1] with return_array=True.
+        Inpainting with `keep_unmasked` (or padding_mask_crop) pastes the original back outside the mask."""
+        if keep_unmasked and kw.get("mask_image") is None:
+            raise UserError("keep_unmasked is for inpainting: give a mask_image too")
         step = None
-        for step in self.generate_latents(prompt, **kw):
+        sampling = self.generate_latents(prompt, **kw)
+        for step in sampling:
             pass
         images = self.decode(step.latents)
         mx.eval(images)
+        if sampling.inpaint is not None and (keep_unmasked or sampling.inpaint.crop is not None):
+            pictures = sampling.inpaint.overlay(images, keep_unmasked)
+            return mx.array(np.stack([np.asarray(p) for p in pictures]) / 255.0) if return_array else pictures
         return images if return_array else to_pil(images)

@@ -294,6 +294,10 @@ def convert_single_file(
         scheduler = read_json(config_dir / "scheduler" / "scheduler_config.json")
         if (config_dir / "model_index.json").is_file():
             model_index = read_json(config_dir / "model_index.json")
+        # an inpainting file (9 input channels) with its base model's configs, as sd-v1-5-inpainting.ckpt is used
+        conv_in = parts["unet"].get("input_blocks.0.0.weight")
+        if conv_in is not None and conv_in.ndim == 4:  # (a wrong shape is reported when the weights are fitted)
+            configs["unet"] = {**configs["unet"], "in_channels": int(conv_in.shape[1])}
     else:
         configs = {n: infer_text_config(parts[n]) for n in text_names}
         pooled = configs.get("text_encoder_2", {}).get("projection_dim")
