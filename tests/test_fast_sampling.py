@@ -105,7 +105,7 @@ def run_ours(case, config, steps, strength, noise, shape):
         x = image + noise((b, h, w, ch)) * float(sigmas[0])
     else:
         x = noise((b, h, w, ch)) * schedule.init_sigma
-    unet = lambda x, t, cond: eps_model(x, float(t[0]), mx)  # noqa: E731
+    unet = lambda x, t, cond, residuals=None: eps_model(x, float(t[0]), mx)  # noqa: E731
     denoise = Denoiser(unet, Conditioning(mx.zeros((1, 1, 4)), {}, []), timesteps, sigmas, cfg=1.0,
                        prediction=c.prediction_type)
     for x in run_sampler(name, c, denoise, x, sigmas, noise, timesteps, eta, steps):
