@@ -17,6 +17,7 @@ from .conditioning import ImageCondition, Site
 from .errors import UserError, finite
 from .images import mask_array
 from .ip_adapter import Features, ImagePrompt, IPAdapter, encode_images, image_tokens
+from .loaded import LoadOrder
 from .loading import load_component
 from .models.attention import EMBEDS_SCALINGS, IPAttention
 
@@ -36,22 +37,15 @@ class LoadedAdapter:
     lora: object | None = None  # FaceID: the LoRA it fused into the UNet (faceid.py), removed with it
 
 
-class AdapterSet:
+class AdapterSet(LoadOrder[LoadedAdapter]):
     """Loaded adapters in load order (index them like a list) and the vision towers they share."""
 
+    what = "IP-Adapter"
+
     def __init__(self, dtype: mx.Dtype, quantize: tuple[int, int] | None = None):
+        super().__init__()
         self.dtype, self.quantize = dtype, quantize
-        self.loaded: list[LoadedAdapter] = []
         self.encoders: dict[Path, object] = {}  # converted folder -> CLIPVisionModel, shared between adapters
-
-    def __len__(self) -> int:
-        return len(self.loaded)
-
-    def __getitem__(self, index: int) -> LoadedAdapter:
-        return self.loaded[index]
-
-    def __iter__(self):
-        return iter(self.loaded)
 
     def load(self, ref: str, unet, image_encoder: str | None = None, scale: float | dict = 1.0) -> int:
         """Add an adapter (preset, `REPO:PATH`, file or converted folder), checked against `unet` (its structure
@@ -66,12 +60,6 @@ class AdapterSet:
         steering.block_scales(scale, layers)  # a per-block dict is checked against this UNet now
         self.loaded.append(LoadedAdapter(ref, adapter, layers, file, hub_ref, image_encoder, scale))
         return len(self.loaded) - 1
-
-    def unload(self, index: int | None = None) -> None:
-        if index is None:
-            self.loaded.clear()
-        else:
-            self.loaded.pop(index)
 
     def set_scales(self, *scales: float | dict) -> None:
         """One scale per adapter: a number or diffusers' per-block dict (checked against the adapter's layers)."""

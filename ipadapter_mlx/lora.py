@@ -33,6 +33,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import UserError, finite
+from .loaded import LoadOrder
 
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                   "lora_te2_": "text_encoder_2"}
@@ -364,21 +365,12 @@ def original_arrays(file: dict[str, mx.array], path: str, module) -> dict[str, m
     return dict(zip(("weight", "scales", "biases"), q))
 
 
-class LoraSet:
+class LoraSet(LoadOrder[LoadedLora]):
     """Loaded LoRAs in load order, each with its scale. The pipeline calls `apply` for each loaded model after
     every change and whenever a model is (re)loaded."""
 
     def __init__(self):
-        self.loaded: list[LoadedLora] = []
-
-    def __len__(self) -> int:
-        return len(self.loaded)
-
-    def __getitem__(self, index: int) -> LoadedLora:
-        return self.loaded[index]
-
-    def __iter__(self):
-        return iter(self.loaded)
+        super().__init__()
 
     def add(self, lora: Lora, scale: float = 1.0, ref: str | None = None) -> int:
         finite("LoRA scale", scale)

@@ -28,6 +28,7 @@ from .errors import UserError, finite
 from .folders import convert_once, write_mlx_folder
 from .hub import SINGLE_FILE_SUFFIXES, is_repo_id, snapshot, split_hub_path
 from .images import to_rgb
+from .loaded import LoadOrder
 from .loading import build, is_mlx_folder, load_component, read_json
 from .models.t2i_adapter import T2IAdapter, T2IAdapterConfig
 from .models.unet import Residuals
@@ -242,21 +243,14 @@ def control_pixels(image: Image.Image | np.ndarray, size: tuple[int, int], in_ch
     return mx.array(arr.reshape(1, arr.shape[0], arr.shape[1], -1))
 
 
-class T2IAdapterSet:
+class T2IAdapterSet(LoadOrder[LoadedT2IAdapter]):
     """The T2I-Adapters loaded into a pipeline, in load order (index them like a list)."""
 
+    what = "T2I-Adapter"
+
     def __init__(self, dtype: mx.Dtype, vae_factor: int):
+        super().__init__()
         self.dtype, self.vae_factor = dtype, vae_factor
-        self.loaded: list[LoadedT2IAdapter] = []
-
-    def __len__(self) -> int:
-        return len(self.loaded)
-
-    def __getitem__(self, index: int) -> LoadedT2IAdapter:
-        return self.loaded[index]
-
-    def __iter__(self):
-        return iter(self.loaded)
 
     def load(self, ref: str, unet_config, is_sdxl: bool) -> int:
         """Find (and convert once) an adapter, refuse it unless it fits this UNet, load it; returns its index."""
@@ -264,12 +258,6 @@ class T2IAdapterSet:
         folder = resolve_t2i_adapter(ref, check=fits)  # checked before the weights are downloaded or read
         self.loaded.append(LoadedT2IAdapter(ref, load_component(folder, COMPONENT, self.dtype), folder))
         return len(self.loaded) - 1
-
-    def unload(self, index: int | None = None) -> None:
-        if index is None:
-            self.loaded.clear()
-        else:
-            self.loaded.pop(index)
 
     def _get(self, control: T2IControl) -> LoadedT2IAdapter:
         if not isinstance(control, T2IControl):
