@@ -20,6 +20,7 @@ from PIL import Image
 from . import cache, memory
 from .adapters import AdapterSet
 from .conditioning import Conditioning
+from .controlnet import Control, ControlNetSet
 from .config import SchedulerConfig, UNetConfig
 from .denoiser import Denoiser, StepHook
 from .errors import UserError, finite
@@ -128,6 +129,7 @@ class StableDiffusion:
         self.vae = load_component(folder, "vae", mx.float32)
         self.scheduler_config: SchedulerConfig = load_scheduler_config(folder)
         self.adapters = AdapterSet(self.dtype, quantize)
+        self.controlnets = ControlNetSet(self.dtype, quantize, low_memory)
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, dtype: mx.Dtype | None = None,
@@ -225,6 +227,18 @@ class StableDiffusion:
         """CLIP features of reference images, as adapter `index` reads them (embeds or hidden states)."""
         return self.adapters.encode(images, index, fit, negative)
 
+    # -- ControlNets (controlnet.py holds them) ---------------------------------------------------------
+
+    def load_controlnet(self, ref: str, config: dict | None = None) -> int:
+        """Add a ControlNet (preset, diffusers folder or Hub repo, original .pth/.safetensors file, REPO:PATH);
+        returns its index for `Control(index=...)`. Fails at once when it is for another model family.
+        `config`: an original single file's diffusers config.json (dict), instead of inferring it."""
+        return self.controlnets.load(ref, self.unet_config, config)
+
+    def unload_controlnet(self, index: int | None = None) -> None:
+        """Remove one ControlNet (by index) or all."""
+        self.controlnets.unload(index)
+
     # -- non-finite numbers ---------------------------------------------------------------------------
 
     def nonfinite_cause(self) -> str:
@@ -288,6 +302,7 @@ class StableDiffusion:
         crop_coords: tuple[int, int] = (0, 0),
         target_size: tuple[int, int] | None = None,
         hooks: list[StepHook] = (),
+        controls: list[Control] | None = None,
     ) -> "Sampling":
         """Iterate for a Step after every sampling step; the last Step's latents are the final (scaled) latents.
 
@@ -301,6 +316,7 @@ class StableDiffusion:
         size, and `crop_coords` (top, left), as diffusers' defaults. `negative_prompt=None` on SDXL gives zero
         negative embeddings (its force_zeros_for_empty_prompt), as diffusers does.
         `hooks`: functions called at every step with the UNet's input (denoiser.py), which they may replace.
+        `controls`: one Control (control image, scale, start/end, guess mode) per ControlNet used (controlnet.py).
         """
         if num_images < 1:
             raise UserError(f"num_images must be at least 1, got {num_images}")
@@ -358,6 +374,8 @@ class StableDiffusion:
                 start_noise = noise(shape)
             x = start_noise * schedule.init_sigma
 
+        if controls:  # control images checked and prepared before any encoding; N: the steps run (img2img: fewer)
+            hooks = [*hooks, self.controlnets.hook(controls, (width, height), len(timesteps), cfg > 1.0)]
         text, pooled = self.encode_prompt(prompts)
         guided = cfg > 1.0
         if guided:
