@@ -115,3 +115,127 @@ def test_model_matches_diffusers_sdxl(xl_parts):
     added = {"text_embeds": torch.randn(2, 32, generator=g),
              "time_ids": torch.tensor([[64.0, 96, 0, 0, 64, 96], [32, 32, 4, 8, 64, 64]])}
     _compare(ref, ours, "ControlNet SDXL (text_time)", False, context=64, added=added)
+
+
+# -- whole generations ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adapter_repo(torch_pipe, tmp_path_factory):
+    return make_adapter_repo(tmp_path_factory.mktemp("h94-cn"), torch_pipe.unet)
+
+
+def sd_reference(diffusers_dir, sd_nets, nets, kind=diffusers.StableDiffusionControlNetPipeline, adapter=None,
+                 repo=None):
+    control = [diffusers.ControlNetModel.from_pretrained(sd_nets / n) for n in nets]
+    pipe = kind.from_pretrained(diffusers_dir, controlnet=control[0] if len(control) == 1 else control,
+                                safety_checker=None)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    if adapter:
+        pipe.load_ip_adapter(str(repo), subfolder="models", weight_name=VARIANTS[adapter][0],
+                             image_encoder_folder="models/image_encoder")
+        pipe.set_ip_adapter_scale(0.7)
+    return pipe
+
+
+def ours_with(mlx_dir, sd_nets, nets, adapter=None, repo=None):
+    ours = StableDiffusion(mlx_dir, dtype=mx.float32)
+    for n in nets:
+        ours.load_controlnet(str(sd_nets / n))
+    if adapter:
+        ours.load_ip_adapter(str(repo / "models" / VARIANTS[adapter][0]), scale=0.7)
+    return ours
+
+
+def start_noise(seed=0):
+    return torch.randn(1, 4, H // 2, W // 2, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("adapter", ["plus", "base"])
+def test_sd15_controlnet_with_ip_adapter(diffusers_dir, mlx_dir, sd_nets, adapter_repo, adapter):
+    """StableDiffusionControlNetPipeline + an IP-Adapter: the ControlNet reads the text only."""
+    latents, ctrl, ref_image = start_noise(), control_image(1), reference_image(1)
+    ref = sd_reference(diffusers_dir, sd_nets, ["net0"], adapter=adapter, repo=adapter_repo)(
+        "a cat", image=ctrl, ip_adapter_image=ref_image, controlnet_conditioning_scale=0.8, num_inference_steps=STEPS,
+        guidance_scale=6.0, height=H, width=W, latents=latents, output_type="np").images
+    ours = ours_with(mlx_dir, sd_nets, ["net0"], adapter, adapter_repo)
+    kw = dict(steps=STEPS, cfg=6.0, height=H, width=W, scheduler="euler", latents=latents.numpy(), return_array=True,
+              image_prompts=[ImagePrompt(images=[ref_image])])
+    got = np.array(ours.generate("a cat", controls=[Control(ctrl, scale=0.8)], **kw))
+    assert record(f"ControlNet SD 1.5 + IP-Adapter {adapter}", psnr(got, ref), "dB") >= 40
+    plain = np.array(ours.generate("a cat", **kw))  # the control does change the picture
+    assert psnr(got, plain) < 30
+
+
+def test_multi_controlnet_scales_and_windows(diffusers_dir, mlx_dir, sd_nets):
+    """MultiControlNet: residuals summed, each net with its own scale and start/end (5 steps: net0 runs steps
+    0-2, net1 steps 1-4), a different scheduler."""
+    latents, images = start_noise(2), [control_image(2), control_image(3, (40, 40))]
+    ref_pipe = sd_reference(diffusers_dir, sd_nets, ["net0", "net1"])
+    ref_pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(ref_pipe.scheduler.config,
+                                                                          use_karras_sigmas=True)
+    ref = ref_pipe("a cat", negative_prompt="blurry", image=images, controlnet_conditioning_scale=[0.8, 0.5],
+                   control_guidance_start=[0.0, 0.2], control_guidance_end=[0.6, 1.0], num_inference_steps=STEPS,
+                   guidance_scale=6.0, height=H, width=W, latents=latents, output_type="np").images
+    ours = ours_with(mlx_dir, sd_nets, ["net0", "net1"])
+    controls = [Control(images[0], 0, 0.8, 0.0, 0.6), Control(images[1], 1, 0.5, 0.2, 1.0)]
+    got = np.array(ours.generate("a cat", negative_prompt="blurry", steps=STEPS, cfg=6.0, height=H, width=W,
+                                 scheduler="dpmpp-2m-karras", latents=latents.numpy(), controls=controls,
+                                 return_array=True))
+    assert record("MultiControlNet (scales 0.8/0.5, windows 0-0.6/0.2-1)", psnr(got, ref), "dB") >= 40
+
+
+@pytest.mark.parametrize("cfg", [6.0, 1.0])
+def test_guess_mode(diffusers_dir, mlx_dir, sd_nets, cfg):
+    """Guess mode: the net sees the conditional half only (zeros for the other), residuals scaled 0.1 .. 1;
+    without guidance it still scales them."""
+    latents, ctrl = start_noise(4), control_image(4)
+    ref = sd_reference(diffusers_dir, sd_nets, ["net1"])(
+        "a cat", image=ctrl, guess_mode=True, num_inference_steps=STEPS, guidance_scale=cfg, height=H, width=W,
+        latents=latents, output_type="np").images
+    ours = ours_with(mlx_dir, sd_nets, ["net1"])
+    got = np.array(ours.generate("a cat", steps=STEPS, cfg=cfg, height=H, width=W, scheduler="euler",
+                                 latents=latents.numpy(), controls=[Control(ctrl, guess_mode=True)],
+                                 return_array=True))
+    assert record(f"ControlNet guess mode (cfg {cfg})", psnr(got, ref), "dB") >= 40
+
+
+def test_controlnet_image_to_image(diffusers_dir, mlx_dir, sd_nets, adapter_repo):
+    init, ctrl = reference_image(9, (W, H)), control_image(5)
+    ref = sd_reference(diffusers_dir, sd_nets, ["net0"], diffusers.StableDiffusionControlNetImg2ImgPipeline,
+                       adapter="plus", repo=adapter_repo)(
+        "a cat", image=init, control_image=ctrl, strength=0.7, ip_adapter_image=reference_image(1),
+        controlnet_conditioning_scale=0.6,  # (this pipeline's default is 0.8; the text-to-image ones' 1.0)
+        control_guidance_start=0.3, num_inference_steps=STEPS, guidance_scale=6.0, height=H, width=W,
+        generator=torch.Generator().manual_seed(2), output_type="np").images
+    ours = ours_with(mlx_dir, sd_nets, ["net0"], "plus", adapter_repo)
+    got = np.array(ours.generate("a cat", steps=STEPS, cfg=6.0, scheduler="euler", init_image=init, strength=0.7,
+                                 noise=torch_noise(torch.Generator().manual_seed(2)), return_array=True,
+                                 image_prompts=[ImagePrompt(images=[reference_image(1)])],
+                                 controls=[Control(ctrl, scale=0.6, start=0.3)]))
+    assert record("ControlNet image-to-image + IP-Adapter plus", psnr(got, ref), "dB") >= 40
+
+
+@pytest.mark.parametrize("variant", ["sdxl", "plus-sdxl-vit-h"])
+def test_sdxl_controlnet_with_ip_adapter(xl_parts, tmp_path_factory, variant):
+    from ipadapter_mlx.checkpoints.stable_diffusion import convert_diffusers_folder
+
+    net = diffusers.ControlNetModel.from_pretrained(xl_parts / "net")
+    ref = diffusers.StableDiffusionXLControlNetPipeline.from_pretrained(xl_parts / "pipe", controlnet=net)
+    repo = make_adapter_repo(tmp_path_factory.mktemp("h94-xl"), ref.unet, variants=SDXL_VARIANTS, folder="sdxl_models")
+    file, encoder, _ = SDXL_VARIANTS[variant]
+    ref.load_ip_adapter(str(repo), subfolder="sdxl_models", weight_name=file,
+                        image_encoder_folder=f"{encoder}/image_encoder")
+    ref.set_ip_adapter_scale(0.7)
+    latents, ctrl, image = start_noise(1), control_image(6), reference_image(1)
+    expected = ref("a fox", image=ctrl, ip_adapter_image=image, controlnet_conditioning_scale=0.9,
+                   num_inference_steps=STEPS, guidance_scale=6.0, height=H, width=W, latents=latents,
+                   output_type="np").images
+    ours = StableDiffusion(convert_diffusers_folder(xl_parts / "pipe", tmp_path_factory.mktemp("mlx") / "xl"),
+                           mx.float32)
+    ours.load_controlnet(str(xl_parts / "net"))
+    ours.load_ip_adapter(str(repo / "sdxl_models" / file), scale=0.7)
+    got = np.array(ours.generate("a fox", steps=STEPS, cfg=6.0, height=H, width=W, scheduler="euler",
+                                 latents=latents.numpy(), image_prompts=[ImagePrompt(images=[image])],
+                                 controls=[Control(ctrl, scale=0.9)], return_array=True))
+    assert record(f"ControlNet SDXL + IP-Adapter {variant}", psnr(got, expected), "dB") >= 40
