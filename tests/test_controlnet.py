@@ -77,10 +77,10 @@ def test_model_matches_diffusers_sd15(sd_nets, tmp_path, guess, pool, order):
     _compare(ref, ours, f"ControlNet SD 1.5 (guess {guess}, pool {pool}, {order})", guess, context=32)
 
 
-def _compare(ref, ours, name, guess=False, context=32, added=None):
+def _compare(ref, ours, name, guess=False, context=32, added=None, image_size=2):
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(2, 4, 8, 12, generator=g), torch.randn(2, 7, context, generator=g)
-    image = torch.rand(2, 3, 16, 24, generator=g)
+    image = torch.rand(2, 3, 8 * image_size, 12 * image_size, generator=g)
     t = torch.tensor([900.0, 20.0])
     with torch.no_grad():
         down, mid = ref(x, t, ctx, image, conditioning_scale=0.7, guess_mode=guess, return_dict=False,
@@ -239,3 +239,54 @@ def test_sdxl_controlnet_with_ip_adapter(xl_parts, tmp_path_factory, variant):
                                  latents=latents.numpy(), image_prompts=[ImagePrompt(images=[image])],
                                  controls=[Control(ctrl, scale=0.9)], return_array=True))
     assert record(f"ControlNet SDXL + IP-Adapter {variant}", psnr(got, expected), "dB") >= 40
+
+
+# -- original single files --------------------------------------------------------------------------------------
+
+
+def to_original(net) -> dict:
+    """A diffusers ControlNet's state dict in the original layout (`control_model.*`), by inverting our key
+    table; diffusers' own single-file loader reads it back below, so the table is checked by both sides."""
+    from ipadapter_mlx.checkpoints.controlnet_files import controlnet_original_to_diffusers
+    from ipadapter_mlx.config import ControlNetConfig
+
+    pairs = [(d, o) for o, d in controlnet_original_to_diffusers(ControlNetConfig.from_dict(dict(net.config)))]
+    out = {}
+    for key, value in net.state_dict().items():
+        src, dst = max(((d, o) for d, o in pairs if key.startswith(d + ".")), key=lambda p: len(p[0]))
+        out["control_model." + dst + key[len(src):]] = value.contiguous()
+    return out
+
+
+SD15_LIKE = dict(in_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=768,
+                 attention_head_dim=8, norm_num_groups=32)  # SD 1.5's conventions: shapes alone tell the config
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_single_file_matches_diffusers_loader(tmp_path, suffix):
+    from safetensors.torch import save_file
+
+    from ipadapter_mlx.controlnet import resolve_controlnet
+    from ipadapter_mlx.loading import load_component, read_safetensors
+
+    torch.manual_seed(0)
+    net = perturb(diffusers.ControlNetModel(**SD15_LIKE), 3)  # the default 16-32-96-256 hint block
+    net.save_pretrained(tmp_path / "diffusers")
+    original = to_original(net)
+    path = tmp_path / f"control_v11p_sd15_tiny{suffix}"
+    torch.save(original, path) if suffix == ".pth" else save_file(original, path)
+    theirs = diffusers.ControlNetModel.from_single_file(str(path), config=str(tmp_path / "diffusers")).state_dict()
+    assert all(torch.equal(theirs[k], v) for k, v in net.state_dict().items())  # the inverse table is right
+    for config in (None, json.loads((tmp_path / "diffusers" / "config.json").read_text())):  # inferred or given
+        folder = resolve_controlnet(str(path), config=config)
+        ours, _ = read_safetensors(folder / "controlnet" / "model.safetensors")
+        assert len(ours) == len(theirs)
+        for k, v in theirs.items():
+            v = v.numpy()
+            got = np.array(ours[k])
+            got = got.transpose(0, 3, 1, 2) if got.ndim == 4 else got.reshape(v.shape)
+            assert np.array_equal(got, v), k
+    # and the converted net computes what diffusers' does (the config inferred from the shapes)
+    _compare(net.eval(), load_component(resolve_controlnet(str(path)), "controlnet", mx.float32),
+             f"ControlNet from an original {suffix} (config inferred)", context=768, image_size=8)
