@@ -78,35 +78,44 @@ LISTS = ("image", "image_weight", "image_embeds", "mask", "composition_image")  
 class _IPOption(argparse.Action):
     """Keeps IP-Adapter options in command-line order, so each belongs to the --ip-adapter before it."""
 
+    store = "ip_args"  # the namespace list the options go to, in order (one per option group)
+
     def __call__(self, parser, namespace, value, option_string=None):
-        namespace.ip_args = (getattr(namespace, "ip_args", None) or []) + [(self.dest, value)]
+        setattr(namespace, self.store, (getattr(namespace, self.store, None) or []) + [(self.dest, value)])
 
 
 def ip_groups(pairs: list[tuple[str, str]]) -> list[dict]:
     """[('ip_adapter', A), ('image', x), ('scale', s), ('ip_adapter', B), ...] -> one dict per adapter.
     Options given before the first --ip-adapter belong to the first."""
+    return option_groups(pairs, "ip_adapter", LISTS, "IP-Adapter", "an --ip-adapter")
+
+
+def option_groups(pairs: list[tuple[str, str]], head: str, lists: tuple[str, ...], what: str,
+                  needs: str) -> list[dict]:
+    """Options in command-line order -> one dict per `head` option, each holding the options after it (those
+    before the first head belong to the first); options in `lists` may repeat, the others not."""
     groups: list[dict] = []
     pending: list[tuple[str, str]] = []
     for key, value in pairs:
-        if key == "ip_adapter":
-            groups.append({"ip_adapter": value, **{k: [] for k in LISTS}})
+        if key == head:
+            groups.append({head: value, **{k: [] for k in lists}})
             for k, v in pending:
-                _put(groups[-1], k, v)
+                _put(groups[-1], k, v, head, lists, what)
             pending = []
         elif groups:
-            _put(groups[-1], key, value)
+            _put(groups[-1], key, value, head, lists, what)
         else:
             pending.append((key, value))
     if pending:
-        raise UserError(f"--{pending[0][0].replace('_', '-')} needs an --ip-adapter")
+        raise UserError(f"--{pending[0][0].replace('_', '-')} needs {needs}")
     return groups
 
 
-def _put(group: dict, key: str, value) -> None:
-    if key in LISTS:
+def _put(group: dict, key: str, value, head: str, lists: tuple[str, ...], what: str) -> None:
+    if key in lists:
         group[key].append(value)
     elif key in group:
-        raise UserError(f"--{key.replace('_', '-')} given twice for IP-Adapter {group['ip_adapter']}")
+        raise UserError(f"--{key.replace('_', '-')} given twice for {what} {group[head]}")
     else:
         group[key] = value
 
@@ -173,6 +182,42 @@ def _add_ip_options(p: argparse.ArgumentParser, embed: bool = False) -> None:
                             "K+V-C-penalty, K+mean-V")
 
 
+class _ControlOption(_IPOption):
+    """ControlNet options, each belonging to the --controlnet before it."""
+
+    store = "control_args"
+
+
+def _add_controlnet_options(p: argparse.ArgumentParser) -> None:
+    from .controlnet import PRESETS, PREPROCESSORS
+
+    g = p.add_argument_group("ControlNet (repeat --controlnet for several: residuals summed; options apply to the "
+                             "one before them)")
+    g.add_argument("--controlnet", action=_ControlOption, dest="controlnet",
+                   help=f"preset ({', '.join(PRESETS)}), a Hub repo or diffusers folder, an original "
+                        ".pth/.safetensors file or REPO:PATH, or a folder from `python -m convert`")
+    g.add_argument("--control-image", action=_ControlOption, dest="control_image",
+                   help="its control image (edges, depth, pose map ...), resized to the output size")
+    g.add_argument("--control-scale", action=_ControlOption, dest="control_scale", type=finite_float,
+                   help="strength of its residuals (default 1.0)")
+    g.add_argument("--control-start", action=_ControlOption, dest="control_start", type=fraction,
+                   help="fraction of the steps before it acts (default 0): off at step i of N when i/N < start")
+    g.add_argument("--control-end", action=_ControlOption, dest="control_end", type=fraction,
+                   help="fraction of the steps after which it stops (default 1): off when (i+1)/N > end")
+    g.add_argument("--guess-mode", action=_ControlOption, dest="guess_mode", nargs=0,
+                   help="the net sees the conditional half only, its residuals scaled 0.1 .. 1 (diffusers' "
+                        "guess_mode; try --cfg 3 to 5)")
+    g.add_argument("--control-preprocess", action=_ControlOption, dest="control_preprocess", metavar="KIND",
+                   help=f"make the control image from a picture: {', '.join(PREPROCESSORS)} (default none: "
+                        "used as it is); depth and pose maps come from other tools, see the README")
+    g.add_argument("--canny-low", action=_ControlOption, dest="canny_low", type=finite_float,
+                   help="canny: the lower hysteresis threshold (default 100, as diffusers' examples)")
+    g.add_argument("--canny-high", action=_ControlOption, dest="canny_high", type=finite_float,
+                   help="canny: the upper threshold (default 200)")
+    g.add_argument("--control-mask", action=_ControlOption, dest="control_mask",
+                   help="inpaint: white where the picture is to be repainted (those pixels become -1)")
+
+
 def _add_embed(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="write reference images' CLIP features to a file, for generate --image-embeds",
                        description="Encode reference images once with the CLIP vision tower one IP-Adapter reads; "
@@ -180,6 +225,39 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     _add_ip_options(p, embed=True)
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float32 on the CPU, float16 on a GPU")
     p.add_argument("--output", required=True, help=".safetensors path")
+
+
+def controlnet_groups(pairs: list[tuple[str, str]]) -> list[dict]:
+    """--controlnet options, one dict per net, checked (files readable, window, preprocessor) before any loading."""
+    from .controlnet import check_preprocess
+    from .images import open_image
+
+    groups = option_groups(pairs, "controlnet", ("control_image",), "ControlNet", "a --controlnet")
+    for g in groups:
+        if len(g["control_image"]) != 1:
+            raise UserError(f"ControlNet {g['controlnet']}: {len(g['control_image'])} --control-image given; "
+                            "each --controlnet takes one (give --controlnet again for another image)")
+        g["control_image"] = g["control_image"][0]
+        g["guess_mode"] = "guess_mode" in g or None
+        if g.get("control_start", 0.0) >= g.get("control_end", 1.0):
+            raise UserError(f"ControlNet {g['controlnet']}: --control-start {g.get('control_start', 0.0)} must be "
+                            f"before --control-end {g.get('control_end', 1.0)}")
+        check_preprocess(g.get("control_preprocess", "none"), g.get("control_mask"),
+                         ("canny_low" in g or "canny_high" in g))
+        for path in [g["control_image"]] + ([g["control_mask"]] if g.get("control_mask") else []):
+            open_image(path)
+    return groups
+
+
+def control_from_group(g: dict, index: int, size: tuple[int, int]):
+    from .controlnet import Control, preprocess
+    from .images import open_image
+
+    mask = open_image(g["control_mask"]) if g.get("control_mask") else None
+    image = preprocess(open_image(g["control_image"]), g.get("control_preprocess", "none"), size,
+                       g.get("canny_low", 100), g.get("canny_high", 200), mask)
+    return Control(image, index, g.get("control_scale", 1.0), g.get("control_start", 0.0),
+                   g.get("control_end", 1.0), bool(g["guess_mode"]))
 
 
 def _embed(args: argparse.Namespace) -> int:
@@ -344,6 +422,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="run even when the memory estimate exceeds this machine (it may swap or be stopped)")
     p.add_argument("--verbose", action="store_true", help="print timings, peak memory, device and BLAS")
     _add_ip_options(p)
+    _add_controlnet_options(p)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -384,6 +463,7 @@ def _generate(args: argparse.Namespace) -> int:
             raise UserError("--negative-content-scale needs a --negative-content-prompt")
         for path in g["image"] + g["composition_image"] + ([g["negative_image"]] if g.get("negative_image") else []):
             open_image(path)
+    control_groups = controlnet_groups(getattr(args, "control_args", None) or [])
     seed = args.seed if args.seed is not None else int(np.random.randint(0, 2**31 - 1))
     dtype = getattr(mx, args.dtype) if args.dtype else default_dtype()
 
@@ -392,19 +472,22 @@ def _generate(args: argparse.Namespace) -> int:
     pipe = StableDiffusion.from_pretrained(args.model, dtype=dtype, quantize=quantize, low_memory=args.low_memory,
                                            tokenizer=args.tokenizer, config=args.config)
     prompts = _image_prompts(pipe, groups) if groups else None
+    for g in control_groups:
+        pipe.load_controlnet(g["controlnet"])
     for i, p in enumerate(prompts or []):
         if p.images or p.composition_images:  # the encoder will run: find it now, so the estimate counts it
             pipe.image_encoder_folder(i)
     t_load = time.perf_counter() - t0
     height, width = pipe.output_size(args.height, args.width, init)
     check_memory(pipe, args, height, width)
+    controls = [control_from_group(g, i, (width, height)) for i, g in enumerate(control_groups)]
     strength = DEFAULT_STRENGTH if args.strength is None else args.strength
     steps = pipe.generate_latents(
         args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg, seed=seed,
         height=height, width=width, scheduler=args.scheduler, num_images=args.num_images,
         init_image=init, strength=strength, latents=latents, image_prompts=prompts,
         original_size=tuple(args.original_size) if args.original_size else None, crop_coords=tuple(args.crop_coords),
-        target_size=tuple(args.target_size) if args.target_size else None,
+        target_size=tuple(args.target_size) if args.target_size else None, controls=controls or None,
     )
     t1 = time.perf_counter()
     step = None
@@ -436,6 +519,8 @@ def _generate(args: argparse.Namespace) -> int:
             {k: v for k, v in g.items() if v not in ([], None)} | {"scale": pipe.adapters[i].scale}
             for i, g in enumerate(groups)
         ]
+    if control_groups:
+        params["controlnets"] = [{k: v for k, v in g.items() if v not in ([], None)} for g in control_groups]
     for i, (image, path) in enumerate(zip(to_pil(images), output_paths(args.output, len(images)))):
         save_png(image, path, {**params, "image_index": i} if len(images) > 1 else params)
         print(path)

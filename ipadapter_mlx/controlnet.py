@@ -224,6 +224,21 @@ def canny(image: np.ndarray, low: float = 100, high: float = 200) -> np.ndarray:
     return edges.astype(np.uint8) * 255
 
 
+MADE_ELSEWHERE = ("depth", "openpose", "pose", "lineart", "softedge", "hed", "scribble", "normal", "seg", "mlsd")
+
+
+def check_preprocess(kind: str, mask: object = None, canny_thresholds: bool = False) -> None:
+    """The preprocessor exists and has what it needs (checked before any model loads)."""
+    if kind in MADE_ELSEWHERE:
+        raise UserError(f"--control-preprocess {kind}: not made here; {ELSEWHERE}")
+    if kind not in PREPROCESSORS:
+        raise UserError(f"unknown --control-preprocess {kind!r} (choose from {', '.join(PREPROCESSORS)})")
+    if (mask is not None) != (kind == "inpaint"):
+        raise UserError("--control-mask goes with --control-preprocess inpaint (and it needs one)")
+    if canny_thresholds and kind != "canny":
+        raise UserError("--canny-low/--canny-high go with --control-preprocess canny")
+
+
 def preprocess(image: Image.Image, kind: str, size: tuple[int, int], low: float = 100, high: float = 200,
                mask: Image.Image | None = None, tile_factor: int = 8) -> Image.Image | np.ndarray:
     """Make a control image from a picture, as diffusers' ControlNet docs do, at the output size (w, h):
@@ -232,6 +247,7 @@ def preprocess(image: Image.Image, kind: str, size: tuple[int, int], low: float 
     pixels under `mask` (white, from 0.5 up) set to -1, as a float array."""
     from .images import to_rgb
 
+    check_preprocess(kind, mask if kind == "inpaint" else None)
     image = to_rgb(image)
     if image.size != tuple(size):
         image = image.resize(size, Image.LANCZOS)
@@ -245,8 +261,6 @@ def preprocess(image: Image.Image, kind: str, size: tuple[int, int], low: float 
         small = image.resize((max(1, w // tile_factor), max(1, h // tile_factor)), Image.LANCZOS)
         return small.resize((w, h), Image.LANCZOS)
     if kind == "inpaint":
-        if mask is None:
-            raise UserError("the inpaint control needs a mask (--control-mask): white where to repaint")
         pixels = np.asarray(image, np.float32) / 255.0
         grey = np.asarray(to_rgb(mask).convert("L").resize(size, Image.LANCZOS), np.float32) / 255.0
         pixels[grey > 0.5] = -1.0

@@ -6,6 +6,7 @@ import pytest
 pytest.importorskip("torch", reason="parity test: needs the PyTorch reference (pip install torch==2.13.0 '.[test]')")
 
 import json
+import re
 from pathlib import Path
 
 import diffusers
@@ -290,3 +291,79 @@ def test_single_file_matches_diffusers_loader(tmp_path, suffix):
     # and the converted net computes what diffusers' does (the config inferred from the shapes)
     _compare(net.eval(), load_component(resolve_controlnet(str(path)), "controlnet", mx.float32),
              f"ControlNet from an original {suffix} (config inferred)", context=768, image_size=8)
+
+
+# -- the command line -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli(mlx_dir, sd_nets, tmp_path, capsys, monkeypatch, tmp_path_factory):
+    """`generate` on the tiny SD 1.5 model; the canny preset resolves to a Hub cache holding net0, offline."""
+    from huggingface_hub import constants
+
+    from ipadapter_mlx.cli import main
+    from test_cli import hub_cache
+
+    hf_home = tmp_path / "hf"
+    hub_cache(hf_home, "lllyasviel/control_v11p_sd15_canny", sd_nets / "net0")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    control_image(7).save(tmp_path / "edges.png")
+    reference_image(2).save(tmp_path / "photo.png")
+
+    def go(*args):
+        common = ["--model", str(mlx_dir), "--prompt", "a cat", "--steps", "3", "--height", str(H), "--width",
+                  str(W), "--seed", "3", "--scheduler", "euler", "--output", str(tmp_path / "out.png")]
+        code = main(["generate", *common, *args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return go
+
+
+def test_cli_two_controlnets_match_the_api(cli, mlx_dir, sd_nets, tmp_path):
+    """Each option belongs to the --controlnet before it; the picture is the API's with the same controls."""
+    code, out, err = cli("--controlnet", "canny", "--control-image", str(tmp_path / "edges.png"),
+                         "--control-scale", "0.7", "--control-end", "0.8",
+                         "--controlnet", str(sd_nets / "net1"), "--control-image", str(tmp_path / "photo.png"),
+                         "--control-preprocess", "canny", "--canny-low", "50", "--canny-high", "120", "--guess-mode")
+    assert code == 0, err
+    from ipadapter_mlx.controlnet import preprocess
+    from ipadapter_mlx.images import open_image
+
+    ours = StableDiffusion(mlx_dir, dtype=mx.float32)
+    ours.load_controlnet(str(sd_nets / "net0"))
+    ours.load_controlnet(str(sd_nets / "net1"))
+    edges = preprocess(open_image(tmp_path / "photo.png"), "canny", (W, H), 50, 120)
+    expected = ours.generate("a cat", steps=3, height=H, width=W, seed=3, scheduler="euler", controls=[
+        Control(open_image(tmp_path / "edges.png"), 0, 0.7, end=0.8), Control(edges, 1, guess_mode=True)])
+    saved = Image.open(tmp_path / "out.png")
+    assert np.array_equal(np.asarray(saved), np.asarray(expected[0]))
+    meta = json.loads(saved.text["ipadapter_mlx"])["controlnets"]
+    assert meta[0]["controlnet"] == "canny" and meta[0]["control_scale"] == 0.7
+    assert meta[1]["guess_mode"] is True and meta[1]["canny_low"] == 50
+
+
+def test_cli_bad_inputs_one_line_each(cli, xl_parts, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a picture")
+    edges = str(tmp_path / "edges.png")
+    cases = [
+        (["--controlnet", str(xl_parts / "net"), "--control-image", edges],
+         r"ControlNet .*net is for SDXL \(cross-attention 64\), this model is SD 1.x/2.x \(cross-attention 32\)"),
+        (["--controlnet", "canny", "--control-image", str(tmp_path / "missing.png")], r"image not found: .*missing"),
+        (["--controlnet", "canny", "--control-image", str(tmp_path / "broken.png")], r"cannot read image .*broken"),
+        (["--controlnet", "canny", "--control-image", edges, "--control-image", edges],
+         r"ControlNet canny: 2 --control-image given; each --controlnet takes one"),
+        (["--control-scale", "0.5"], r"--control-scale needs a --controlnet"),
+        (["--controlnet", "canny"], r"ControlNet canny: 0 --control-image given"),
+        (["--controlnet", "canny", "--control-image", edges, "--control-preprocess", "depth"],
+         r"--control-preprocess depth: not made here; depth and pose maps come from other models"),
+        (["--controlnet", "canny", "--control-image", edges, "--control-start", "0.6", "--control-end", "0.5"],
+         r"ControlNet canny: --control-start 0.6 must be before --control-end 0.5"),
+        (["--controlnet", "canny", "--control-image", edges, "--control-preprocess", "inpaint"],
+         r"--control-mask goes with --control-preprocess inpaint"),
+        (["--controlnet", str(tmp_path / "nothing"), "--control-image", edges], r"ControlNet not found: .*nothing"),
+    ]
+    for args, message in cases:
+        code, out, err = cli(*args)
+        assert code == 2 and len(err.strip().splitlines()) == 1, (args, err)
+        assert re.search(f"^error: {message}", err), (args, err)
