@@ -170,20 +170,20 @@ def test_sd15_controlnet_with_ip_adapter(diffusers_dir, mlx_dir, sd_nets, adapte
 
 def test_multi_controlnet_scales_and_windows(diffusers_dir, mlx_dir, sd_nets):
     """MultiControlNet: residuals summed, each net with its own scale and start/end (5 steps: net0 runs steps
-    0-2, net1 steps 1-4), a different scheduler."""
+    0-1, net1 steps 1-4), a different scheduler."""
     latents, images = start_noise(2), [control_image(2), control_image(3, (40, 40))]
     ref_pipe = sd_reference(diffusers_dir, sd_nets, ["net0", "net1"])
     ref_pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(ref_pipe.scheduler.config,
                                                                           use_karras_sigmas=True)
     ref = ref_pipe("a cat", negative_prompt="blurry", image=images, controlnet_conditioning_scale=[0.8, 0.5],
-                   control_guidance_start=[0.0, 0.2], control_guidance_end=[0.6, 1.0], num_inference_steps=STEPS,
+                   control_guidance_start=[0.0, 0.2], control_guidance_end=[0.4, 1.0], num_inference_steps=STEPS,
                    guidance_scale=6.0, height=H, width=W, latents=latents, output_type="np").images
     ours = ours_with(mlx_dir, sd_nets, ["net0", "net1"])
-    controls = [Control(images[0], 0, 0.8, 0.0, 0.6), Control(images[1], 1, 0.5, 0.2, 1.0)]
+    controls = [Control(images[0], 0, 0.8, 0.0, 0.4), Control(images[1], 1, 0.5, 0.2, 1.0)]
     got = np.array(ours.generate("a cat", negative_prompt="blurry", steps=STEPS, cfg=6.0, height=H, width=W,
                                  scheduler="dpmpp-2m-karras", latents=latents.numpy(), controls=controls,
                                  return_array=True))
-    assert record("MultiControlNet (scales 0.8/0.5, windows 0-0.6/0.2-1)", psnr(got, ref), "dB") >= 40
+    assert record("MultiControlNet (scales 0.8/0.5, windows 0-0.4/0.2-1)", psnr(got, ref), "dB") >= 40
 
 
 @pytest.mark.parametrize("cfg", [6.0, 1.0])
@@ -367,3 +367,112 @@ def test_cli_bad_inputs_one_line_each(cli, xl_parts, tmp_path):
         code, out, err = cli(*args)
         assert code == 2 and len(err.strip().splitlines()) == 1, (args, err)
         assert re.search(f"^error: {message}", err), (args, err)
+
+
+# -- control images ----------------------------------------------------------------------------------------------
+
+
+def canny_cpp(src: np.ndarray, low_thresh: float, high_thresh: float) -> np.ndarray:
+    """OpenCV's canny.cpp (cv::Canny, aperture 3, L1 gradient), transcribed loop for loop: the int16 Sobel with
+    BORDER_REPLICATE, the padded magnitude rows, the map of 0/1/2 with its one-pixel border of 1, the
+    prev_flag rule, the edge stack, and the final pass."""
+    if low_thresh > high_thresh:
+        low_thresh, high_thresh = high_thresh, low_thresh
+    src = src[..., None] if src.ndim == 2 else src
+    rows, cols, cn = src.shape
+    p = np.pad(src.astype(int), ((1, 1), (1, 1), (0, 0)), mode="edge")
+    dx = np.zeros((rows, cols, cn), int)
+    dy = np.zeros((rows, cols, cn), int)
+    for i in range(rows):
+        for j in range(cols):
+            for c in range(cn):
+                w = p[i:i + 3, j:j + 3, c]
+                dx[i, j, c] = (w[0, 2] + 2 * w[1, 2] + w[2, 2]) - (w[0, 0] + 2 * w[1, 0] + w[2, 0])
+                dy[i, j, c] = (w[2, 0] + 2 * w[2, 1] + w[2, 2]) - (w[0, 0] + 2 * w[0, 1] + w[0, 2])
+    low, high = int(np.floor(low_thresh)), int(np.floor(high_thresh))
+    mag = np.zeros((rows + 2, cols + 2), int)  # row i + 1, column j + 1 hold pixel (i, j); borders 0
+    gx = np.zeros((rows, cols), int)
+    gy = np.zeros((rows, cols), int)
+    for i in range(rows):
+        for j in range(cols):
+            norms = [abs(dx[i, j, c]) + abs(dy[i, j, c]) for c in range(cn)]
+            best = 0
+            for c in range(1, cn):
+                if norms[c] > norms[best]:
+                    best = c
+            mag[i + 1, j + 1], gx[i, j], gy[i, j] = norms[best], dx[i, j, best], dy[i, j, best]
+    emap = np.ones((rows + 2, cols + 2), int)
+    stack = []
+    TG22 = int(0.4142135623730950488016887242097 * (1 << 15) + 0.5)
+    for i in range(1, rows + 1):
+        prev_flag = 0
+        for j in range(1, cols + 1):
+            m = mag[i, j]
+            push = False
+            if m > low:
+                xs, ys = gx[i - 1, j - 1], gy[i - 1, j - 1]
+                x, y = abs(xs), abs(ys) << 15
+                tg22x = x * TG22
+                if y < tg22x:
+                    push = m > mag[i, j - 1] and m >= mag[i, j + 1]
+                else:
+                    tg67x = tg22x + (x << 16)
+                    if y > tg67x:
+                        push = m > mag[i - 1, j] and m >= mag[i + 1, j]
+                    else:
+                        s = -1 if (xs ^ ys) < 0 else 1
+                        push = m > mag[i - 1, j - s] and m > mag[i + 1, j + s]
+            if not push:
+                prev_flag = 0
+                emap[i, j] = 1
+                continue
+            if not prev_flag and m > high and emap[i - 1, j] != 2:
+                emap[i, j] = 2
+                stack.append((i, j))
+                prev_flag = 1
+            else:
+                emap[i, j] = 0
+    while stack:
+        i, j = stack.pop()
+        for a, b in ((i, j - 1), (i, j + 1), (i - 1, j - 1), (i - 1, j), (i - 1, j + 1), (i + 1, j - 1), (i + 1, j),
+                     (i + 1, j + 1)):
+            if emap[a, b] == 0:
+                emap[a, b] = 2
+                stack.append((a, b))
+    return np.where(emap[1:-1, 1:-1] == 2, 255, 0).astype(np.uint8)
+
+
+@pytest.mark.parametrize("channels,low,high", [(3, 100, 200), (1, 30, 90), (3, 200.7, 50.2), (3, 0, 0)])
+def test_canny_matches_opencv_algorithm(channels, low, high):
+    from ipadapter_mlx.controlnet import canny
+
+    rng = np.random.default_rng(channels + int(low))
+    smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((53, 41), Image.BICUBIC))
+    image = np.clip(smooth.astype(int) + rng.integers(-20, 21, smooth.shape), 0, 255).astype(np.uint8)
+    image = image[..., 0] if channels == 1 else image
+    ours, ref = canny(image, low, high), canny_cpp(image, low, high)
+    assert 0.02 < (ref > 0).mean() < 0.6  # edges, not an empty or full picture
+    assert np.array_equal(ours, ref)
+
+
+def test_control_image_preparation():
+    """Resized with lanczos to the output size and scaled to [0, 1] as diffusers' VaeImageProcessor
+    (do_normalize=False) does; canny as three equal channels; tile a blurred copy; inpaint -1 under the mask."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from ipadapter_mlx.controlnet import control_pixels, preprocess
+
+    image = reference_image(3, (70, 45)).convert("RGBA")
+    ref = VaeImageProcessor(vae_scale_factor=2, do_convert_rgb=True, do_normalize=False).preprocess(
+        image, height=H, width=W).numpy().transpose(0, 2, 3, 1)
+    assert np.abs(np.array(control_pixels(image, (W, H))) - ref).max() < 1e-6
+    edges = np.asarray(preprocess(image, "canny", (W, H), 20, 60))
+    assert edges.shape == (H, W, 3) and (edges[..., 0] == edges[..., 2]).all() and set(np.unique(edges)) == {0, 255}
+    tile = np.asarray(preprocess(image, "tile", (W, H)), np.float32)
+    sharp = np.asarray(image.convert("RGB").resize((W, H), Image.LANCZOS), np.float32)
+    assert tile.shape == sharp.shape and 0 < np.abs(tile - sharp).mean() < 40
+    mask = Image.new("L", (70, 45))
+    mask.paste(255, (0, 0, 35, 45))  # the left half
+    inpaint = preprocess(image, "inpaint", (W, H), mask=mask)
+    assert (inpaint[:, : W // 2 - 1] == -1).all() and (inpaint[:, W // 2 + 1:] >= 0).all()
+    assert np.array_equal(np.array(control_pixels(inpaint, (W, H)))[0], inpaint)
