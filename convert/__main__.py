@@ -1,4 +1,5 @@
-"""Convert a Stable Diffusion model or an IP-Adapter into a converted MLX folder, once, ahead of time.
+"""Convert a Stable Diffusion model, an IP-Adapter or a ControlNet into a converted MLX folder, once, ahead
+of time.
 
 SOURCE is one of
   a model:       a Hub repo id (org/name), a diffusers folder, or an original single
@@ -6,7 +7,11 @@ SOURCE is one of
   an IP-Adapter: a preset (below), REPO:PATH on the Hub
                  (h94/IP-Adapter:models/ip-adapter-plus_sd15.safetensors), or a tencent-format
                  ip-adapter*.bin / .safetensors file
-presets: {presets}"""
+  a ControlNet:  a preset (below), a diffusers ControlNet folder or Hub repo
+                 (lllyasviel/control_v11p_sd15_canny), or an original control_*.pth /
+                 .safetensors file (control_model.* keys), local or REPO:PATH
+presets: {presets}
+ControlNet presets: {controlnet_presets}"""
 
 from __future__ import annotations
 
@@ -25,6 +30,9 @@ EPILOG = """what OUTPUT holds:
   an IP-Adapter: ip_adapter/config.json, ip_adapter/model.safetensors and mlx_model.json; no
                  image encoder. Use it as --ip-adapter; its encoder is found as for any adapter
                  (an image_encoder/ folder beside it, else h94/IP-Adapter's), or give --image-encoder.
+  a ControlNet:  controlnet/config.json, controlnet/model.safetensors and mlx_model.json. Use it
+                 as --controlnet. An original single file's config is inferred from its shapes
+                 (SD 1.5 / SDXL conventions) unless --config names a diffusers ControlNet.
 
 OUTPUT is written to a temp folder beside it, then renamed into place; with --force an existing
 OUTPUT is replaced the same way, so an interrupted run leaves the old folder or the new one whole."""
@@ -72,10 +80,13 @@ def check_output(out: Path, src: Path, force: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ipadapter_mlx.controlnet import PRESETS as CONTROLNET_PRESETS
     from ipadapter_mlx.discovery import PRESETS
 
-    p = Parser(prog="python -m convert", description=__doc__.format(presets=textwrap.fill(", ".join(PRESETS), 90, subsequent_indent="  ")), epilog=EPILOG)
-    p.add_argument("source", help="a model or an IP-Adapter (see above)")
+    p = Parser(prog="python -m convert", description=__doc__.format(
+        presets=textwrap.fill(", ".join(PRESETS), 90, subsequent_indent="  "),
+        controlnet_presets=textwrap.fill(", ".join(CONTROLNET_PRESETS), 90, subsequent_indent="  ")), epilog=EPILOG)
+    p.add_argument("source", help="a model, an IP-Adapter or a ControlNet (see above)")
     p.add_argument("output", help="the MLX folder to write")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="store weights in this dtype (default: as in the source)")
@@ -107,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         check_output(out, src, args.force)
         dtype = getattr(mx, args.dtype) if args.dtype else None
         q = (args.quantize, args.group_size) if args.quantize else None
-        if args.source in PRESETS or split_hub_path(args.source) or (src.is_file() and is_ip_adapter_file(src)):
+        from ipadapter_mlx.controlnet import controlnet_config, convert_controlnet, is_controlnet
+
+        if is_controlnet(args.source):
+            config = controlnet_config(args.config) if args.config else None
+            convert_controlnet(args.source, out, dtype, q, config)
+        elif args.source in PRESETS or split_hub_path(args.source) or (src.is_file() and is_ip_adapter_file(src)):
             save_ip_adapter(resolve_ip_adapter(args.source)[0], out, dtype)
         elif src.is_dir():
             convert_diffusers_folder(src, out, dtype, q)

@@ -93,8 +93,10 @@ def is_controlnet(ref: str) -> bool:
         return is_controlnet_folder(path)
     if path.is_file():
         return is_controlnet_file(path)
-    if split_hub_path(ref):
-        return ref.endswith((".pth", ".safetensors")) and "control" in ref.lower()
+    if hub := split_hub_path(ref):  # the file is needed for either kind: look inside
+        from .hub import hub_file
+
+        return is_controlnet_file(hub_file(*hub))
     if is_repo_id(ref):
         try:
             folder = snapshot(ref, ["config.json", "model_index.json"])
@@ -102,6 +104,21 @@ def is_controlnet(ref: str) -> bool:
             return False
         return not (folder / "model_index.json").is_file() and is_controlnet_folder(folder)
     return False
+
+
+def controlnet_config(ref: str) -> dict:
+    """`--config` for an original single file: the config.json of a diffusers ControlNet folder or Hub repo."""
+    from .hub import is_repo_id, snapshot
+    from .loading import read_json
+
+    path = Path(ref).expanduser()
+    if path.is_file() and path.name == "config.json":
+        return read_json(path)
+    if path.is_dir():
+        return read_json(path / "config.json")
+    if is_repo_id(ref):
+        return read_json(snapshot(ref, ["config.json"]) / "config.json")
+    raise UserError(f"--config {ref}: not a ControlNet folder, config.json or Hub repo")
 
 
 def convert_controlnet(ref: str, dst: Path, dtype: mx.Dtype | None = None, quantize: tuple[int, int] | None = None,
@@ -355,9 +372,11 @@ class ControlNetSet:
         (the net's own activations come before and are smaller than the UNet's)."""
         total = 0
         for net in self.nets:
-            ch = net.config.block_out_channels
-            maps = [(lat_h * lat_w, ch[0])] + [(lat_h * lat_w // 4**i, w) for i, w in enumerate(ch)
-                                                for _ in range(net.config.layers_per_block[i] + 1)]
+            ch, n = net.config.block_out_channels, len(net.config.block_out_channels)
+            maps = [(lat_h * lat_w, ch[0]), (lat_h * lat_w // 4 ** (n - 1), ch[-1])]  # conv_in's, the mid block's
+            for i, w in enumerate(ch):  # each layer's at its level, the downsampler's at the next
+                maps += [(lat_h * lat_w // 4**i, w)] * net.config.layers_per_block[i]
+                maps += [(lat_h * lat_w // 4 ** (i + 1), w)] * (i < n - 1)
             total += sum(px * c for px, c in maps) * batch * self.dtype.size
         return total
 

@@ -476,3 +476,84 @@ def test_control_image_preparation():
     inpaint = preprocess(image, "inpaint", (W, H), mask=mask)
     assert (inpaint[:, : W // 2 - 1] == -1).all() and (inpaint[:, W // 2 + 1:] >= 0).all()
     assert np.array_equal(np.array(control_pixels(inpaint, (W, H)))[0], inpaint)
+
+
+# -- conversion, quantization, low memory, the memory estimate, API errors ----------------------------------------
+
+
+def test_convert_command(sd_nets, tmp_path, mlx_dir):
+    """`python -m convert` writes a ControlNet folder (from a diffusers folder, or an original file with
+    --config); --quantize stores its Linear layers quantized; each loads as --controlnet gives the same net."""
+    from convert.__main__ import main as convert
+    from mlx.utils import tree_flatten
+
+    from ipadapter_mlx.controlnet import resolve_controlnet
+
+    net = diffusers.ControlNetModel.from_pretrained(sd_nets / "net0")
+    original = tmp_path / "control_tiny.pth"
+    torch.save(to_original(net), original)
+    assert convert([str(sd_nets / "net0"), str(tmp_path / "a")]) == 0
+    assert convert([str(original), str(tmp_path / "b"), "--config", str(sd_nets / "net0")]) == 0
+    assert convert([str(sd_nets / "net0"), str(tmp_path / "q"), "--quantize", "8"]) == 0
+    weights = [dict(tree_flatten(StableDiffusion(mlx_dir, mx.float32).controlnets.model(
+        type("N", (), {"model": None, "folder": f})()).parameters())) for f in (tmp_path / "a", tmp_path / "b")]
+    assert weights[0].keys() == weights[1].keys() and all(mx.array_equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert resolve_controlnet(str(tmp_path / "a")) == tmp_path / "a"  # a converted folder is used as it is
+    pipe = StableDiffusion(mlx_dir, mx.float32)
+    pipe.load_controlnet(str(tmp_path / "q"))
+    quantized = [k for k, _ in tree_flatten(pipe.controlnets.nets[0].model.parameters()) if k.endswith(".scales")]
+    assert quantized and json.loads((tmp_path / "q" / "controlnet" / "config.json").read_text())["quantization"]
+
+
+def test_quantize_and_low_memory(mlx_dir, sd_nets):
+    """--quantize covers the nets (their Linear layers); low-memory mode loads them after the encoders and gives
+    the same picture."""
+    kw = dict(steps=2, cfg=6.0, height=H, width=W, scheduler="euler", seed=4, return_array=True,
+              controls=[Control(control_image(1))])
+    pictures = []
+    for low in (False, True):
+        pipe = StableDiffusion(mlx_dir, dtype=mx.float32, low_memory=low)
+        pipe.load_controlnet(str(sd_nets / "net0"))
+        assert (pipe.controlnets.nets[0].model is None) == low
+        pictures.append(pipe.generate("a cat", **kw))
+    assert mx.array_equal(*pictures)
+    pipe = StableDiffusion(mlx_dir, dtype=mx.float32, quantize=(8, 32))
+    pipe.load_controlnet(str(sd_nets / "net0"))
+    from ipadapter_mlx.quantize import QuantizedLinear
+
+    layers = [m for _, m in pipe.controlnets.nets[0].model.named_modules() if isinstance(m, QuantizedLinear)]
+    assert layers  # the attention and time-embedding Linears (zero convs of 32 wide too)
+    assert psnr(np.array(pipe.generate("a cat", **kw)), np.array(pictures[0])) > 20  # close to float
+
+
+def test_memory_estimate_counts_the_nets(mlx_dir, sd_nets):
+    """Each net's weights and the residuals it holds while the UNet runs (measured from a real call)."""
+    from mlx.utils import tree_flatten
+
+    pipe = StableDiffusion(mlx_dir, dtype=mx.float32)
+    before = pipe.estimate_memory(64, 96)
+    pipe.load_controlnet(str(sd_nets / "net0"))
+    net = pipe.controlnets.nets[0].model
+    weights = sum(v.nbytes for _, v in tree_flatten(net.parameters()))
+    r = net(mx.zeros((2, 32, 48, 4)), mx.array([1.0, 1.0]), StepConditioning(mx.zeros((2, 7, 32))),
+            mx.zeros((2, 64, 96, 3)))
+    residuals = sum(a.nbytes for a in r.down + [r.mid])
+    assert pipe.estimate_memory(64, 96) - before == weights + residuals
+
+
+def test_api_errors(mlx_dir, sd_nets, xl_parts):
+    pipe = StableDiffusion(mlx_dir, dtype=mx.float32)
+    pipe.load_controlnet(str(sd_nets / "net0"))
+    kw = dict(steps=2, height=H, width=W, scheduler="euler", seed=1)
+    for controls, message in [
+        ([Control(control_image(1)), Control(control_image(2), index=1)], r"Control index 1: 1 ControlNet loaded"),
+        ([Control(control_image(1), start=0.5, end=0.5)], r"control start 0.5 must be before its end 0.5"),
+        ([Control(control_image(1), scale=float("nan"))], r"control scale"),
+        ([Control(np.zeros((H, W + 8, 3), np.float32))], r"a float control image must be \(height, width, 3\)"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            pipe.generate("a cat", controls=controls, **kw)
+    with pytest.raises(UserError, match=r"is for SDXL \(cross-attention 64\), this model is SD 1.x/2.x"):
+        pipe.load_controlnet(str(xl_parts / "net"))
+    pipe.unload_controlnet()
+    assert len(pipe.controlnets) == 0
