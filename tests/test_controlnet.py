@@ -557,3 +557,19 @@ def test_api_errors(mlx_dir, sd_nets, xl_parts):
         pipe.load_controlnet(str(xl_parts / "net"))
     pipe.unload_controlnet()
     assert len(pipe.controlnets) == 0
+
+
+@pytest.mark.parametrize("structure", ["--pose", "--edges-from"])
+def test_example_pose_and_style(structure, mlx_dir, sd_nets, adapter_repo, tmp_path, monkeypatch):
+    """examples/pose_and_style.py runs (tiny model, adapter and net), so it cannot rot."""
+    import runpy
+    import sys
+
+    control_image(1).save(tmp_path / "structure.png")
+    reference_image(2).save(tmp_path / "style.png")
+    monkeypatch.setattr(sys, "argv", [
+        "pose_and_style.py", structure, str(tmp_path / "structure.png"), "--image", str(tmp_path / "style.png"),
+        "--prompt", "a dancer", "--model", str(mlx_dir), "--ip-adapter", str(adapter_repo / "models" / VARIANTS["plus"][0]),
+        "--controlnet", str(sd_nets / "net0"), "--steps", "2", "--size", "32", "--output", str(tmp_path / "out.png")])
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "pose_and_style.py"), run_name="__main__")
+    assert Image.open(tmp_path / "out.png").size == (32, 32)
