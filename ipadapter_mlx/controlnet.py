@@ -228,14 +228,25 @@ def canny(image: np.ndarray, low: float = 100, high: float = 200) -> np.ndarray:
                     np.where(vertical, (mag > at(-1, 0)) & (mag >= at(1, 0)), (mag > up_s) & (mag > down_s)))
     candidate = (mag > low) & peak
     edges = candidate & (mag > high)
-    # hysteresis: grow the strong pixels through 8-connected candidates
-    stack = list(zip(*np.nonzero(edges)))
+    # hysteresis: grow the strong pixels through 8-connected candidates, a ring at a time in numpy while the
+    # rings are wide; the last thin stretches of long edges pixel by pixel
+    frontier = edges.copy()
+    for _ in range(256):
+        if not frontier.any():
+            break
+        f = np.pad(frontier, 1)
+        ring = np.zeros_like(frontier)
+        for di in (0, 1, 2):
+            for dj in (0, 1, 2):
+                ring |= f[di:di + H, dj:dj + W]
+        frontier = ring & candidate & ~edges
+        edges |= frontier
+    stack = list(zip(*np.nonzero(frontier)))
     while stack:
         i, j = stack.pop()
-        for di in (-1, 0, 1):
-            for dj in (-1, 0, 1):
-                a_, b_ = i + di, j + dj
-                if 0 <= a_ < H and 0 <= b_ < W and candidate[a_, b_] and not edges[a_, b_]:
+        for a_ in range(max(i - 1, 0), min(i + 2, H)):
+            for b_ in range(max(j - 1, 0), min(j + 2, W)):
+                if candidate[a_, b_] and not edges[a_, b_]:
                     edges[a_, b_] = True
                     stack.append((a_, b_))
     return edges.astype(np.uint8) * 255

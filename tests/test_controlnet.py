@@ -573,3 +573,15 @@ def test_example_pose_and_style(structure, mlx_dir, sd_nets, adapter_repo, tmp_p
         "--controlnet", str(sd_nets / "net0"), "--steps", "2", "--size", "32", "--output", str(tmp_path / "out.png")])
     runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "pose_and_style.py"), run_name="__main__")
     assert Image.open(tmp_path / "out.png").size == (32, 32)
+
+
+def test_canny_long_weak_edge():
+    """A weak edge 600 pixels long fed by one strong end: hysteresis outruns the numpy rings (256) and is
+    finished pixel by pixel; still OpenCV's result."""
+    from ipadapter_mlx.controlnet import canny
+
+    image = np.zeros((9, 620), np.uint8)
+    image[5:] = 20  # a step of 20: |dy| = 80 (weak)
+    image[5:, :6] = 120  # one strong end
+    ours, ref = canny(image, 50, 300), canny_cpp(image, 50, 300)
+    assert (ref[4] > 0).sum() + (ref[5] > 0).sum() > 600 and np.array_equal(ours, ref)
