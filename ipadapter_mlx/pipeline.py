@@ -249,7 +249,8 @@ class StableDiffusion:
         modules = {"UNet": self._unet, "VAE": self.vae,
                    **{n.replace("_", " "): m for n, m in self.prompts.models.items()},
                    **{f"image encoder {f.name}": m for f, m in self.adapters.encoders.items()},
-                   **{f"IP-Adapter {la.ref}": la.adapter for la in self.adapters}}
+                   **{f"IP-Adapter {la.ref}": la.adapter for la in self.adapters},
+                   **{f"ControlNet {net.ref}": net.model for net in self.controlnets}}
         for name, module in modules.items():
             for key, v in tree_flatten(module.parameters()) if module is not None else []:
                 if mx.issubdtype(v.dtype, mx.floating) and not all_finite(v):

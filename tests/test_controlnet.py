@@ -585,3 +585,20 @@ def test_canny_long_weak_edge():
     image[5:, :6] = 120  # one strong end
     ours, ref = canny(image, 50, 300), canny_cpp(image, 50, 300)
     assert (ref[4] > 0).sum() + (ref[5] > 0).sum() > 600 and np.array_equal(ours, ref)
+
+
+def test_original_file_from_the_hub(mlx_dir, tmp_path, monkeypatch):
+    """REPO:PATH fetches one original file from the Hub cache (offline); its inferred config (768-d context) is
+    refused by the tiny model (32-d) naming both."""
+    from huggingface_hub import constants
+
+    from test_cli import hub_cache
+
+    torch.manual_seed(0)
+    (tmp_path / "repo").mkdir()
+    torch.save(to_original(perturb(diffusers.ControlNetModel(**SD15_LIKE), 3)), tmp_path / "repo" / "control_tiny.pth")
+    hub_cache(tmp_path / "hf", "lllyasviel/ControlNet-v1-1", tmp_path / "repo")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(UserError, match=r"ControlNet lllyasviel/ControlNet-v1-1:control_tiny.pth is for SD 1.x/2.x "
+                                        r"\(cross-attention 768\), this model is SD 1.x/2.x \(cross-attention 32\)"):
+        StableDiffusion(mlx_dir, mx.float32).load_controlnet("lllyasviel/ControlNet-v1-1:control_tiny.pth")
