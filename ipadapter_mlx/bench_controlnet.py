@@ -72,8 +72,9 @@ def ours(shapes_key: str, size: int, steps: int) -> dict:
         pipe = StableDiffusion(random_pipeline(Path(tmp) / "model", shapes), mx.float32)
         config = {**controlnet_config(shapes["unet"]), "_class_name": "ControlNetModel"}
         for i in range(2):
-            folder = write_mlx_folder(Path(tmp) / f"net{i}", {"controlnet": (config, random_weights("controlnet", config))},
-                                      "random weights", kind="controlnet")
+            weights = random_weights("controlnet", config)
+            folder = write_mlx_folder(Path(tmp) / f"net{i}", {"controlnet": (config, weights)}, "random weights",
+                                      kind="controlnet")
             pipe.load_controlnet(str(folder))
         image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
         for n in (0, 1, 2):

@@ -193,16 +193,16 @@ def _add_controlnet_options(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("ControlNet (repeat --controlnet for several: residuals summed; options apply to the "
                              "one before them)")
-    g.add_argument("--controlnet", action=_ControlOption, dest="controlnet",
+    g.add_argument("--controlnet", action=_ControlOption, dest="controlnet", metavar="REF",
                    help=f"preset ({', '.join(PRESETS)}), a Hub repo or diffusers folder, an original "
                         ".pth/.safetensors file or REPO:PATH, or a folder from `python -m convert`")
-    g.add_argument("--control-image", action=_ControlOption, dest="control_image",
+    g.add_argument("--control-image", action=_ControlOption, dest="control_image", metavar="FILE",
                    help="its control image (edges, depth, pose map ...), resized to the output size")
-    g.add_argument("--control-scale", action=_ControlOption, dest="control_scale", type=finite_float,
+    g.add_argument("--control-scale", action=_ControlOption, dest="control_scale", metavar="S", type=finite_float,
                    help="strength of its residuals (default 1.0)")
-    g.add_argument("--control-start", action=_ControlOption, dest="control_start", type=fraction,
+    g.add_argument("--control-start", action=_ControlOption, dest="control_start", metavar="F", type=fraction,
                    help="fraction of the steps before it acts (default 0): off at step i of N when i/N < start")
-    g.add_argument("--control-end", action=_ControlOption, dest="control_end", type=fraction,
+    g.add_argument("--control-end", action=_ControlOption, dest="control_end", metavar="F", type=fraction,
                    help="fraction of the steps after which it stops (default 1): off when (i+1)/N > end")
     g.add_argument("--guess-mode", action=_ControlOption, dest="guess_mode", nargs=0,
                    help="the net sees the conditional half only, its residuals scaled 0.1 .. 1 (diffusers' "
@@ -210,11 +210,11 @@ def _add_controlnet_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--control-preprocess", action=_ControlOption, dest="control_preprocess", metavar="KIND",
                    help=f"make the control image from a picture: {', '.join(PREPROCESSORS)} (default none: "
                         "used as it is); depth and pose maps come from other tools, see the README")
-    g.add_argument("--canny-low", action=_ControlOption, dest="canny_low", type=finite_float,
+    g.add_argument("--canny-low", action=_ControlOption, dest="canny_low", metavar="T", type=finite_float,
                    help="canny: the lower hysteresis threshold (default 100, as diffusers' examples)")
-    g.add_argument("--canny-high", action=_ControlOption, dest="canny_high", type=finite_float,
+    g.add_argument("--canny-high", action=_ControlOption, dest="canny_high", metavar="T", type=finite_float,
                    help="canny: the upper threshold (default 200)")
-    g.add_argument("--control-mask", action=_ControlOption, dest="control_mask",
+    g.add_argument("--control-mask", action=_ControlOption, dest="control_mask", metavar="FILE",
                    help="inpaint: white where the picture is to be repainted (those pixels become -1)")
 
 

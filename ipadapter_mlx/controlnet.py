@@ -12,7 +12,6 @@ Semantics are diffusers' StableDiffusion(XL)ControlNetPipeline's:
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,8 +22,6 @@ from PIL import Image
 from .config import ControlNetConfig, UNetConfig
 from .errors import UserError
 from .models.unet import Residuals
-
-log = logging.getLogger(__name__)
 
 PRESETS = {
     "canny": "lllyasviel/control_v11p_sd15_canny",
@@ -134,7 +131,7 @@ def convert_controlnet(ref: str, dst: Path, dtype: mx.Dtype | None = None, quant
 
 def _source(ref: str) -> tuple[str, Path]:
     """("folder" | "file" | "mlx", local path) of a preset, folder, file, REPO:PATH or Hub repo."""
-    from .hub import hub_errors, hub_file, is_repo_id, snapshot, split_hub_path
+    from .hub import hub_file, is_repo_id, snapshot, split_hub_path
     from .loading import is_mlx_folder
 
     ref = PRESETS.get(ref, ref)
@@ -159,8 +156,7 @@ def _source(ref: str) -> tuple[str, Path]:
             folder = snapshot(ref, ["config.json", name])
             if (folder / name).is_file():
                 return "folder", folder
-        with hub_errors(ref):
-            raise UserError(f"{ref} has no ControlNet weights ({' or '.join(HUB_WEIGHTS)})")
+        raise UserError(f"{ref} has no ControlNet weights ({' or '.join(HUB_WEIGHTS)})")
     raise UserError(f"ControlNet not found: {ref} is not a folder, a file, REPO:PATH, a Hub repo or a preset "
                     f"({', '.join(PRESETS)})")
 

@@ -89,7 +89,8 @@ def _compare(ref, ours, name, guess=False, context=32, added=None, image_size=2)
     cond = StepConditioning(mx.array(ctx.numpy()), {k: mx.array(v.numpy()) for k, v in (added or {}).items()})
     r = ours(nhwc(x), mx.array(t.numpy()), cond, nhwc(image), 0.7, guess)
     assert len(r.down) == len(down)
-    err = max(np.abs(to_np(a).transpose(0, 3, 1, 2) - to_np(b)).max() for a, b in zip(r.down + [r.mid], list(down) + [mid]))
+    pairs = zip(r.down + [r.mid], list(down) + [mid])
+    err = max(np.abs(to_np(a).transpose(0, 3, 1, 2) - to_np(b)).max() for a, b in pairs)
     scale = max(np.abs(to_np(b)).max() for b in down)
     assert scale > 1e-2  # real residuals, not zeros
     assert record(name, err, "abs") < TOL
@@ -447,7 +448,8 @@ def test_canny_matches_opencv_algorithm(channels, low, high):
     from ipadapter_mlx.controlnet import canny
 
     rng = np.random.default_rng(channels + int(low))
-    smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((53, 41), Image.BICUBIC))
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+    smooth = np.asarray(coarse.resize((53, 41), Image.BICUBIC))
     image = np.clip(smooth.astype(int) + rng.integers(-20, 21, smooth.shape), 0, 255).astype(np.uint8)
     image = image[..., 0] if channels == 1 else image
     ours, ref = canny(image, low, high), canny_cpp(image, low, high)
@@ -495,9 +497,11 @@ def test_convert_command(sd_nets, tmp_path, mlx_dir):
     assert convert([str(sd_nets / "net0"), str(tmp_path / "a")]) == 0
     assert convert([str(original), str(tmp_path / "b"), "--config", str(sd_nets / "net0")]) == 0
     assert convert([str(sd_nets / "net0"), str(tmp_path / "q"), "--quantize", "8"]) == 0
-    weights = [dict(tree_flatten(StableDiffusion(mlx_dir, mx.float32).controlnets.model(
-        type("N", (), {"model": None, "folder": f})()).parameters())) for f in (tmp_path / "a", tmp_path / "b")]
-    assert weights[0].keys() == weights[1].keys() and all(mx.array_equal(weights[0][k], weights[1][k]) for k in weights[0])
+    from ipadapter_mlx.loading import load_component
+
+    weights = [dict(tree_flatten(load_component(f, "controlnet").parameters())) for f in (tmp_path / "a", tmp_path / "b")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(mx.array_equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert resolve_controlnet(str(tmp_path / "a")) == tmp_path / "a"  # a converted folder is used as it is
     pipe = StableDiffusion(mlx_dir, mx.float32)
     pipe.load_controlnet(str(tmp_path / "q"))
@@ -569,7 +573,8 @@ def test_example_pose_and_style(structure, mlx_dir, sd_nets, adapter_repo, tmp_p
     reference_image(2).save(tmp_path / "style.png")
     monkeypatch.setattr(sys, "argv", [
         "pose_and_style.py", structure, str(tmp_path / "structure.png"), "--image", str(tmp_path / "style.png"),
-        "--prompt", "a dancer", "--model", str(mlx_dir), "--ip-adapter", str(adapter_repo / "models" / VARIANTS["plus"][0]),
+        "--prompt", "a dancer", "--model", str(mlx_dir),
+        "--ip-adapter", str(adapter_repo / "models" / VARIANTS["plus"][0]),
         "--controlnet", str(sd_nets / "net0"), "--steps", "2", "--size", "32", "--output", str(tmp_path / "out.png")])
     runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "pose_and_style.py"), run_name="__main__")
     assert Image.open(tmp_path / "out.png").size == (32, 32)
