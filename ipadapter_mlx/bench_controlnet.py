@@ -100,15 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-diffusers", action="store_true", help="ours only")
     args = p.parse_args(argv)
     key = "tiny" if args.tiny else "sd15"
-    mine = ours(key, args.size, args.steps)
     theirs = None
-    if not args.no_diffusers:
+    if not args.no_diffusers:  # first: the two sides never hold their models at the same time
         run = subprocess.run([sys.executable, __file__, "--diffusers-side", key, str(args.size), str(args.steps)],
                              capture_output=True, text=True)
         theirs = {int(k): v for k, v in json.loads(run.stdout.strip().splitlines()[-1]).items()} \
             if run.returncode == 0 else None
         if theirs is None:
             print(f"diffusers side failed: {run.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        else:
+            print(f"diffusers: {theirs}", flush=True)
+    mine = ours(key, args.size, args.steps)
     print(f"seconds per step, {args.size}x{args.size}, CFG batch 2, float32, median of steps 2..{args.steps}")
     print(f"  {'':24s} {'ours':>8s} {'diffusers':>10s}")
     for n, label in ((0, "no ControlNet"), (1, "1 ControlNet"), (2, "2 ControlNets")):
