@@ -375,7 +375,7 @@ class StableDiffusion:
                 start_noise = noise(shape)
             x = start_noise * schedule.init_sigma
 
-        if controls:  # control images checked and prepared before any encoding; N: the steps run (img2img: fewer)
+        if controls:  # control images checked and prepared before the prompts are encoded; N = steps run
             hooks = [*hooks, self.controlnets.hook(controls, (width, height), len(timesteps), cfg > 1.0)]
         text, pooled = self.encode_prompt(prompts)
         guided = cfg > 1.0
