@@ -1,4 +1,5 @@
-"""Convert a Stable Diffusion model, an IP-Adapter or a T2I-Adapter into a converted MLX folder, once, ahead of time.
+"""Convert a Stable Diffusion model, an IP-Adapter, a ControlNet or a T2I-Adapter into a converted MLX folder,
+once, ahead of time.
 
 SOURCE is one of
   a model:       a Hub repo id (org/name), a diffusers folder, or an original single
@@ -6,9 +7,13 @@ SOURCE is one of
   an IP-Adapter: a preset (below), REPO:PATH on the Hub
                  (h94/IP-Adapter:models/ip-adapter-plus_sd15.safetensors), or a tencent-format
                  ip-adapter*.bin / .safetensors file
+  a ControlNet:  a preset (below), a diffusers ControlNet folder or Hub repo
+                 (lllyasviel/control_v11p_sd15_canny), or an original control_*.pth /
+                 .safetensors file (control_model.* keys), local or REPO:PATH
   a T2I-Adapter: a preset (below), a Hub repo id (TencentARC/t2i-adapter-canny-sdxl-1.0),
                  REPO:FOLDER, or a diffusers folder (config.json + diffusion_pytorch_model.*)
 presets: {presets}
+ControlNet presets: {controlnet_presets}
 T2I-Adapter presets: {t2i_presets}"""
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ EPILOG = """what OUTPUT holds:
   an IP-Adapter: ip_adapter/config.json, ip_adapter/model.safetensors and mlx_model.json; no
                  image encoder. Use it as --ip-adapter; its encoder is found as for any adapter
                  (an image_encoder/ folder beside it, else h94/IP-Adapter's), or give --image-encoder.
+  a ControlNet:  controlnet/config.json, controlnet/model.safetensors and mlx_model.json. Use it
+                 as --controlnet. An original single file's config is inferred from its shapes
+                 (SD 1.5 / SDXL conventions) unless --config names a diffusers ControlNet.
   a T2I-Adapter: t2i_adapter/config.json, t2i_adapter/model.safetensors and mlx_model.json.
                  Use it as --t2i-adapter.
 
@@ -77,14 +85,16 @@ def check_output(out: Path, src: Path, force: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ipadapter_mlx.controlnet import PRESETS as CONTROLNET_PRESETS
     from ipadapter_mlx.discovery import PRESETS
     from ipadapter_mlx.t2i_adapter import PRESETS as T2I_PRESETS
 
     p = Parser(prog="python -m convert", description=__doc__.format(
         presets=textwrap.fill(", ".join(PRESETS), 90, subsequent_indent="  "),
+        controlnet_presets=textwrap.fill(", ".join(CONTROLNET_PRESETS), 90, subsequent_indent="  "),
         t2i_presets=textwrap.fill(", ".join(T2I_PRESETS), 90, subsequent_indent="  ", break_on_hyphens=False)),
         epilog=EPILOG)
-    p.add_argument("source", help="a model, an IP-Adapter or a T2I-Adapter (see above)")
+    p.add_argument("source", help="a model, an IP-Adapter, a ControlNet or a T2I-Adapter (see above)")
     p.add_argument("output", help="the MLX folder to write")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="store weights in this dtype (default: as in the source)")
@@ -117,8 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         dtype = getattr(mx, args.dtype) if args.dtype else None
         q = (args.quantize, args.group_size) if args.quantize else None
         from ipadapter_mlx import t2i_adapter
+        from ipadapter_mlx.controlnet import controlnet_config, convert_controlnet, is_controlnet
 
-        if (args.source in t2i_adapter.PRESETS or (src.is_dir() and t2i_adapter.is_t2i_adapter_folder(src))
+        if is_controlnet(args.source):
+            config = controlnet_config(args.config) if args.config else None
+            convert_controlnet(args.source, out, dtype, q, config)
+        elif (args.source in t2i_adapter.PRESETS or (src.is_dir() and t2i_adapter.is_t2i_adapter_folder(src))
                 or (not src.exists() and (is_repo_id(args.source) or split_hub_path(args.source))
                     and t2i_adapter.is_t2i_repo(args.source))):
             t2i_adapter.convert_t2i_adapter(t2i_adapter.t2i_source(args.source)[0], out, dtype)

@@ -337,6 +337,7 @@ class Renderer:
         pipe = self.pipe
         pipe.unload_ip_adapter()  # the last job's adapters (a FaceID adapter's LoRA with it); files stay cached
         pipe.unload_t2i_adapter()
+        pipe.unload_controlnet()
         if loras != self.loras:
             self.loras = None  # until all are in
             pipe.unload_lora()

@@ -7,7 +7,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .argparsing import Parser, show_log
@@ -79,35 +79,44 @@ LISTS = ("image", "image_weight", "image_embeds", "mask", "composition_image", "
 class _IPOption(argparse.Action):
     """Keeps IP-Adapter options in command-line order, so each belongs to the --ip-adapter before it."""
 
+    store = "ip_args"  # the namespace list the options go to, in order (one per option group)
+
     def __call__(self, parser, namespace, value, option_string=None):
-        namespace.ip_args = (getattr(namespace, "ip_args", None) or []) + [(self.dest, value)]
+        setattr(namespace, self.store, (getattr(namespace, self.store, None) or []) + [(self.dest, value)])
 
 
 def ip_groups(pairs: list[tuple[str, str]]) -> list[dict]:
     """[('ip_adapter', A), ('image', x), ('scale', s), ('ip_adapter', B), ...] -> one dict per adapter.
     Options given before the first --ip-adapter belong to the first."""
+    return option_groups(pairs, "ip_adapter", LISTS, "IP-Adapter", "an --ip-adapter")
+
+
+def option_groups(pairs: list[tuple[str, str]], head: str, lists: tuple[str, ...], what: str,
+                  needs: str) -> list[dict]:
+    """Options in command-line order -> one dict per `head` option, each holding the options after it (those
+    before the first head belong to the first); options in `lists` may repeat, the others not."""
     groups: list[dict] = []
     pending: list[tuple[str, str]] = []
     for key, value in pairs:
-        if key == "ip_adapter":
-            groups.append({"ip_adapter": value, **{k: [] for k in LISTS}})
+        if key == head:
+            groups.append({head: value, **{k: [] for k in lists}})
             for k, v in pending:
-                _put(groups[-1], k, v)
+                _put(groups[-1], k, v, head, lists, what)
             pending = []
         elif groups:
-            _put(groups[-1], key, value)
+            _put(groups[-1], key, value, head, lists, what)
         else:
             pending.append((key, value))
     if pending:
-        raise UserError(f"--{pending[0][0].replace('_', '-')} needs an --ip-adapter")
+        raise UserError(f"--{pending[0][0].replace('_', '-')} needs {needs}")
     return groups
 
 
-def _put(group: dict, key: str, value) -> None:
-    if key in LISTS:
+def _put(group: dict, key: str, value, head: str, lists: tuple[str, ...], what: str) -> None:
+    if key in lists:
         group[key].append(value)
     elif key in group:
-        raise UserError(f"--{key.replace('_', '-')} given twice for IP-Adapter {group['ip_adapter']}")
+        raise UserError(f"--{key.replace('_', '-')} given twice for {what} {group[head]}")
     else:
         group[key] = value
 
@@ -232,6 +241,42 @@ def _add_faceid_options(g, embed: bool) -> None:
                    help="FaceID: strength of the LoRA its file carries (default 1.0, the authors'; ComfyUI uses 0.6)")
 
 
+class _ControlOption(_IPOption):
+    """ControlNet options, each belonging to the --controlnet before it."""
+
+    store = "control_args"
+
+
+def _add_controlnet_options(p: argparse.ArgumentParser) -> None:
+    from .controlnet import PRESETS, PREPROCESSORS
+
+    g = p.add_argument_group("ControlNet (repeat --controlnet for several: residuals summed; options apply to the "
+                             "one before them)")
+    g.add_argument("--controlnet", action=_ControlOption, dest="controlnet", metavar="REF",
+                   help=f"preset ({', '.join(PRESETS)}), a Hub repo or diffusers folder, an original "
+                        ".pth/.safetensors file or REPO:PATH, or a folder from `python -m convert`")
+    g.add_argument("--control-image", action=_ControlOption, dest="control_image", metavar="FILE",
+                   help="its control image (edges, depth, pose map ...), resized to the output size")
+    g.add_argument("--control-scale", action=_ControlOption, dest="control_scale", metavar="S", type=finite_float,
+                   help="strength of its residuals (default 1.0)")
+    g.add_argument("--control-start", action=_ControlOption, dest="control_start", metavar="F", type=fraction,
+                   help="fraction of the steps before it acts (default 0): off at step i of N when i/N < start")
+    g.add_argument("--control-end", action=_ControlOption, dest="control_end", metavar="F", type=fraction,
+                   help="fraction of the steps after which it stops (default 1): off when (i+1)/N > end")
+    g.add_argument("--guess-mode", action=_ControlOption, dest="guess_mode", nargs=0,
+                   help="the net sees the conditional half only, its residuals scaled 0.1 .. 1 (diffusers' "
+                        "guess_mode; try --cfg 3 to 5)")
+    g.add_argument("--control-preprocess", action=_ControlOption, dest="control_preprocess", metavar="KIND",
+                   help=f"make the control image from a picture: {', '.join(PREPROCESSORS)} (default none: "
+                        "used as it is); depth and pose maps come from other tools, see the README")
+    g.add_argument("--canny-low", action=_ControlOption, dest="canny_low", metavar="T", type=finite_float,
+                   help="canny: the lower hysteresis threshold (default 100, as diffusers' examples)")
+    g.add_argument("--canny-high", action=_ControlOption, dest="canny_high", metavar="T", type=finite_float,
+                   help="canny: the upper threshold (default 200)")
+    g.add_argument("--control-mask", action=_ControlOption, dest="control_mask", metavar="FILE",
+                   help="inpaint: white where the picture is to be repainted (those pixels become -1)")
+
+
 def _add_embed(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="write reference images' CLIP features to a file, for generate --image-embeds",
                        description="Encode reference images once with the CLIP vision tower one IP-Adapter reads; "
@@ -239,6 +284,39 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     _add_ip_options(p, embed=True)
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float32 on the CPU, float16 on a GPU")
     p.add_argument("--output", required=True, help=".safetensors path")
+
+
+def controlnet_groups(pairs: list[tuple[str, str]]) -> list[dict]:
+    """--controlnet options, one dict per net, checked (files readable, window, preprocessor) before any loading."""
+    from .controlnet import check_preprocess
+    from .images import open_image
+
+    groups = option_groups(pairs, "controlnet", ("control_image",), "ControlNet", "a --controlnet")
+    for g in groups:
+        if len(g["control_image"]) != 1:
+            raise UserError(f"ControlNet {g['controlnet']}: {len(g['control_image'])} --control-image given; "
+                            "each --controlnet takes one (give --controlnet again for another image)")
+        g["control_image"] = g["control_image"][0]
+        g["guess_mode"] = "guess_mode" in g or None
+        if g.get("control_start", 0.0) >= g.get("control_end", 1.0):
+            raise UserError(f"ControlNet {g['controlnet']}: --control-start {g.get('control_start', 0.0)} must be "
+                            f"before --control-end {g.get('control_end', 1.0)}")
+        check_preprocess(g.get("control_preprocess", "none"), g.get("control_mask"),
+                         ("canny_low" in g or "canny_high" in g))
+        for path in [g["control_image"]] + ([g["control_mask"]] if g.get("control_mask") else []):
+            open_image(path)
+    return groups
+
+
+def control_from_group(g: dict, index: int, size: tuple[int, int]):
+    from .controlnet import Control, preprocess
+    from .images import open_image
+
+    mask = open_image(g["control_mask"]) if g.get("control_mask") else None
+    image = preprocess(open_image(g["control_image"]), g.get("control_preprocess", "none"), size,
+                       g.get("canny_low", 100), g.get("canny_high", 200), mask)
+    return Control(image, index, g.get("control_scale", 1.0), g.get("control_start", 0.0),
+                   g.get("control_end", 1.0), bool(g["guess_mode"]))
 
 
 def _embed(args: argparse.Namespace) -> int:
@@ -455,10 +533,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="run even when the memory estimate exceeds this machine (it may swap or be stopped)")
     p.add_argument("--verbose", action="store_true", help="print timings, peak memory, device and BLAS")
     _add_ip_options(p)
-    _add_lora_options(p)
+    _add_controlnet_options(p)
     _add_t2i_options(p)
-    _add_fast_options(p)
     _add_inpaint_options(p)
+    _add_lora_options(p)
+    _add_fast_options(p)
 
 
 def _add_inpaint_options(p: argparse.ArgumentParser) -> None:
@@ -520,6 +599,7 @@ class Checked:
     dtype: object  # mx.Dtype
     t2i: list[tuple]  # t2i_adapter.cli_requests
     mask: object = None  # PIL image or None: inpainting (or outpainting's border)
+    control_groups: list[dict] = field(default_factory=list)  # one dict per --controlnet (controlnet_groups)
 
 
 def check_generate(args: argparse.Namespace) -> Checked:
@@ -564,10 +644,11 @@ def check_generate(args: argparse.Namespace) -> Checked:
             raise UserError("--negative-content-scale needs a --negative-content-prompt")
         for path in g["image"] + g["composition_image"] + g["face_image"] + ([g["negative_image"]] if g.get("negative_image") else []):
             open_image(path)
+    control_groups = controlnet_groups(getattr(args, "control_args", None) or [])
     t2i = t2i_adapter.cli_requests(args)  # checks counts and opens the control images before loading anything
     seed = args.seed if args.seed is not None else int(np.random.randint(0, 2**31 - 1))
     dtype = getattr(mx, args.dtype) if args.dtype else default_dtype()
-    return Checked(init, latents, groups, seed, dtype, t2i, mask)
+    return Checked(init, latents, groups, seed, dtype, t2i, mask, control_groups)
 
 
 def load_pipeline(args: argparse.Namespace, dtype):
@@ -598,12 +679,14 @@ def pipeline_key(args: argparse.Namespace) -> tuple:
 
 
 def prepare_prompts(pipe, checked: Checked) -> tuple[list | None, list]:
-    """Load the IP-Adapters and T2I-Adapters into `pipe`: (image prompts, T2I controls); find each image encoder
-    that will run."""
+    """Load the IP-Adapters, ControlNets and T2I-Adapters into `pipe`: (image prompts, T2I controls); find each
+    image encoder that will run."""
     from . import t2i_adapter
 
     groups = checked.groups
     prompts = _image_prompts(pipe, groups) if groups else None
+    for g in checked.control_groups:
+        pipe.load_controlnet(g["controlnet"])
     for i, p in enumerate(prompts or []):
         if p.images or p.composition_images:  # the encoder will run: find it now, so the estimate counts it
             pipe.image_encoder_folder(i)
@@ -625,6 +708,7 @@ def render(pipe, args: argparse.Namespace, checked: Checked, prompts: list | Non
     height, width = pipe.output_size(*pipe.t2i_adapters.default_size(controls, args.height, args.width)
                                      if init is None else (args.height, args.width), init)
     check_memory(pipe, args, height, width)
+    nets = [control_from_group(g, i, (width, height)) for i, g in enumerate(checked.control_groups)]
     strength = (DEFAULT_STRENGTH if mask is None else 1.0) if args.strength is None else args.strength
     steps = pipe.generate_latents(
         args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg, seed=seed,
@@ -633,7 +717,7 @@ def render(pipe, args: argparse.Namespace, checked: Checked, prompts: list | Non
         original_size=tuple(args.original_size) if args.original_size else None, crop_coords=tuple(args.crop_coords),
         target_size=tuple(args.target_size) if args.target_size else None, t2i_adapters=controls,
         timestep_spacing=args.timestep_spacing, eta=args.eta,
-        mask_image=mask, mask_blur=args.mask_blur, padding_mask_crop=args.padding_mask_crop,
+        mask_image=mask, mask_blur=args.mask_blur, padding_mask_crop=args.padding_mask_crop, controls=nets or None,
     )
     t1 = time.perf_counter()
     step = None
@@ -672,6 +756,8 @@ def render(pipe, args: argparse.Namespace, checked: Checked, prompts: list | Non
             {k: v for k, v in g.items() if v not in ([], None)} | {"scale": pipe.adapters[i].scale}
             for i, g in enumerate(groups)
         ]
+    if checked.control_groups:
+        params["controlnets"] = [{k: v for k, v in g.items() if v not in ([], None)} for g in checked.control_groups]
     if checked.t2i:
         params["t2i_adapters"] = [{"t2i_adapter": r[0], "image": r[1], "scale": r[3], "factor": r[4]}
                                   for r in checked.t2i]

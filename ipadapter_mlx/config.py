@@ -233,3 +233,33 @@ class SchedulerConfig(ConfigFile):
 
     def to_dict(self) -> dict:
         return self.raw or {k: v for k, v in asdict(self).items() if k != "raw"}
+
+
+@dataclass
+class ControlNetConfig(UNetConfig):
+    """A ControlNetModel's config.json: the UNet's down path (no up blocks) plus the control image's embedding."""
+
+    conditioning_channels: int = 3
+    conditioning_embedding_out_channels: list[int] = field(default_factory=lambda: [16, 32, 96, 256])
+    global_pool_conditions: bool = False  # shuffle-style nets: residuals averaged over the picture
+    controlnet_conditioning_channel_order: str = "rgb"
+
+    @classmethod
+    def _parse(cls, d: dict) -> "ControlNetConfig":
+        for key in ("encoder_hid_dim", "encoder_hid_dim_type", "num_class_embeds"):
+            if d.get(key) is not None:
+                raise UserError(f"unsupported ControlNet config: {key}={d[key]!r}")
+        if d.get("controlnet_conditioning_channel_order", "rgb") not in ("rgb", "bgr"):
+            raise UserError(f"unsupported ControlNet config: controlnet_conditioning_channel_order="
+                            f"{d['controlnet_conditioning_channel_order']!r} (rgb or bgr)")
+        unet = UNetConfig._parse({**d, "up_block_types": []})
+        widths = list(d.get("conditioning_embedding_out_channels") or [16, 32, 96, 256])
+        if not widths:
+            raise UserError("ControlNet config: conditioning_embedding_out_channels is empty")
+        return cls(
+            **{f.name: getattr(unet, f.name) for f in fields(UNetConfig)},
+            conditioning_channels=d.get("conditioning_channels", 3),
+            conditioning_embedding_out_channels=widths,
+            global_pool_conditions=bool(d.get("global_pool_conditions", False)),
+            controlnet_conditioning_channel_order=d.get("controlnet_conditioning_channel_order", "rgb"),
+        )

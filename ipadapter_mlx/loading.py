@@ -15,9 +15,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import CLIPTextConfig, CLIPVisionConfig, SchedulerConfig, UNetConfig, VAEConfig
+from .config import CLIPTextConfig, CLIPVisionConfig, ControlNetConfig, SchedulerConfig, UNetConfig, VAEConfig
 from .errors import UserError
-from .models import AutoencoderKL, CLIPTextModel, CLIPVisionModel, UNet2DConditionModel
+from .models import AutoencoderKL, CLIPTextModel, CLIPVisionModel, ControlNetModel, UNet2DConditionModel
 from .models.t2i_adapter import T2IAdapter, T2IAdapterConfig
 
 MARKER = "mlx_model.json"
@@ -31,6 +31,7 @@ COMPONENTS = {
     "vae": (VAEConfig, AutoencoderKL),
     "image_encoder": (CLIPVisionConfig, CLIPVisionModel),
     "t2i_adapter": (T2IAdapterConfig, T2IAdapter),
+    "controlnet": (ControlNetConfig, ControlNetModel),
 }
 
 
@@ -121,7 +122,7 @@ def is_mlx_folder(path: str | Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
-QUANTIZABLE = ("text_encoder", "text_encoder_2", "unet", "image_encoder")  # the VAE is convolutions; adapters are small
+QUANTIZABLE = ("text_encoder", "text_encoder_2", "unet", "image_encoder", "controlnet")  # the VAE is convolutions; adapters are small
 
 
 def load_component(

@@ -51,7 +51,7 @@ def estimate_memory(pipe, height: int, width: int, num_images: int = 1) -> int:
     """Bytes a generation of `pipe` (a StableDiffusion) at this size needs at its peak: the weights resident
     then (the encoders are freed before the UNet runs in low-memory mode) plus the larger of the UNet's and the
     VAE decoder's activations. MLX arrays are lazy: the weights are counted from shapes, nothing is loaded."""
-    resident = [("unet", pipe.folder)]
+    resident = [("unet", pipe.folder)] + [("controlnet", net.folder) for net in pipe.controlnets]
     if not pipe.low_memory:
         resident += [(n, pipe.folder) for n in pipe.text_encoder_names]
         resident += [("image_encoder", la.encoder_folder) for la in pipe.adapters if la.encoder_folder]
@@ -62,6 +62,7 @@ def estimate_memory(pipe, height: int, width: int, num_images: int = 1) -> int:
     weights += pipe.t2i_adapters.memory_bytes(height, width, num_images)
     f = pipe.vae_scale_factor
     unet = unet_activation_bytes(pipe.unet_config, height // f, width // f, 2 * num_images, pipe.dtype.size)
+    unet += pipe.controlnets.activation_bytes(height // f, width // f, 2 * num_images)
     tile = LOW_MEMORY_TILE * f if pipe.low_memory else None  # decode() tiles then
     decode = decode_activation_bytes(pipe.vae.config.block_out_channels[0],
                                      min(height, tile or height) * min(width, tile or width) * num_images)

@@ -20,6 +20,7 @@ from PIL import Image
 from . import cache, inpainting, memory
 from .adapters import AdapterSet
 from .conditioning import Conditioning
+from .controlnet import Control, ControlNetSet
 from .config import SchedulerConfig, UNetConfig
 from .denoiser import Denoiser, StepHook
 from .errors import UserError, finite
@@ -151,6 +152,7 @@ class StableDiffusion:
         self.scheduler_config: SchedulerConfig = load_scheduler_config(folder)
         self.adapters = AdapterSet(self.dtype, quantize)
         self.t2i_adapters = T2IAdapterSet(self.dtype, self.vae_scale_factor)
+        self.controlnets = ControlNetSet(self.dtype, quantize, low_memory)
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, dtype: mx.Dtype | None = None,
@@ -303,6 +305,7 @@ class StableDiffusion:
     def _weights_file(self, component: str):
         """The component's weights, lazily: fused layers' originals are re-read from here, not kept in memory."""
         return lambda: read_safetensors(self.folder / component / "model.safetensors")[0]
+
     # -- T2I-Adapters (t2i_adapter.py) ----------------------------------------------------------------
 
     def load_t2i_adapter(self, ref: str) -> int:
@@ -312,6 +315,18 @@ class StableDiffusion:
 
     def unload_t2i_adapter(self, index: int | None = None) -> None:
         self.t2i_adapters.unload(index)
+
+    # -- ControlNets (controlnet.py holds them) ---------------------------------------------------------
+
+    def load_controlnet(self, ref: str, config: dict | None = None) -> int:
+        """Add a ControlNet (preset, diffusers folder or Hub repo, original .pth/.safetensors file, REPO:PATH);
+        returns its index for `Control(index=...)`. Fails at once when it is for another model family.
+        `config`: an original single file's diffusers config.json (dict), instead of inferring it."""
+        return self.controlnets.load(ref, self.unet_config, config)
+
+    def unload_controlnet(self, index: int | None = None) -> None:
+        """Remove one ControlNet (by index) or all."""
+        self.controlnets.unload(index)
 
     # -- non-finite numbers ---------------------------------------------------------------------------
 
@@ -323,7 +338,8 @@ class StableDiffusion:
         modules = {"UNet": self._unet, "VAE": self.vae,
                    **{n.replace("_", " "): m for n, m in self.prompts.models.items()},
                    **{f"image encoder {f.name}": m for f, m in self.adapters.encoders.items()},
-                   **{f"IP-Adapter {la.ref}": la.adapter for la in self.adapters}}
+                   **{f"IP-Adapter {la.ref}": la.adapter for la in self.adapters},
+                   **{f"ControlNet {net.ref}": net.model for net in self.controlnets}}
         for name, module in modules.items():
             for key, v in tree_flatten(module.parameters()) if module is not None else []:
                 if mx.issubdtype(v.dtype, mx.floating) and not all_finite(v):
@@ -376,6 +392,7 @@ class StableDiffusion:
         crop_coords: tuple[int, int] = (0, 0),
         target_size: tuple[int, int] | None = None,
         hooks: list[StepHook] = (),
+        controls: list[Control] | None = None,
         t2i_adapters: list[T2IControl] | None = None,
         timestep_spacing: str | None = None,
         eta: float | None = None,
@@ -395,6 +412,7 @@ class StableDiffusion:
         size, and `crop_coords` (top, left), as diffusers' defaults. `negative_prompt=None` on SDXL gives zero
         negative embeddings (its force_zeros_for_empty_prompt), as diffusers does.
         `hooks`: functions called at every step with the UNet's input (denoiser.py), which they may replace.
+        `controls`: one Control (control image, scale, start/end, guess mode) per ControlNet used (controlnet.py).
         `t2i_adapters`: one T2IControl per T2I-Adapter to use (several add up); without a height/width or an
         init image, the size is the first control image's, as in diffusers' adapter pipelines.
         `timestep_spacing` (leading/trailing/linspace) overrides the scheduler config's; `eta` is TCD's gamma
@@ -457,6 +475,8 @@ class StableDiffusion:
             start_noise = noise(shape) if latents is None else given_latents(latents, shape, f)
             x = start_noise * schedule.init_sigma
 
+        if controls:  # control images checked and prepared before the prompts are encoded; N = steps run
+            hooks = [*hooks, self.controlnets.hook(controls, (width, height), len(timesteps), cfg > 1.0)]
         text, pooled = self.encode_prompt(prompts)
         guided = cfg > 1.0
         if guided:

@@ -161,7 +161,7 @@ def infer_unet_config(w: dict[str, mx.array], pooled_dim: int | None = None) -> 
     return {
         "_class_name": "UNet2DConditionModel",
         "in_channels": w["input_blocks.0.0.weight"].shape[1],
-        "out_channels": w["out.2.weight"].shape[0],
+        "out_channels": w["out.2.weight"].shape[0] if "out.2.weight" in w else 4,  # a ControlNet has no out
         "block_out_channels": channels,
         "layers_per_block": lpb,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],

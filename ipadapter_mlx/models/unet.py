@@ -337,11 +337,14 @@ class UNet2DConditionModel(nn.Module):
         return temb
 
     def encode(self, x: mx.array, temb: mx.array, cond: StepConditioning,
-               intrablock: list[mx.array] | None = None) -> tuple[mx.array, list[mx.array]]:
+               intrablock: list[mx.array] | None = None, hint: mx.array | None = None) -> tuple[mx.array, list[mx.array]]:
         """conv_in, the down blocks and the mid block: (the mid block's output, the skip connections).
-        `intrablock`: T2I-Adapter features, consumed in order as diffusers' UNet consumes them."""
+        `intrablock`: T2I-Adapter features, consumed in order as diffusers' UNet consumes them.
+        `hint`: added to conv_in's output (a ControlNet's embedded control image)."""
         intra = list(intrablock or [])
         x = self.conv_in(x)
+        if hint is not None:
+            x = x + hint
         skips = [x]
         for block in self.down_blocks:
             has_attention = "attentions" in block
