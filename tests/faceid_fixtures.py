@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ip_fixtures import ENCODERS, rand
+from ip_fixtures import ENCODERS, perceiver_layers, rand
 
 ID_DIM = 16  # stands for ArcFace's 512; the identity MLP is 2x wide as released (diffusers' Plus assumes it)
 RANK = 4
@@ -32,14 +32,7 @@ def faceid_proj(kind: str, cross: int, tokens: int, g, clip_hidden: int = ENCODE
     w = {"proj_in.weight": rand(g, dim, clip_hidden if kind == "plus" else ID_DIM),
          "proj_in.bias": rand(g, dim), "proj_out.weight": rand(g, cross, dim), "proj_out.bias": rand(g, cross),
          "norm_out.weight": 1 + rand(g, cross), "norm_out.bias": rand(g, cross)}
-    for i in range(4):
-        p = f"layers.{i}."
-        w.update({p + "0.norm1.weight": 1 + rand(g, dim), p + "0.norm1.bias": rand(g, dim),
-                  p + "0.norm2.weight": 1 + rand(g, dim), p + "0.norm2.bias": rand(g, dim),
-                  p + "0.to_q.weight": rand(g, inner, dim), p + "0.to_kv.weight": rand(g, 2 * inner, dim),
-                  p + "0.to_out.weight": rand(g, dim, inner), p + "1.0.weight": 1 + rand(g, dim),
-                  p + "1.0.bias": rand(g, dim), p + "1.1.weight": rand(g, 4 * dim, dim),
-                  p + "1.3.weight": rand(g, dim, 4 * dim)})
+    w.update(perceiver_layers(g, dim, inner))
     if kind == "resampler":  # portrait-unnorm: a plus Resampler (learned queries) over the raw face embedding
         return w | {"latents": rand(g, 1, tokens, dim, scale=1.0)}
     return mlp | {f"perceiver_resampler.{k}": v for k, v in w.items()}

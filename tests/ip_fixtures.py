@@ -38,6 +38,20 @@ def rand(g, *shape, scale=0.2):
     return torch.randn(*shape, generator=g) * scale
 
 
+def perceiver_layers(g, dim: int, inner: int, depth: int = 4) -> dict:
+    """The Resampler's attention + feed-forward layers (ff x4), in the released files' names."""
+    w = {}
+    for i in range(depth):
+        p = f"layers.{i}."
+        w.update({p + "0.norm1.weight": 1 + rand(g, dim), p + "0.norm1.bias": rand(g, dim),
+                  p + "0.norm2.weight": 1 + rand(g, dim), p + "0.norm2.bias": rand(g, dim),
+                  p + "0.to_q.weight": rand(g, inner, dim), p + "0.to_kv.weight": rand(g, 2 * inner, dim),
+                  p + "0.to_out.weight": rand(g, dim, inner), p + "1.0.weight": 1 + rand(g, dim),
+                  p + "1.0.bias": rand(g, dim), p + "1.1.weight": rand(g, 4 * dim, dim),
+                  p + "1.3.weight": rand(g, dim, 4 * dim)})
+    return w
+
+
 def image_proj(kind: str, enc: dict, cross: int, g) -> dict:
     if kind == "linear":
         return {"proj.weight": rand(g, 4 * cross, enc["projection_dim"]), "proj.bias": rand(g, 4 * cross),
@@ -51,14 +65,7 @@ def image_proj(kind: str, enc: dict, cross: int, g) -> dict:
     w = {"latents": rand(g, 1, queries, dim, scale=1.0), "proj_in.weight": rand(g, dim, hidden),
          "proj_in.bias": rand(g, dim), "proj_out.weight": rand(g, cross, dim), "proj_out.bias": rand(g, cross),
          "norm_out.weight": 1 + rand(g, cross), "norm_out.bias": rand(g, cross)}
-    for i in range(4):
-        p = f"layers.{i}."
-        w.update({p + "0.norm1.weight": 1 + rand(g, dim), p + "0.norm1.bias": rand(g, dim),
-                  p + "0.norm2.weight": 1 + rand(g, dim), p + "0.norm2.bias": rand(g, dim),
-                  p + "0.to_q.weight": rand(g, inner, dim), p + "0.to_kv.weight": rand(g, 2 * inner, dim),
-                  p + "0.to_out.weight": rand(g, dim, inner), p + "1.0.weight": 1 + rand(g, dim),
-                  p + "1.0.bias": rand(g, dim), p + "1.1.weight": rand(g, 4 * dim, dim),
-                  p + "1.3.weight": rand(g, dim, 4 * dim)})
+    w.update(perceiver_layers(g, dim, inner))
     return w
 
 

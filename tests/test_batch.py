@@ -425,3 +425,23 @@ try:  # kohya LoRA files built from the tiny diffusers pipeline (test_lora's fix
     from test_lora import files, sd15  # noqa: F401
 except ImportError:
     pass
+
+
+def test_controlnet_groups_are_job_keys():
+    """--controlnet's options form their own group, as the IP-Adapter's: "controlnets": [{...}] in a job gives
+    what the same command line gives (flags such as --guess-mode as true/false)."""
+    from ipadapter_mlx.batch import Options, generate_parser, parse_job
+
+    parser = generate_parser()
+    options = Options.of(parser)
+    assert "controlnets" in options.groups and "ip_adapters" in options.groups
+    defaults = cli.build_parser().parse_args(["generate", "--prompt", "p"])
+    job = {"controlnets": [{"controlnet": "canny", "control_image": "a.png", "control_scale": 0.5},
+                           {"controlnet": "depth", "control_image": "b.png", "guess_mode": True, "control_end": 0.8}]}
+    got = parse_job(job, defaults, parser, options)
+    want = cli.build_parser().parse_args(
+        ["generate", "--prompt", "p", "--controlnet", "canny", "--control-image", "a.png", "--control-scale", "0.5",
+         "--controlnet", "depth", "--control-image", "b.png", "--guess-mode", "--control-end", "0.8"])
+    assert vars(got) == vars(want)
+    assert [g["controlnet"] for g in cli.option_groups(got.control_args, "controlnet", ("control_image",),
+                                                       "ControlNet", "a --controlnet")] == ["canny", "depth"]
