@@ -114,3 +114,13 @@ def test_cli_equals_the_api(models, sd_nets, tmp_path, capsys, monkeypatch):  # 
     plain = ours.generate(PROMPT, init_image=open_image(tmp_path / "photo.png"), mask_image=make_mask(), steps=2,
                           scheduler="euler", seed=3, strength=1.0)[0]
     assert not np.array_equal(np.asarray(plain), np.asarray(want))  # the control was used
+
+
+def test_net_of_an_inpainting_unet_refused_by_an_ordinary_one(models, tmp_path):  # noqa: F811
+    """A net copied from a 9-channel UNet reads 9 channels: an ordinary (4-channel) model cannot feed it."""
+    from ipadapter_mlx.errors import UserError
+    from test_controlnet import make_controlnet
+
+    make_controlnet(models[9][0]["unet"], 30).save_pretrained(tmp_path / "net9")
+    with pytest.raises(UserError, match=r"does not fit this UNet: .* with 9 input channels, the UNet's .* with 4$"):
+        StableDiffusion(models[4][1].folder, dtype=mx.float32).load_controlnet(str(tmp_path / "net9"))
