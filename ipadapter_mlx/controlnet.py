@@ -185,7 +185,10 @@ def check_fits(net: ControlNetConfig, unet: UNetConfig, ref: str) -> None:
     if (net.addition_embed_type, net.cross_attention_dim[0]) != (unet.addition_embed_type, unet.cross_attention_dim[0]):
         raise UserError(f"ControlNet {ref} is for {family(net)}, this model is {family(unet)}")
     widths = lambda c: (c.block_out_channels, c.layers_per_block, c.in_channels)  # noqa: E731
-    if widths(net) != widths(unet):
+    # an inpainting UNet (2 x latent + 1 channels: latents, mask, masked image) runs nets made for its base
+    # model, e.g. control_v11p_sd15_inpaint: they read the latent channels only
+    latent = (unet.in_channels - 1) // 2 if unet.in_channels % 2 and unet.in_channels > 1 else unet.in_channels
+    if widths(net)[:2] != widths(unet)[:2] or net.in_channels not in (unet.in_channels, latent):
         raise UserError(f"ControlNet {ref} does not fit this UNet: its down path is {widths(net)[:2]} with "
                         f"{net.in_channels} input channels, the UNet's {widths(unet)[:2]} with {unet.in_channels}")
 
@@ -404,7 +407,10 @@ class ControlNetSet:
                 if i / total < c.start or (i + 1) / total > c.end:
                     continue  # diffusers runs it with scale 0: the same picture
                 guess = c.guess_mode or net.config.global_pool_conditions
-                x, t, cond = step.x, step.t, StepConditioning(step.cond.text, step.cond.added)  # text only
+                # text only; and the latents alone: an inpainting UNet's input carries the mask and the masked
+                # image's latents after them, which diffusers concatenates after running the nets
+                x, t, cond = step.x[..., :net.config.in_channels], step.t, StepConditioning(step.cond.text,
+                                                                                          step.cond.added)
                 if guess and guided:  # the conditional half only
                     half = x.shape[0] // 2
                     x, t = x[half:], t[half:]

@@ -475,8 +475,9 @@ class StableDiffusion:
             start_noise = noise(shape) if latents is None else given_latents(latents, shape, f)
             x = start_noise * schedule.init_sigma
 
-        if controls:  # control images checked and prepared before the prompts are encoded; N = steps run
-            hooks = [*hooks, self.controlnets.hook(controls, (width, height), len(timesteps), cfg > 1.0)]
+        control_hook = None  # control images checked and prepared before the prompts are encoded; N = steps run
+        if controls:
+            control_hook = self.controlnets.hook(controls, (width, height), len(timesteps), cfg > 1.0)
         text, pooled = self.encode_prompt(prompts)
         guided = cfg > 1.0
         if guided:
@@ -509,7 +510,11 @@ class StableDiffusion:
             self.adapters.encoders.clear()
             mx.clear_cache()
         denoise = Denoiser(self.unet, cond, timesteps, sigmas, cfg, self.scheduler_config.prediction_type,
-                           self.dtype, list(hooks) + ([inpaint.hook] if inpaint else []))
+                           self.dtype, list(hooks) + ([inpaint.hook] if inpaint else []) +
+                           # after the inpaint hook: the nets read the latents the UNet reads, as diffusers' ControlNet
+                           # inpaint pipeline (with a 4-channel UNet the known region blended back; controlnet.py
+                           # takes the latent channels of a 9-channel input)
+                           ([control_hook] if control_hook else []))
         total = len(timesteps)
 
         def steps() -> Iterator[Step]:
