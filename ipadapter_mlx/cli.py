@@ -699,13 +699,16 @@ def render(pipe, args: argparse.Namespace, checked: Checked, prompts: list | Non
     import mlx.core as mx
     from tqdm import tqdm
 
-    from .images import to_pil
+    from .controlnet import Control
+    from .images import open_image, to_pil
     from .loading import read_json
     from .pipeline import DEFAULT_STRENGTH
 
     init, latents, groups, seed, dtype = checked.init, checked.latents, checked.groups, checked.seed, checked.dtype
     mask = checked.mask
-    height, width = pipe.output_size(*pipe.t2i_adapters.default_size(controls, args.height, args.width)
+    # without a size, text-to-image takes the first control image's (its size before any preprocessing)
+    first = [Control(open_image(g["control_image"])) for g in checked.control_groups[:1]]
+    height, width = pipe.output_size(*pipe.control_size(args.height, args.width, first, controls)
                                      if init is None else (args.height, args.width), init)
     check_memory(pipe, args, height, width)
     nets = [control_from_group(g, i, (width, height)) for i, g in enumerate(checked.control_groups)]

@@ -21,6 +21,7 @@ from PIL import Image
 
 from .config import ControlNetConfig, UNetConfig
 from .errors import UserError
+from .loaded import LoadOrder
 from .models.unet import Residuals
 
 PRESETS = {
@@ -311,6 +312,19 @@ def control_pixels(image: Image.Image | np.ndarray, size: tuple[int, int]) -> mx
     return (to_pixels(image, size) + 1.0) / 2.0
 
 
+def default_size(controls: list["Control"], height: int | None, width: int | None,
+                 factor: int) -> tuple[int | None, int | None]:
+    """A side not given: the first control image's, rounded down to a multiple of the VAE's factor, as diffusers'
+    ControlNet pipelines default it (VaeImageProcessor.get_default_height_width)."""
+    if not controls or (height and width):
+        return height, width
+    image = controls[0].image
+    h0, w0 = image.shape[:2] if isinstance(image, np.ndarray) else image.size[::-1]
+    if h0 < factor or w0 < factor:
+        raise UserError(f"the control image is {w0}x{h0} pixels; it must be at least {factor}x{factor}")
+    return height or h0 - h0 % factor, width or w0 - w0 % factor
+
+
 # -- a generation's controls ---------------------------------------------------------------------------------
 
 
@@ -335,18 +349,14 @@ class LoadedControlNet:
     model: object | None = None  # ControlNetModel, loaded on first use in low-memory mode
 
 
-class ControlNetSet:
+class ControlNetSet(LoadOrder[LoadedControlNet]):
     """The ControlNets loaded into a pipeline, each converted once into the cache."""
 
+    what = "ControlNet"
+
     def __init__(self, dtype: mx.Dtype, quantize: tuple[int, int] | None = None, low_memory: bool = False):
+        super().__init__()
         self.dtype, self.quantize, self.low_memory = dtype, quantize, low_memory
-        self.nets: list[LoadedControlNet] = []
-
-    def __len__(self) -> int:
-        return len(self.nets)
-
-    def __iter__(self):
-        return iter(self.nets)
 
     def load(self, ref: str, unet: UNetConfig, config: dict | None = None) -> int:
         """Add a ControlNet (preset, folder, file, REPO:PATH or Hub repo); fails at once when it does not fit
@@ -359,8 +369,7 @@ class ControlNetSet:
         net = LoadedControlNet(ref, folder, c)
         if not self.low_memory:  # low-memory mode loads it after the encoders have been freed
             self.model(net)
-        self.nets.append(net)
-        return len(self.nets) - 1
+        return self.append(net)
 
     def model(self, net: LoadedControlNet):
         from .loading import load_component
@@ -369,19 +378,11 @@ class ControlNetSet:
             net.model = load_component(net.folder, "controlnet", self.dtype, self.quantize)
         return net.model
 
-    def unload(self, index: int | None = None) -> None:
-        if index is None:
-            self.nets.clear()
-        elif not 0 <= index < len(self.nets):
-            raise UserError(f"no ControlNet {index}: {len(self.nets)} loaded")
-        else:
-            del self.nets[index]
-
     def activation_bytes(self, lat_h: int, lat_w: int, batch: int) -> int:
         """What the nets' residuals hold while the UNet runs: one map per skip connection and the mid block
         (the net's own activations come before and are smaller than the UNet's)."""
         total = 0
-        for net in self.nets:
+        for net in self.loaded:
             ch, n = net.config.block_out_channels, len(net.config.block_out_channels)
             maps = [(lat_h * lat_w, ch[0]), (lat_h * lat_w // 4 ** (n - 1), ch[-1])]  # conv_in's, the mid block's
             for i, w in enumerate(ch):  # each layer's at its level, the downsampler's at the next
@@ -396,9 +397,9 @@ class ControlNetSet:
 
         if not controls:
             return None
-        check_controls(controls, len(self.nets))
+        check_controls(controls, len(self.loaded))
         images = [control_pixels(c.image, size) for c in controls]
-        loaded = [self.nets[c.index] for c in controls]  # models fetched at the first step: low-memory mode
+        loaded = [self.loaded[c.index] for c in controls]  # models fetched at the first step: low-memory mode
         # loads them only after the encoders are freed
 
         def add_residuals(step, i: int, sigma: float):

@@ -21,6 +21,7 @@ from . import cache, inpainting, memory
 from .adapters import AdapterSet
 from .conditioning import Conditioning
 from .controlnet import Control, ControlNetSet
+from .controlnet import default_size as controlnet_default_size
 from .config import SchedulerConfig, UNetConfig
 from .denoiser import Denoiser, StepHook
 from .errors import UserError, finite
@@ -324,6 +325,13 @@ class StableDiffusion:
         `config`: an original single file's diffusers config.json (dict), instead of inferring it."""
         return self.controlnets.load(ref, self.unet_config, config)
 
+    def control_size(self, height: int | None, width: int | None, controls: list[Control] | None = None,
+                     t2i_adapters: list[T2IControl] | None = None) -> tuple[int | None, int | None]:
+        """Text-to-image sides not given: the first ControlNet control image's, else the first T2I-Adapter's,
+        rounded down as diffusers' ControlNet and adapter pipelines round them."""
+        height, width = controlnet_default_size(controls or [], height, width, self.vae_scale_factor)
+        return self.t2i_adapters.default_size(t2i_adapters or [], height, width)
+
     def unload_controlnet(self, index: int | None = None) -> None:
         """Remove one ControlNet (by index) or all."""
         self.controlnets.unload(index)
@@ -445,8 +453,8 @@ class StableDiffusion:
         train_steps = self.scheduler_config.num_train_timesteps
         if not 1 <= steps <= train_steps:
             raise UserError(f"steps must be in 1..{train_steps} (the model's training timesteps), got {steps}")
-        if t2i_adapters and init_image is None:
-            height, width = self.t2i_adapters.default_size(t2i_adapters, height, width)
+        if init_image is None:
+            height, width = self.control_size(height, width, controls, t2i_adapters)
         height, width = self.output_size(height, width, init_image)
         shape = (batch, height // f, width // f, self.vae.config.latent_channels)
         inpainting.check_unet(self.unet_config.in_channels, shape[3], mask_image is not None)

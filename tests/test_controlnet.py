@@ -505,7 +505,7 @@ def test_convert_command(sd_nets, tmp_path, mlx_dir):
     assert resolve_controlnet(str(tmp_path / "a")) == tmp_path / "a"  # a converted folder is used as it is
     pipe = StableDiffusion(mlx_dir, mx.float32)
     pipe.load_controlnet(str(tmp_path / "q"))
-    quantized = [k for k, _ in tree_flatten(pipe.controlnets.nets[0].model.parameters()) if k.endswith(".scales")]
+    quantized = [k for k, _ in tree_flatten(pipe.controlnets[0].model.parameters()) if k.endswith(".scales")]
     assert quantized and json.loads((tmp_path / "q" / "controlnet" / "config.json").read_text())["quantization"]
 
 
@@ -518,14 +518,14 @@ def test_quantize_and_low_memory(mlx_dir, sd_nets):
     for low in (False, True):
         pipe = StableDiffusion(mlx_dir, dtype=mx.float32, low_memory=low)
         pipe.load_controlnet(str(sd_nets / "net0"))
-        assert (pipe.controlnets.nets[0].model is None) == low
+        assert (pipe.controlnets[0].model is None) == low
         pictures.append(pipe.generate("a cat", **kw))
     assert mx.array_equal(*pictures)
     pipe = StableDiffusion(mlx_dir, dtype=mx.float32, quantize=(8, 32))
     pipe.load_controlnet(str(sd_nets / "net0"))
     from ipadapter_mlx.quantize import QuantizedLinear
 
-    layers = [m for _, m in pipe.controlnets.nets[0].model.named_modules() if isinstance(m, QuantizedLinear)]
+    layers = [m for _, m in pipe.controlnets[0].model.named_modules() if isinstance(m, QuantizedLinear)]
     assert layers  # the attention and time-embedding Linears (zero convs of 32 wide too)
     assert psnr(np.array(pipe.generate("a cat", **kw)), np.array(pictures[0])) > 20  # close to float
 
@@ -537,7 +537,7 @@ def test_memory_estimate_counts_the_nets(mlx_dir, sd_nets):
     pipe = StableDiffusion(mlx_dir, dtype=mx.float32)
     before = pipe.estimate_memory(64, 96)
     pipe.load_controlnet(str(sd_nets / "net0"))
-    net = pipe.controlnets.nets[0].model
+    net = pipe.controlnets[0].model
     weights = sum(v.nbytes for _, v in tree_flatten(net.parameters()))
     r = net(mx.zeros((2, 32, 48, 4)), mx.array([1.0, 1.0]), StepConditioning(mx.zeros((2, 7, 32))),
             mx.zeros((2, 64, 96, 3)))
@@ -607,3 +607,22 @@ def test_original_file_from_the_hub(mlx_dir, tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"ControlNet lllyasviel/ControlNet-v1-1:control_tiny.pth is for SD 1.x/2.x "
                                         r"\(cross-attention 768\), this model is SD 1.x/2.x \(cross-attention 32\)"):
         StableDiffusion(mlx_dir, mx.float32).load_controlnet("lllyasviel/ControlNet-v1-1:control_tiny.pth")
+
+
+def test_size_defaults_to_the_control_image(diffusers_dir, mlx_dir, sd_nets):
+    """Text-to-image without height/width: the first control image's size rounded down to the VAE's factor, as
+    diffusers' ControlNet pipeline defaults it (a 53x41 control image with this VAE's factor 2 -> 52x40); through
+    the CLI's size rule too (Pipeline.control_size)."""
+    ctrl = control_image(3, size=(49, 33))  # control_image pads by (4, 8): 53x41
+    assert ctrl.size == (53, 41)
+    latents = torch.randn(1, 4, 20, 26, generator=torch.Generator().manual_seed(5))
+    ref = sd_reference(diffusers_dir, sd_nets, ["net0"])(
+        "a cat", image=ctrl, num_inference_steps=STEPS, guidance_scale=6.0, latents=latents, output_type="np").images
+    assert ref.shape[1:3] == (40, 52)
+    ours = ours_with(mlx_dir, sd_nets, ["net0"])
+    assert ours.control_size(None, None, [Control(ctrl)]) == (40, 52)
+    assert ours.control_size(24, None, [Control(ctrl)]) == (24, 52)
+    got = np.array(ours.generate("a cat", controls=[Control(ctrl)], steps=STEPS, cfg=6.0, scheduler="euler",
+                                 latents=latents.numpy(), return_array=True))
+    assert got.shape[1:3] == (40, 52)
+    assert record("ControlNet, size from the control image", psnr(got, ref), "dB") >= 40
