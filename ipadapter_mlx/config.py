@@ -23,16 +23,20 @@ class ConfigFile:
     """`from_dict` for every config below: the subclass's `_parse`, every failure one UserError, every number
     checked for type and range before anything is built from it."""
 
+    # fields that must be > 0 (a width or count of 0 divides by zero when the model is built), in subclasses
+    POSITIVE: tuple[str, ...] = ()
+
     @classmethod
-    def from_dict(cls, d: dict):
+    def from_dict(cls, d: dict, source: str = "config.json"):
+        """`source`: the file's path for the messages."""
         if not isinstance(d, dict):
-            raise UserError(f"{cls.__name__}: config.json is not a JSON object")
+            raise UserError(f"{cls.__name__}: {source} is not a JSON object")
         try:
             config = cls._parse(d)
         except UserError:
             raise
         except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as e:
-            raise UserError(f"{cls.__name__}: config.json is incomplete or invalid ({type(e).__name__}: "
+            raise UserError(f"{cls.__name__}: {source} is incomplete or invalid ({type(e).__name__}: "
                             f"{str(e)[:120]})") from None
         for f in fields(config):  # the annotation says which JSON types a field takes
             value = getattr(config, f.name)
@@ -44,9 +48,25 @@ class ConfigFile:
                     type(v) is int and not 0 <= v <= limit or type(v) is float and not math.isfinite(v))
                 if not ok or (isinstance(value, (list, tuple)) and len(value) > MAX_COUNT):
                     expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
-                    raise UserError(f"{cls.__name__}: config.json has {f.name}={str(value)[:60]}: expected {expected}"
+                    raise UserError(f"{cls.__name__}: {source} has {f.name}={str(value)[:60]}: expected {expected}"
                                     f"{f' (whole numbers 0..{limit})' if int in kinds else ''}")
+        for name in cls.POSITIVE:
+            value = getattr(config, name)
+            if isinstance(value, (list, tuple)) and not value or any(v <= 0 for v in _as_list(value)):
+                raise UserError(f"{cls.__name__}: {source} has {name}={str(value)[:60]}: expected "
+                                f"{'a non-empty list of numbers' if isinstance(value, (list, tuple)) else 'a number'} > 0")
+        config._check(source)
         return config
+
+    def _check(self, source: str) -> None:
+        """Relations between fields (after every field's own type and range check); subclasses add theirs."""
+
+    def _fail(self, source: str, key: str, value: Any, expected: str) -> None:
+        raise UserError(f"{type(self).__name__}: {source} has {key}={str(value)[:60]}: expected {expected}")
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _per_block(value: Any, n: int, name: str) -> list[int]:
@@ -141,6 +161,19 @@ class UNetConfig(ConfigFile):
     addition_embed_type: str | None = None
     addition_time_embed_dim: int = 256
     projection_class_embeddings_input_dim: int = 0
+
+    POSITIVE = ("in_channels", "out_channels", "block_out_channels", "cross_attention_dim", "num_attention_heads",
+                "norm_num_groups")
+
+    def _check(self, source: str) -> None:
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n:
+            self._fail(source, "down_block_types", self.down_block_types, f"{n} entries, one per block_out_channels")
+        if self.up_block_types and len(self.up_block_types) != n:
+            self._fail(source, "up_block_types", self.up_block_types, f"{n} entries, one per block_out_channels")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):  # GroupNorm splits every width
+            self._fail(source, "norm_num_groups", self.norm_num_groups,
+                       f"a divisor of every block_out_channels entry {self.block_out_channels}")
 
     @classmethod
     def _parse(cls, d: dict) -> "UNetConfig":
@@ -244,6 +277,8 @@ class ControlNetConfig(UNetConfig):
     global_pool_conditions: bool = False  # shuffle-style nets: residuals averaged over the picture
     controlnet_conditioning_channel_order: str = "rgb"
 
+    POSITIVE = UNetConfig.POSITIVE + ("conditioning_channels", "conditioning_embedding_out_channels")
+
     @classmethod
     def _parse(cls, d: dict) -> "ControlNetConfig":
         for key in ("encoder_hid_dim", "encoder_hid_dim_type", "num_class_embeds"):
@@ -253,13 +288,12 @@ class ControlNetConfig(UNetConfig):
             raise UserError(f"unsupported ControlNet config: controlnet_conditioning_channel_order="
                             f"{d['controlnet_conditioning_channel_order']!r} (rgb or bgr)")
         unet = UNetConfig._parse({**d, "up_block_types": []})
-        widths = list(d.get("conditioning_embedding_out_channels") or [16, 32, 96, 256])
-        if not widths:
-            raise UserError("ControlNet config: conditioning_embedding_out_channels is empty")
+        widths = d.get("conditioning_embedding_out_channels")
+        widths = [16, 32, 96, 256] if widths is None else widths
         return cls(
             **{f.name: getattr(unet, f.name) for f in fields(UNetConfig)},
             conditioning_channels=d.get("conditioning_channels", 3),
-            conditioning_embedding_out_channels=widths,
+            conditioning_embedding_out_channels=list(widths),
             global_pool_conditions=bool(d.get("global_pool_conditions", False)),
             controlnet_conditioning_channel_order=d.get("controlnet_conditioning_channel_order", "rgb"),
         )

@@ -364,7 +364,8 @@ class ControlNetSet(LoadOrder[LoadedControlNet]):
         from .loading import read_json
 
         folder = resolve_controlnet(ref, None, config)
-        c = ControlNetConfig.from_dict(read_json(folder / "controlnet" / "config.json"))
+        path = folder / "controlnet" / "config.json"
+        c = ControlNetConfig.from_dict(read_json(path), str(path))
         check_fits(c, unet, ref)
         net = LoadedControlNet(ref, folder, c)
         if not self.low_memory:  # low-memory mode loads it after the encoders have been freed

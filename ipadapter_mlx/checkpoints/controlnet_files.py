@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..folders import write_mlx_folder
 from ..loading import build, read_json
 from . import keymaps
-from .stable_diffusion import _count, component_weights, infer_unet_config, quantized
+from .stable_diffusion import _count, component_weights, infer_unet_config, quantized, tensor_shape
 from .weights import fit_weights, read_weights
 
 log = logging.getLogger(__name__)
@@ -54,28 +54,37 @@ def strip_prefix(weights: dict[str, mx.array], path: str | Path) -> dict[str, mx
     return weights
 
 
-def infer_controlnet_config(w: dict[str, mx.array]) -> dict:
+def infer_controlnet_config(w: dict[str, mx.array], path: str | Path = "this file") -> dict:
     """A diffusers ControlNet config.json from an original ControlNet's shapes (keys without the prefix): the
     UNet's rules (stable_diffusion.infer_unet_config) plus the hint block's widths."""
+    what = f"the ControlNet's config from {path}"
     hint = sorted(int(m.group(1)) for k in w if (m := re.match(rf"{HINT}\.(\d+)\.weight$", k)))
     if len(hint) < 2 or hint != list(range(0, 2 * len(hint), 2)):
-        raise UserError(f"cannot infer the ControlNet layout: {HINT} convs at {hint}, expected 0, 2, 4, ...")
+        raise UserError(f"cannot infer {what}: {HINT} convs at {hint}, expected 0, 2, 4, ...")
     pooled = None
     if "label_emb.0.0.weight" in w:  # SDXL: pooled text + 6 ids of 256 each
-        pooled = w["label_emb.0.0.weight"].shape[1] - 6 * SDXL_TIME_EMBED_DIM
+        pooled = tensor_shape(w, "label_emb.0.0.weight", 2, what)[1] - 6 * SDXL_TIME_EMBED_DIM
+        if pooled <= 0:
+            raise UserError(f"cannot infer {what}: key label_emb.0.0.weight has {pooled + 6 * SDXL_TIME_EMBED_DIM} "
+                            f"inputs, expected the pooled text plus 6 x {SDXL_TIME_EMBED_DIM}")
     if _count(list(w), r"input_blocks\.(\d+)\.") < 2:
-        raise UserError("cannot infer the ControlNet layout: no input_blocks")
-    config = infer_unet_config(w, pooled)
+        raise UserError(f"cannot infer {what}: no input_blocks")
+    config = infer_unet_config(w, pooled, what)
     del config["up_block_types"], config["out_channels"]
-    convs = [w[f"{HINT}.{i}.weight"] for i in hint]  # conv_in, (a->a, a->b stride 2) per width, conv_out
-    return {**config, "_class_name": "ControlNetModel", "conditioning_channels": convs[0].shape[1],
-            "conditioning_embedding_out_channels": [convs[0].shape[0]] + [c.shape[0] for c in convs[2:-1:2]]}
+    # conv_in, (a->a, a->b stride 2) per width, conv_out
+    convs = [tensor_shape(w, f"{HINT}.{i}.weight", 4, what) for i in hint]
+    return {**config, "_class_name": "ControlNetModel", "conditioning_channels": convs[0][1],
+            "conditioning_embedding_out_channels": [convs[0][0]] + [c[0] for c in convs[2:-1:2]]}
 
 
-def controlnet_config_dict(config: dict) -> dict:
-    """The config, checked to describe a ControlNet (a UNet config.json would build without its hint block)."""
+def controlnet_config_dict(config: dict, source: str = "config.json") -> dict:
+    """The config, checked to describe a ControlNet (a UNet config.json would build without its hint block) and
+    every value checked (ControlNetConfig.from_dict) before anything is converted or written."""
+    if not isinstance(config, dict):
+        raise UserError(f"{source} is not a JSON object")
     if config.get("_class_name", "ControlNetModel") != "ControlNetModel":
-        raise UserError(f"not a ControlNet config: _class_name is {config['_class_name']!r}")
+        raise UserError(f"{source}: not a ControlNet config: _class_name is {str(config['_class_name'])[:60]!r}")
+    ControlNetConfig.from_dict(config, source)
     return config
 
 
@@ -89,7 +98,7 @@ def convert_controlnet_folder(src: str | Path, dst: str | Path, dtype: mx.Dtype 
                               quantize: tuple[int, int] | None = None) -> Path:
     """A diffusers ControlNet folder (config.json, diffusion_pytorch_model.safetensors or .bin)."""
     src = Path(src)
-    config = controlnet_config_dict(read_json(src / "config.json"))
+    config = controlnet_config_dict(read_json(src / "config.json"), str(src / "config.json"))
     log.info("converting ControlNet %s ...", src)
     weights = fit_weights(build("controlnet", config), component_weights(src), what=str(src), dtype=dtype)
     return _write(Path(dst), config, weights, str(src), quantize)
@@ -102,7 +111,10 @@ def convert_controlnet_file(path: str | Path, dst: str | Path, dtype: mx.Dtype |
     path = Path(path)
     log.info("reading ControlNet %s ...", path)
     weights = strip_prefix(read_weights(path), path)
-    config = controlnet_config_dict(dict(config)) if config else infer_controlnet_config(weights)
+    if config:
+        config = controlnet_config_dict(config, "--config")
+    else:
+        config = controlnet_config_dict(infer_controlnet_config(weights, path), f"the config inferred from {path}")
     model = build("controlnet", config)
     pairs = controlnet_original_to_diffusers(model.config)
     fitted = fit_weights(model, weights, lambda k: keymaps.rename(k, pairs), what=str(path), dtype=dtype)

@@ -130,38 +130,60 @@ def _count(keys: list[str], pattern: str) -> int:
     return len({m.group(1) for k in keys if (m := rx.match(k))})
 
 
-def infer_unet_config(w: dict[str, mx.array], pooled_dim: int | None = None) -> dict:
+def tensor_shape(w: dict[str, mx.array], key: str, ndim: int, what: str) -> tuple[int, ...]:
+    """The shape of a tensor a config is inferred from, checked first: present, `ndim` dimensions, sizes > 0.
+    `what`: "the UNet's config from FILE" for the message."""
+    if key not in w:
+        raise UserError(f"cannot infer {what}: key {key} is missing")
+    shape = tuple(w[key].shape)
+    if len(shape) != ndim or not all(shape):
+        raise UserError(f"cannot infer {what}: key {key} has shape {shape}, expected {ndim} dimensions, all > 0")
+    return shape
+
+
+def infer_unet_config(w: dict[str, mx.array], pooled_dim: int | None = None,
+                      what: str = "the UNet's config from this file") -> dict:
     """A diffusers UNet config.json from the shapes of an LDM UNet (keys without the prefix)."""
     keys = list(w)
     levels = _count(keys, r"input_blocks\.(\d+)\.0\.op\.weight") + 1
     n_input = _count(keys, r"input_blocks\.(\d+)\.")
     lpb = (n_input - 1 - (levels - 1)) // levels
     if lpb < 1 or 1 + levels * lpb + levels - 1 != n_input:
-        raise UserError("cannot infer the UNet layout from this file: unexpected input_blocks")
+        raise UserError(f"cannot infer {what}: unexpected input_blocks")
     channels, attn, depth = [], [], []
     for i in range(levels):
         first = 1 + i * (lpb + 1)
-        channels.append(w[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0])
+        channels.append(tensor_shape(w, f"input_blocks.{first}.0.out_layers.3.weight", 4, what)[0])
         attn.append(f"input_blocks.{first}.1.proj_in.weight" in w)
         depth.append(_count(keys, rf"input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\.") or 1)
-    to_k = next((v for k, v in w.items() if k.endswith("attn2.to_k.weight")), None)
+    to_k = next((k for k in w if k.endswith("attn2.to_k.weight")), None)
     if to_k is None:
-        raise UserError("cannot infer the UNet layout from this file: no cross-attention layers")
-    context = to_k.shape[1]
-    proj = next(v for k, v in w.items() if k.endswith(".proj_in.weight"))
+        raise UserError(f"cannot infer {what}: no cross-attention layers")
+    context = tensor_shape(w, to_k, 2, what)[1]
+    proj = next((k for k in w if k.endswith(".proj_in.weight")), None)
+    if proj is None:
+        raise UserError(f"cannot infer {what}: no *.proj_in.weight beside the cross-attention layers")
+    linear = w[proj].ndim == 2  # SD 2.x / SDXL: a Linear; SD 1.x: a 1x1 conv
+    tensor_shape(w, proj, 2 if linear else 4, what)
     # SD 1.x (768-d text) trained with 8 heads; SD 2.x with 64-wide heads (the original yaml configs).
     heads = 8 if context == 768 else [c // 64 for c in channels]
+    if heads != 8 and min(channels) < 64:
+        raise UserError(f"cannot infer {what}: block widths {channels} with {context}-d text: SD 2.x's 64-wide heads "
+                        "do not fit (give the net's config.json)")
     extra = {}
     if "label_emb.0.0.weight" in w:  # SDXL: pooled text + 6 size/crop ids, each embedded like a timestep
-        extra_in = w["label_emb.0.0.weight"].shape[1]
+        extra_in = tensor_shape(w, "label_emb.0.0.weight", 2, what)[1]
         if not pooled_dim:
             raise UserError("SDXL UNet without a second text encoder in the file")
+        if pooled_dim < 0 or (extra_in - pooled_dim) % 6 or extra_in <= pooled_dim:
+            raise UserError(f"cannot infer {what}: key label_emb.0.0.weight has {extra_in} inputs, expected the "
+                            f"pooled text ({pooled_dim}) plus 6 size/crop embeddings")
         extra = {"addition_embed_type": "text_time", "projection_class_embeddings_input_dim": extra_in,
                  "addition_time_embed_dim": (extra_in - pooled_dim) // 6, "sample_size": 128}
     return {
         "_class_name": "UNet2DConditionModel",
-        "in_channels": w["input_blocks.0.0.weight"].shape[1],
-        "out_channels": w["out.2.weight"].shape[0] if "out.2.weight" in w else 4,  # a ControlNet has no out
+        "in_channels": tensor_shape(w, "input_blocks.0.0.weight", 4, what)[1],
+        "out_channels": tensor_shape(w, "out.2.weight", 4, what)[0] if "out.2.weight" in w else 4,  # a ControlNet has none
         "block_out_channels": channels,
         "layers_per_block": lpb,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
@@ -169,7 +191,7 @@ def infer_unet_config(w: dict[str, mx.array], pooled_dim: int | None = None) -> 
         "cross_attention_dim": context,
         "attention_head_dim": heads,
         "transformer_layers_per_block": depth,
-        "use_linear_projection": proj.ndim == 2,
+        "use_linear_projection": linear,
         "norm_num_groups": 32,
         "sample_size": 64,
         **extra,
