@@ -61,8 +61,6 @@ def original(**changes) -> dict[str, np.ndarray]:
     ({"input_hint_block.0.weight": np.zeros(8, np.float32)},
      r"key input_hint_block.0.weight has shape \(8,\), expected 4 dimensions"),
     ({"label_emb.0.0.weight": np.zeros((32, 10), np.float32)}, "key label_emb.0.0.weight has 10 inputs"),
-    ({"input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": np.zeros((32, 32), np.float32)},
-     r"block widths \[32\] with 32-d text"),
 ])
 def test_malformed_original_file_one_line(tmp_path, changes, message):
     path = tmp_path / "control_tiny.safetensors"
@@ -70,6 +68,17 @@ def test_malformed_original_file_one_line(tmp_path, changes, message):
     with pytest.raises(UserError, match=f"cannot infer the ControlNet's config from {path}: {message}") as e:
         convert_controlnet(str(path), tmp_path / "out")
     assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_inferred_config_checked_too(tmp_path):
+    """SD 2.x's 64-wide heads on blocks 32 wide infer 0 heads: the inferred config is checked as a given one."""
+    path = tmp_path / "control_tiny.safetensors"
+    save_file(original(**{"input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": np.zeros((32, 32), np.float32)}),
+              str(path))
+    with pytest.raises(UserError, match=rf"the config inferred from {path} has num_attention_heads=\[0\]: expected a "
+                                        "non-empty list of numbers > 0"):
+        convert_controlnet(str(path), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
