@@ -149,7 +149,8 @@ def check_arrays(name: str, arrays: dict[str, mx.array], ndims: tuple[int, ...] 
     with `ndims` dimensions (2 for a Linear, 4 for a conv kernel) and floating point."""
     for key, a in arrays.items():
         if not mx.issubdtype(a.dtype, mx.floating):
-            raise UserError(f"LoRA {name}: {printable(key, 160)} weights are {str(a.dtype).removeprefix("mlx.core.")}; a LoRA's are floating point")
+            dtype = str(a.dtype).removeprefix("mlx.core.")
+            raise UserError(f"LoRA {name}: {printable(key, 160)} weights are {dtype}; a LoRA's are floating point")
         if a.ndim not in ndims:
             want = " or ".join(f"{n}-d" for n in ndims)
             raise UserError(f"LoRA {name}: {printable(key, 160)} is {tuple(a.shape)}, expected {want}")
