@@ -25,6 +25,7 @@ from .ip_adapter import Features, ImagePrompt
 log = logging.getLogger(__name__)
 
 EMBEDS_KEY, CROPS_KEY = "face_embeds", "face_crops"  # what `embed --face-image` writes
+MIN_CROP = 8  # smallest face crop side read from a file (the CLIP encoder resizes it; 0x0 would not be a picture)
 MAX_FACES = 64
 CROP_SIZE = 224  # the authors' norm_crop size for every FaceID Plus adapter (CLIP's input size)
 INSIGHTFACE_ROOT = "~/.insightface"  # FaceAnalysis' default: the pack goes to ~/.insightface/models/buffalo_l
@@ -63,7 +64,7 @@ def check_prompt(la, p: ImagePrompt) -> bool:
 def as_embeds(x, width: int, ref: str) -> mx.array:
     """Face embeddings as (faces, width) float32: (width,), (faces, width) or the authors' (1, faces, width)."""
     a = np.asarray(x)
-    if a.dtype == object or not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+    if a.dtype.kind not in "fiu":  # numbers only (numpy counts timedelta64 as an integer)
         raise UserError(f"face embeddings for {ref} hold {a.dtype} values; expected floats")
     if a.ndim == 3 and a.shape[0] == 1:
         a = a[0]
@@ -133,6 +134,8 @@ def read_face_embeds(path: str) -> tuple[np.ndarray, list[Image.Image]]:
             a = np.array(a)
         except (OSError, ValueError, EOFError) as e:
             raise UserError(f"cannot read face embeddings {path}: {e}") from None
+        if not np.issubdtype(a.dtype, np.floating):
+            raise UserError(f"{path}: face embeddings hold {a.dtype} values; expected floats")
         return a, crops
     if not path.endswith(".safetensors"):
         raise UserError(f"face embeddings must be a .npy or .safetensors file, got {path}")
@@ -143,14 +146,17 @@ def read_face_embeds(path: str) -> tuple[np.ndarray, list[Image.Image]]:
         embeds = next(iter(arrays.values()))
     else:
         raise UserError(f"{path}: no '{EMBEDS_KEY}' tensor among {', '.join(sorted(arrays)[:5])}")
-    if CROPS_KEY in arrays:
-        c = arrays[CROPS_KEY]
-        if c.dtype != mx.uint8 or c.ndim != 4 or c.shape[-1] != 3 or c.shape[0] != embeds.shape[0]:
-            raise UserError(f"{path}: {CROPS_KEY} is {tuple(c.shape)} {c.dtype}; expected (faces, H, W, 3) uint8, "
-                            "one per embedding")
-        crops = [Image.fromarray(np.array(x)) for x in c]
     if not mx.issubdtype(embeds.dtype, mx.floating):
         raise UserError(f"{path}: face embeddings hold {embeds.dtype} values; expected floats")
+    if CROPS_KEY in arrays:
+        c = arrays[CROPS_KEY]
+        faces = embeds.shape[0] if embeds.ndim == 2 else None  # (faces, width): one crop per face
+        if (c.dtype != mx.uint8 or c.ndim != 4 or c.shape[-1] != 3 or c.shape[0] != faces
+                or min(c.shape[1:3]) < MIN_CROP):
+            raise UserError(f"{path}: {CROPS_KEY} is {tuple(c.shape)} {c.dtype} beside {EMBEDS_KEY} "
+                            f"{tuple(embeds.shape)}; expected (faces, H, W, 3) uint8 crops of at least "
+                            f"{MIN_CROP}x{MIN_CROP}, one per row of (faces, width) embeddings")
+        crops = [Image.fromarray(np.array(x)) for x in c]
     return np.array(embeds.astype(mx.float32)), crops
 
 
@@ -233,7 +239,8 @@ def prompt_from_faces(adapter, images: list[Image.Image], names: list[str]) -> t
 def lora_of(adapter, unet, name: str):
     """The adapter file's LoRA as a lora.Lora on this UNet's module paths (None when the file has none)."""
     from .ip_adapter import cross_attention_slots
-    from .lora import Lora, LoraLayer, check_lora
+    from .checkpoints.torch_pickle import printable
+    from .lora import Lora, LoraLayer, check_arrays, check_lora
 
     if not adapter._lora:
         return None
@@ -247,9 +254,10 @@ def lora_of(adapter, unet, name: str):
         proj = parts[2][: -len("_lora")] if len(parts) == 5 and parts[2].endswith("_lora") else ""
         if (proj not in ("to_q", "to_k", "to_v", "to_out") or parts[1] not in processors
                 or parts[3] not in ("down", "up") or parts[4] != "weight"):
-            raise UserError(f"{name}: LoRA tensor {key[:80]} names no attention processor of this UNet "
+            raise UserError(f"{name}: LoRA tensor {printable(key)} names no attention processor of this UNet "
                             f"({len(processors)} processors)")
         path = f"{processors[parts[1]]}.{proj}" + (".0" if proj == "to_out" else "")
+        check_arrays(name, {key: value}, (2,))  # Linear layers only: no conv kernels in these files
         groups.setdefault(path, {})[parts[3]] = value
     half = [p for p, g in groups.items() if set(g) != {"down", "up"}]
     if half:

@@ -32,6 +32,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from .checkpoints.torch_pickle import printable
 from .errors import UserError, finite
 from .loaded import LoadOrder
 
@@ -113,7 +114,8 @@ def base_shape(module) -> tuple[int, ...]:
 
 def _listing(names, limit: int = 4) -> str:
     names = sorted(names)
-    return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(printable(n, 160) for n in names[:limit]) + more  # escaped: a key cannot forge a line
 
 
 # -- checking a Lora against the models ---------------------------------------------------------------------
@@ -142,9 +144,24 @@ def check_family(name: str, components: set[str], widths: set[int], models: dict
                         f"{_family('text_encoder_2' in models, model_widths)}")
 
 
+def check_arrays(name: str, arrays: dict[str, mx.array], ndims: tuple[int, ...] = (2, 4)) -> None:
+    """Down/up weights as read, before any shape is used: {key in the file (or layer and role) -> array}, each
+    with `ndims` dimensions (2 for a Linear, 4 for a conv kernel) and floating point."""
+    for key, a in arrays.items():
+        if not mx.issubdtype(a.dtype, mx.floating):
+            dtype = str(a.dtype).removeprefix("mlx.core.")
+            raise UserError(f"LoRA {name}: {printable(key, 160)} weights are {dtype}; a LoRA's are floating point")
+        if a.ndim not in ndims:
+            want = " or ".join(f"{n}-d" for n in ndims)
+            raise UserError(f"LoRA {name}: {printable(key, 160)} is {tuple(a.shape)}, expected {want}")
+
+
 def check_lora(lora: Lora, models: dict[str, nn.Module]) -> None:
     """Every layer names a Linear/Conv2d of `models` (structures suffice) and fits its shape; fails naming
     what does not."""
+    for component, layers in lora.layers.items():
+        for path, layer in layers.items():
+            check_arrays(lora.name, {f"{component} {path} down": layer.down, f"{component} {path} up": layer.up})
     widths = {layer.down.shape[-1] for path, layer in lora.layers.get("unet", {}).items()
               if path.endswith(("attn2.to_k", "attn2.to_v"))}
     check_family(lora.name, set(lora.layers), widths, models)
@@ -161,8 +178,7 @@ def check_lora(lora: Lora, models: dict[str, nn.Module]) -> None:
             shape = base_shape(modules[path])
             d, u = layer.down, layer.up
             ok = (d.ndim == len(shape) and u.ndim == 2 and u.shape == (shape[0], d.shape[0])
-                  and tuple(d.shape[1:]) == tuple(shape[1:]) and 0 < d.shape[0] <= math.prod(shape[1:])
-                  and mx.issubdtype(d.dtype, mx.floating) and mx.issubdtype(u.dtype, mx.floating))
+                  and tuple(d.shape[1:]) == tuple(shape[1:]) and 0 < d.shape[0] <= math.prod(shape[1:]))
             if not ok:
                 raise UserError(f"LoRA {lora.name}: {component} {path} has down {tuple(d.shape)} and up "
                                 f"{tuple(u.shape)}; the layer's weight is {shape}")
@@ -221,27 +237,49 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
     return None
 
 
+def _alpha(what: str, value) -> float:
+    """A LoRA alpha read from a file: a finite positive number (not a bool, not an int too large for a float)."""
+    try:
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < float(value) < math.inf
+    except OverflowError:
+        ok = False
+    if not ok:
+        raise UserError(f"{what} must be a finite positive number, got {printable(repr(value), 60)}")
+    return float(value)
+
+
 def _peft_alphas(metadata: dict[str, str], component: str) -> tuple[float | None, dict, dict]:
     """diffusers' saved LoraConfig (`lora_adapter_metadata`) for one component: (lora_alpha, alpha_pattern,
-    use_rslora), or (None, {}, False) without it."""
+    use_rslora), or (None, {}, False) without it; values checked."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return None, {}, False
     try:
         config = json.loads(raw)
-    except ValueError:
-        raise UserError("LoRA metadata lora_adapter_metadata is not JSON") from None
+    except (ValueError, RecursionError):  # RecursionError: deeply nested brackets
+        raise UserError("LoRA metadata lora_adapter_metadata is not JSON (or nests too deeply)") from None
+    if not isinstance(config, dict):
+        raise UserError(f"LoRA metadata lora_adapter_metadata is a JSON {type(config).__name__}, expected an object")
     prefix = component + "."
     if config.get(prefix + "use_dora"):
         raise UserError("a DoRA LoRA (use_dora in its metadata): only plain LoRA / LoCon (up @ down) is supported")
     alpha = config.get(prefix + "lora_alpha")
-    return alpha, config.get(prefix + "alpha_pattern") or {}, bool(config.get(prefix + "use_rslora"))
+    if alpha is not None:
+        alpha = _alpha(f"LoRA metadata {prefix}lora_alpha", alpha)
+    pattern = config.get(prefix + "alpha_pattern") or {}
+    if not isinstance(pattern, dict):
+        raise UserError(f"LoRA metadata {prefix}alpha_pattern is a JSON {type(pattern).__name__}, expected an "
+                        "object of module name -> alpha")
+    pattern = {k: _alpha(f"LoRA metadata {prefix}alpha_pattern[{printable(k, 60)}]", v) for k, v in pattern.items()}
+    return alpha, pattern, bool(config.get(prefix + "use_rslora"))
 
 
 def _pattern_value(path: str, pattern: dict, default):
-    """PEFT's pattern lookup: a key matches a module whose name ends with it."""
+    """PEFT's pattern lookup: a key matches a module whose name ends with it. PEFT treats keys as regexes, but
+    the files diffusers writes hold plain module names / path suffixes; we match them literally, as suffixes at
+    a '.' boundary: a file's pattern is never run as a regex (a hostile one could take forever)."""
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", path):
+        if path == key or path.endswith("." + key):
             return value
     return default
 
@@ -252,9 +290,10 @@ def parse_lora(weights: dict[str, mx.array], metadata: dict[str, str], models: d
     for key in weights:
         for part, kind in UNSUPPORTED.items():
             if any(p == part or (part.endswith("_") and p.startswith(part)) for p in key.split(".")[1:]):
-                raise UserError(f"LoRA {name}: a {kind} file ({key}); only plain LoRA / LoCon (up @ down) is "
-                                "supported")
+                raise UserError(f"LoRA {name}: a {kind} file ({printable(key, 160)}); only plain LoRA / LoCon "
+                                "(up @ down) is supported")
     groups: dict[tuple[str, str], dict[str, mx.array]] = {}
+    keys: dict[tuple[str, str], dict[str, str]] = {}  # the file's key of each role, for messages
     not_lora = []
     for key, value in weights.items():
         parsed = _split_key(key)
@@ -263,6 +302,7 @@ def parse_lora(weights: dict[str, mx.array], metadata: dict[str, str], models: d
             continue
         component, module, role = parsed
         groups.setdefault((component, module), {})[role] = value
+        keys.setdefault((component, module), {})[role] = key
     if not groups:
         raise UserError(f"{name} is not a LoRA: no lora_down/lora_up or lora_A/lora_B keys "
                         f"(keys: {_listing(weights)})")
@@ -271,6 +311,8 @@ def parse_lora(weights: dict[str, mx.array], metadata: dict[str, str], models: d
     missing = [f"{c}:{m}" for (c, m), g in groups.items() if not {"down", "up"} <= set(g)]
     if missing:
         raise UserError(f"LoRA {name}: layers without both down and up weights: {_listing(missing)}")
+    for group, g in groups.items():  # before any shape is read: Linear (2-d) or conv (4-d), floating point
+        check_arrays(name, {keys[group][r]: g[r] for r in ("down", "up")})
 
     # the family first: a LoRA for SDXL on SD 1.5 is one clear line, not a list of unknown names
     widths = {g["down"].shape[1] for (c, m), g in groups.items()
@@ -309,7 +351,7 @@ def _layer(g: dict[str, mx.array], target, component: str, path: str, metadata: 
     else:
         peft_alpha, alpha_pattern, rslora = _peft_alphas(metadata, component)
         if peft_alpha is not None:
-            alpha = float(_pattern_value(path, alpha_pattern, peft_alpha))
+            alpha = _pattern_value(path, alpha_pattern, peft_alpha)
             if rslora:  # PEFT's rank-stabilised scale alpha / sqrt(r), as an alpha over r
                 alpha *= math.sqrt(down.shape[0])
     if alpha is not None:
@@ -323,13 +365,31 @@ def read_lora(path: str | Path, models: dict[str, nn.Module]) -> Lora:
     from .checkpoints.weights import read_weights
     from .loading import read_safetensors
 
+    from .checkpoints.torch_pickle import load_torch_file
+
     path = Path(path)
     metadata = {}
     if path.suffix == ".safetensors" and path.is_file():
         weights, metadata = read_safetensors(path, "LoRA file")
         metadata = metadata or {}
+    elif path.suffix in (".bin", ".pt", ".pth", ".ckpt") and path.is_file():
+        obj = load_torch_file(str(path))
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+        weights = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, mx.array)}
+        # torch-saved LoRAs may hold an alpha as a Python number rather than a tensor (read_weights keeps tensors)
+        for k, v in obj.items():
+            if isinstance(k, str) and k.endswith(".alpha") and not isinstance(v, mx.array):
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e38 and math.isfinite(v)
+                if not ok:
+                    raise UserError(f"LoRA {path.name}: {printable(k)} is {printable(repr(v), 40)}, expected a number")
+                weights[k] = mx.array(float(v))
+        if not weights:
+            raise UserError(f"{path}: holds no tensors")
     else:
-        weights = read_weights(path)
+        weights = read_weights(path)  # its errors: not found, unknown format
     return parse_lora(weights, metadata, models, path.name)
 
 
