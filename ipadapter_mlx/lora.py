@@ -362,10 +362,8 @@ def _layer(g: dict[str, mx.array], target, component: str, path: str, metadata: 
 def read_lora(path: str | Path, models: dict[str, nn.Module]) -> Lora:
     """A .safetensors or torch (.bin/.pt/.ckpt, through the restricted unpickler) LoRA file, resolved against
     the models' structures."""
-    from .checkpoints.weights import read_weights
+    from .checkpoints.weights import read_weights, torch_state
     from .loading import read_safetensors
-
-    from .checkpoints.torch_pickle import load_torch_file
 
     path = Path(path)
     metadata = {}
@@ -373,11 +371,7 @@ def read_lora(path: str | Path, models: dict[str, nn.Module]) -> Lora:
         weights, metadata = read_safetensors(path, "LoRA file")
         metadata = metadata or {}
     elif path.suffix in (".bin", ".pt", ".pth", ".ckpt") and path.is_file():
-        obj = load_torch_file(str(path))
-        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict):
-            raise UserError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+        obj = torch_state(path)
         weights = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, mx.array)}
         # torch-saved LoRAs may hold an alpha as a Python number rather than a tensor (read_weights keeps tensors)
         for k, v in obj.items():

@@ -18,6 +18,16 @@ from .torch_pickle import load_torch_file, printable
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 
+def torch_state(path: Path) -> dict:
+    """A torch file's top-level dict (a Lightning-style .ckpt's state_dict), read without running code."""
+    state = load_torch_file(str(path))
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    return state
+
+
 def read_weights(path: str | Path) -> dict[str, mx.array]:
     """All tensors of a .safetensors or torch (.bin/.ckpt/.pt) file, by name. Never runs code from the file."""
     path = Path(path)
@@ -26,12 +36,7 @@ def read_weights(path: str | Path) -> dict[str, mx.array]:
     if path.suffix == ".safetensors":
         weights, _ = read_safetensors(path)
     elif path.suffix in WEIGHT_SUFFIXES:
-        weights = load_torch_file(str(path))
-        if isinstance(weights, dict) and isinstance(weights.get("state_dict"), dict):
-            weights = weights["state_dict"]  # Lightning-style .ckpt
-        if not isinstance(weights, dict):
-            raise UserError(f"{path}: expected a dict of tensors, found {type(weights).__name__}")
-        weights = {k: v for k, v in weights.items() if isinstance(k, str) and isinstance(v, mx.array)}
+        weights = {k: v for k, v in torch_state(path).items() if isinstance(k, str) and isinstance(v, mx.array)}
     else:
         raise UserError(f"{path}: unknown weights format (expected one of {', '.join(WEIGHT_SUFFIXES)})")
     if not weights:
