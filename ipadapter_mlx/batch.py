@@ -34,6 +34,7 @@ import re
 import secrets
 import shutil
 import signal
+import stat
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -46,6 +47,9 @@ from .errors import UserError
 MANIFEST = "manifest.jsonl"
 STATE = ".batch"  # DIR/.batch: the lock, and each run's claim folder
 FEATURES_KEPT = 256  # reference encodings kept between jobs (a few MB each at most)
+MAX_JOBS_MIB = 64  # a jobs file: a million ordinary jobs fit
+MAX_LINE_CHARS = 1 << 20  # one job's line (a longer one fails alone)
+MAX_OUTPUT_CHARS = 200  # an "output" name (file systems allow 255 bytes a name)
 TEMP_FILE = re.compile(r"^\..+\.[0-9a-f]{16}\.tmp\.png$")  # files.atomic_file's temp names
 
 
@@ -213,6 +217,9 @@ def _output_name(value, line: int) -> str:
         return f"{line:05d}.png"
     if not isinstance(value, str) or not value.lower().endswith(".png"):
         raise UserError(f"\"output\" must be a .png file name, got {json.dumps(value)[:60]}")
+    if len(value) > MAX_OUTPUT_CHARS or not value.isprintable():
+        raise UserError(f"\"output\" must be a name of printable characters (no control characters or lone "
+                        f"surrogates), at most {MAX_OUTPUT_CHARS} long, got {value[:60]!r}{'...' * (len(value) > 60)}")
     path = Path(value)
     if path.is_absolute() or ".." in path.parts or not path.parts:
         raise UserError(f"\"output\" must be a file name inside --output-dir, got {value!r}")
@@ -223,8 +230,16 @@ def read_jobs(path: str, defaults: argparse.Namespace) -> list[Job]:
     """Every non-blank line (and not a '#' comment) of the jobs file, as a Job: a line that cannot run carries
     its error (naming the line) and the others go on."""
     try:
+        info = os.stat(path)  # before open: opening a FIFO would wait for a writer
+        if not stat.S_ISREG(info.st_mode):
+            raise UserError(f"JOBS must be a regular file: {path}")
+        if info.st_size > MAX_JOBS_MIB << 20:
+            raise UserError(f"{path} is a jobs file of {info.st_size / (1 << 20):.0f} MiB; at most {MAX_JOBS_MIB}")
         with open(path, "rb") as f:
-            lines = f.read().decode("utf-8").splitlines()
+            data = f.read((MAX_JOBS_MIB << 20) + 1)  # bounded even if it grew since the stat
+        if len(data) > MAX_JOBS_MIB << 20:
+            raise UserError(f"{path} is a jobs file of over {MAX_JOBS_MIB} MiB; at most {MAX_JOBS_MIB}")
+        lines = data.decode("utf-8").splitlines()
     except FileNotFoundError:
         raise UserError(f"jobs file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -237,9 +252,14 @@ def read_jobs(path: str, defaults: argparse.Namespace) -> list[Job]:
             continue
         job = Job(n, None, None, f"{n:05d}.png", "")
         try:
+            if len(text) > MAX_LINE_CHARS:
+                raise UserError(f"a line of {len(text)} characters; at most {MAX_LINE_CHARS}")
             try:
                 job.options = json.loads(text)
-            except ValueError as e:
+                json.dumps(job.options, ensure_ascii=False).encode("utf-8")  # a lone surrogate ("\ud800") anywhere
+            except UnicodeEncodeError as e:
+                raise UserError(f"not valid Unicode text: a lone surrogate {e.object[e.start:e.end]!r}") from None
+            except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
                 raise UserError(f"malformed JSON: {e}") from None
             if not isinstance(job.options, dict):
                 raise UserError(f"a job is a JSON object, got {type(job.options).__name__}")

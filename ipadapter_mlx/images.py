@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -15,6 +17,8 @@ from .files import atomic_file
 
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, as browsers show them
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # "I": how PIL may give a 16-bit greyscale PNG
+MAX_SIDE = 8192
+MAX_PIXELS = MAX_SIDE * MAX_SIDE  # 67 Mpx (200 MB as RGB): far above any size SD works at, under PIL's bomb limit
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -22,7 +26,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     clips it to white), transparency (alpha, LA, a palette's or a tRNS colour) is composited on BACKGROUND
     (white), CMYK, L and 1 are converted by PIL. (PIL itself reads 16-bit RGB(A) PNGs as 8-bit.)"""
     if image.mode in SIXTEEN_BIT or image.mode == "F":
-        arr = np.asarray(image).astype(np.float64)
+        arr = np.nan_to_num(np.asarray(image).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)  # NaN/Inf: 0
         # 16-bit: value / 257. 32-bit integers and floats carry no range of their own: stretch what is there
         top = 65535 if image.mode != "F" and arr.max(initial=0) <= 65535 else max(arr.max(initial=0), 1e-12)
         if image.mode == "F" and 0 <= arr.min(initial=0) and arr.max(initial=0) <= 1:
@@ -37,14 +41,36 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def check_pixels(width: int, height: int, what: str) -> None:
+    if width * height > MAX_PIXELS:
+        raise UserError(f"{what} is {width}x{height} pixels; at most {MAX_PIXELS / 1e6:.0f} Mpx ({MAX_SIDE}x{MAX_SIDE})")
+
+
+@contextmanager
+def open_checked(path: str | Path, what: str = "image"):
+    """Image.open, refusing a picture over MAX_PIXELS from its header, before anything is decoded. PIL's own
+    bomb check stays on beneath it: its warning is quiet (ours is the lower limit), its error our line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError as e:
+            raise UserError(f"cannot read {what} {path}: {e} (at most {MAX_PIXELS / 1e6:.0f} Mpx)") from None
+        with im:
+            check_pixels(*im.size, f"{what} {path}")
+            yield im
+
+
 def open_image(path: str | Path) -> Image.Image:
     """An image file as the RGB picture people see: EXIF orientation applied, then to_rgb. The one reader
-    of reference, negative and init images. PIL's decompression-bomb limit stays on."""
+    of reference, negative and init images. At most MAX_PIXELS (open_checked)."""
     try:
-        with Image.open(path) as im:
+        with open_checked(path) as im:
             return to_rgb(ImageOps.exif_transpose(im))
     except FileNotFoundError:
         raise UserError(f"image not found: {path}") from None
+    except UserError:
+        raise
     except MemoryError:
         raise
     except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, struct.error, ...) for a broken file

@@ -32,7 +32,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 from .denoiser import UNetInput
 from .errors import UserError
-from .images import SIXTEEN_BIT, to_pil, to_pixels, to_rgb
+from .images import SIXTEEN_BIT, check_pixels, open_checked, to_pil, to_pixels, to_rgb
 
 if TYPE_CHECKING:
     from .pipeline import StableDiffusion
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 # diffusers' `latents=` at strength < 1 starts there at the first kept step, not at the schedule's first one
 DDPM_SPACE = ("ddim", "dpmpp-2m", "dpmpp-2m-karras")
 FILLS = ("edge", "noise", "grey")
+MAX_BLUR = 1024  # pixels: wider than any picture SD makes
 
 
 def as_pil(image: Image.Image | np.ndarray, what: str) -> Image.Image:
@@ -63,12 +64,14 @@ def open_mask(path: str | Path) -> Image.Image:
     """A mask file in its own mode (EXIF orientation applied): a transparent pixel counts by its colour, as
     diffusers reads masks (open_image would composite it on white, which would repaint everything)."""
     try:
-        with Image.open(path) as im:
+        with open_checked(path, "mask image") as im:
             mask = ImageOps.exif_transpose(im)
             mask.load()
             return mask
     except FileNotFoundError:
         raise UserError(f"mask image not found: {path}") from None
+    except UserError:
+        raise
     except MemoryError:
         raise
     except Exception as e:  # PIL raises many kinds for a broken file
@@ -83,6 +86,8 @@ def read_mask(mask: Image.Image | np.ndarray, blur: float = 0.0) -> Image.Image:
         mask = to_rgb(mask)
     if not math.isfinite(blur) or blur < 0:
         raise UserError(f"mask blur must be a finite number of pixels >= 0, got {blur}")
+    if blur > MAX_BLUR:  # PIL's kernel grows with the radius: 1e10 is its ValueError, 1e6 minutes of work
+        raise UserError(f"mask blur is {blur:g} pixels; at most {MAX_BLUR}")
     return mask.filter(ImageFilter.GaussianBlur(blur)) if blur else mask
 
 
@@ -300,8 +305,10 @@ def outpaint_canvas(image: Image.Image | np.ndarray, border: tuple[int, int, int
         raise UserError("outpaint: all four borders are 0 (nothing to add)")
     if fill not in FILLS:
         raise UserError(f"unknown outpaint fill {fill!r} (choose from {', '.join(FILLS)})")
-    arr = np.asarray(to_rgb(as_pil(image, "init image")))
+    image = as_pil(image, "init image")
     l, t, r, b = border
+    check_pixels(image.width + l + r, image.height + t + b, "the outpainted canvas")  # before allocating it
+    arr = np.asarray(to_rgb(image))
     pad = ((t, b), (l, r), (0, 0))
     if fill == "edge":
         canvas = np.pad(arr, pad, mode="edge")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -12,6 +13,26 @@ from .loading import load_component
 
 log = logging.getLogger(__name__)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # the second: SDXL
+MAX_READ_CHARS = 10_000  # 77 CLIP tokens span well under 3,000 characters once whitespace runs are one space
+
+
+def readable(text: str, what: str = "prompt") -> str:
+    """The part of a prompt the tokenizer can read: a long text is cut (its whitespace runs made one space
+    first, as CLIP's tokenizer does, so the first 77 tokens are unchanged) before it is tokenized, so a 50 MB
+    prompt costs no more than a long one. Lone surrogates (not Unicode text) are refused."""
+    if len(text) > MAX_READ_CHARS:
+        words, n = [], 0
+        for m in re.finditer(r"\S+", text):
+            words.append(text[m.start() : min(m.end(), m.start() + MAX_READ_CHARS)])
+            if (n := n + len(words[-1]) + 1) >= MAX_READ_CHARS:
+                break
+        text = " ".join(words)[:MAX_READ_CHARS]
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"the {what} is not valid Unicode text: {text[e.start:e.end]!r} at character {e.start} "
+                        "(a lone surrogate)") from None
+    return text
 
 
 class PromptEncoder:
@@ -50,15 +71,18 @@ class PromptEncoder:
         per distinct prompt."""
         tokenizer = self.tokenizers[0]  # both SDXL tokenizers split text alike
         for text in dict.fromkeys(prompts):
-            ids = tokenizer(text, truncation=False, verbose=False)["input_ids"]
+            read = readable(text, what)
+            ids = tokenizer(read, truncation=False, verbose=False)["input_ids"]
             if (dropped := len(ids) - tokenizer.model_max_length) > 0:
                 cut = tokenizer.decode(ids[tokenizer.model_max_length - 1 : -1]).replace("\n", " ")
-                log.warning(f"the {what} is {len(ids)} tokens long; only {tokenizer.model_max_length} are read, "
-                            f"the last {dropped} are dropped: \"{cut}\"")
+                more = "at least " if read != text else ""  # only the readable part was tokenized
+                log.warning(f"the {what} is {more}{len(ids)} tokens long; only {tokenizer.model_max_length} are "
+                            f"read, the last {more}{dropped} are dropped: \"{cut[:80]}{'...' * (len(cut) > 80)}\"")
 
     def __call__(self, prompts: list[str], what: str = "prompt") -> tuple[mx.array, mx.array | None]:
         """(token embeddings (B, 77, D), pooled embedding or None), as diffusers' pipelines compute them."""
         self.warn_if_cut(prompts, what)
+        prompts = [readable(p, what) for p in prompts]
         states, pooled = [], None
         for tokenizer, name in zip(self.tokenizers, self.names):
             ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
