@@ -62,7 +62,7 @@ def test_bad_job_lines_fail_alone(tmp_path, line, message):
     assert message in bad.error, bad.error
 
 
-def test_long_prompt_is_cut_before_tokenizing(tmp_path, caplog):
+def test_long_prompt_is_cut_before_tokenizing(tmp_path):
     """A prompt of millions of characters (whitespace runs among them): the tokens read are those the full text
     gives (transformers' tokenizer on the whole text is the reference), and the warning quotes a short excerpt."""
     from transformers import CLIPTokenizer
@@ -76,9 +76,17 @@ def test_long_prompt_is_cut_before_tokenizing(tmp_path, caplog):
     full = CLIPTokenizer.from_pretrained(str(tmp_path / "model" / "tokenizer"))
     ids = lambda t: full(t, padding="max_length", max_length=77, truncation=True)["input_ids"]  # noqa: E731
     assert len(readable(text)) <= MAX_READ_CHARS and ids(readable(text)) == ids(text)
-    with caplog.at_level(logging.WARNING):
+    records = []  # a handler on the logger itself: the CLI's log setup (show_log) stops propagation to caplog
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("ipadapter_mlx.prompts")
+    logger.addHandler(handler)
+    try:
         PromptEncoder(tmp_path / "model", None).warn_if_cut(["x " * 3_000_000], "prompt")
-    (record,) = caplog.records
+    finally:
+        logger.removeHandler(handler)
+    (record,) = records
+    record.message = record.getMessage()
     assert "is at least" in record.message and len(record.message) < 300, record.message
     with pytest.raises(UserError, match="the prompt is not valid Unicode text: '\\\\ud800' at character 2"):
         readable("ab\ud800")
