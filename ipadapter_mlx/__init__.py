@@ -7,8 +7,10 @@
 """
 
 from ._blas import route_mlx_blas
+from ._malloc import keep_large_buffers
 
 route_mlx_blas()  # Linux: MLX's matrix products on OpenBLAS (see _blas.py); nothing else in the process changes
+keep_large_buffers()  # Linux, CPU backend: large buffers reused from the heap, not mapped afresh (_malloc.py)
 
 from .errors import UserError  # noqa: E402
 from .ip_adapter import Features, ImagePrompt, load_features, save_features  # noqa: E402

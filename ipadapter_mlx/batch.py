@@ -348,8 +348,11 @@ class Renderer:
         if key != self.key:
             import mlx.core as mx
 
+            from . import _malloc
+
             self.pipe = self.key = None  # one pipeline in memory at a time
             mx.clear_cache()
+            _malloc.release()
             pipe = cli.load_pipeline(args, checked.dtype)
             pipe.adapters = CachedAdapters(pipe.dtype, pipe.quantize)
             self.pipe, self.key, self.loras = pipe, key, loras

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import _blas
+from . import _blas, _malloc
 from .errors import UserError
 from .bench_shapes import SHAPES, peak_rss_gib, timed
 
@@ -265,7 +265,8 @@ def cpu_model() -> str:
 
 def run(args: argparse.Namespace) -> dict:
     report = {"machine": {"platform": platform.platform(), "processor": cpu_model(), "cpus": os.cpu_count(),
-                          "python": platform.python_version(), "mlx_blas": _blas.state.describe()},
+                          "python": platform.python_version(), "mlx_blas": _blas.state.describe(),
+                          "mlx_malloc": _malloc.state},
               "shapes": f"{'tiny ' if args.tiny else ''}{args.model_kind}+vit-h+ip-adapter-plus", "steps": args.steps,
               "runs": []}
     for size in args.sizes:
@@ -402,7 +403,7 @@ def main_bench(args: argparse.Namespace) -> int:
         tmp.write_text(json.dumps(report, indent=2))
     torch_blas = next((r["torch_blas"] for r in report["runs"] if r.get("torch_blas")), None)
     print(f"device: {next((r.get('device') for r in report['runs'] if r.get('device')), '?')}, "
-          f"CPU: {report['machine']['processor']}, MLX's BLAS: {_blas.state.describe()}"
+          f"CPU: {report['machine']['processor']}, MLX's BLAS: {_blas.state.describe()}, {_malloc.state}"
           + (f", torch's BLAS: {torch_blas}" if torch_blas else ""))
     print(format_table(report))
     for profile in report.get("profiles", []):

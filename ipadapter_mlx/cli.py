@@ -789,11 +789,12 @@ def _generate(args: argparse.Namespace) -> int:
     for path in save_images(pictures, params, args.output):
         print(path)
     if args.verbose:
+        from . import _malloc
         from ._blas import state
 
         print(f"load {t_load:.2f} s, sampling {t_sample:.2f} s ({t_sample / max(step.total, 1):.3f} s/step), "
-              f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB, {mx.default_device()}, BLAS: {state.describe()}",
-              file=sys.stderr)
+              f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB, {mx.default_device()}, BLAS: {state.describe()}, "
+              f"{_malloc.state}", file=sys.stderr)
     return 0
 
 

@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from . import cache, inpainting, memory
+from . import _malloc, cache, inpainting, memory
 from .adapters import AdapterSet
 from .conditioning import Conditioning
 from .controlnet import Control, ControlNetSet
@@ -517,6 +517,7 @@ class StableDiffusion:
             self.prompts.free()
             self.adapters.encoders.clear()
             mx.clear_cache()
+            _malloc.release()
         denoise = Denoiser(self.unet, cond, timesteps, sigmas, cfg, self.scheduler_config.prediction_type,
                            self.dtype, list(hooks) + ([inpaint.hook] if inpaint else []) +
                            # after the inpaint hook: the nets read the latents the UNet reads, as diffusers' ControlNet

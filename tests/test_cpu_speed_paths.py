@@ -66,6 +66,49 @@ def test_cpu_attention_half_precision_returns_its_dtype():
     np.testing.assert_allclose(np.array(out.astype(mx.float32)), torch_attention(q, k, v, 8), rtol=0, atol=2e-3)
 
 
+@pytest.mark.parametrize("blocks", [False, True])
+def test_cpu_attention_with_an_additive_mask(monkeypatch, blocks):
+    """CLIP's text encoder: a causal mask added to the scores; in query blocks each block gets its own rows."""
+    if blocks:
+        monkeypatch.setattr(cpu, "BLOCK_SCORES", 24 * 10 * 77)  # 8 blocks of 10 queries (the last of 7)
+    q, k, v = qkv(2, 77, 77, 12, 64, seed=2)
+    mask = nn.MultiHeadAttention.create_additive_causal_mask(77)
+    out = attention_module.attention(q, k, v, 12, mask=mask)
+    split = lambda t: t64(t).reshape(2, 77, 12, 64).transpose(1, 2)
+    causal = torch.ones(77, 77, dtype=torch.bool).tril()
+    ref = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=causal)
+    np.testing.assert_allclose(np.array(out), ref.transpose(1, 2).reshape(2, 77, 768).numpy(), rtol=0, atol=1e-5)
+
+
+def test_clip_runs_the_cpu_attention_and_activations(monkeypatch):
+    """On the CPU both CLIP towers use `cpu.attention` and numpy's GELUs, never MLX's scalar exp/erf paths
+    (their numbers against transformers: test_modules)."""
+    from ipadapter_mlx.bench_shapes import TINY
+    from ipadapter_mlx.loading import build
+
+    calls = []
+    for name in ("attention", "gelu", "quick_gelu"):
+        real = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, _n=name, _r=real, **kw: calls.append(_n) or _r(*a, **kw))
+    monkeypatch.setattr(cpu, "MIN_SPLIT", 1)
+
+    def mlx_kernel(*a, **kw):
+        raise AssertionError("MLX's attention or GELU ran on the CPU")
+
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", mlx_kernel)
+    monkeypatch.setattr(nn, "gelu", mlx_kernel)
+    vision = build("image_encoder", TINY["image_encoder"])
+    size = TINY["image_encoder"]["image_size"]
+    mx.eval(vision.penultimate(mx.random.normal((1, size, size, 3))))
+    layers = TINY["image_encoder"]["num_hidden_layers"] - 1  # the penultimate layer's output
+    assert calls.count("attention") == layers and calls.count("gelu") == layers
+    calls.clear()
+    text = build("text_encoder", TINY["text_encoder"])
+    mx.eval(text(mx.array([[1, 2, 3, 4]])).last_hidden_state)
+    layers = TINY["text_encoder"]["num_hidden_layers"]
+    assert calls.count("attention") == layers and calls.count("quick_gelu") == layers
+
+
 def test_softmax_numerator_split_equals_one_thread(monkeypatch):
     scores = np.random.default_rng(0).normal(size=(3, 41, 333)).astype(np.float32) * 8
     ref = np.exp(scores.astype(np.float64) - scores.max(-1, keepdims=True))
@@ -97,31 +140,36 @@ def test_cpu_runs_the_cpu_attention(monkeypatch):
         attention_module.attention(*qkv(1, 4, 4, 2, 40), 2, pad_to=64)
 
 
-@pytest.mark.parametrize("name", ["silu", "gelu"])
+# transformers' QuickGELUActivation and MLX's formula for it, the references of cpu.quick_gelu
+TORCH_ACTS = {"silu": F.silu, "gelu": F.gelu, "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t)}
+MLX_ACTS = {"silu": nn.silu, "gelu": nn.gelu, "quick_gelu": lambda x: x * mx.sigmoid(1.702 * x)}
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu", "quick_gelu"])
 @pytest.mark.parametrize("shape", [(1, 7, 5, 3), (2, 300, 1280), (3, 129, 131)])
 def test_cpu_silu_gelu_match_torch(name, shape):
     x = mx.random.normal(shape, key=mx.random.key(3)) * 6
     if x.size > 8:  # the tails: exp(-x) overflows below -88, erf saturates
         x = mx.concatenate([mx.array([0.0, -0.0, -100.0, 100.0, -30.0, 30.0, 1e-8, -1e-8]), x.reshape(-1)[8:]])
         x = x.reshape(shape)
-    ref = getattr(F, name)(t64(x)).numpy()
+    ref = TORCH_ACTS[name](t64(x)).numpy()
     out = getattr(cpu, name)(x)
     assert out.shape == x.shape and out.dtype == x.dtype
     np.testing.assert_allclose(np.array(out), ref, rtol=1e-6, atol=1e-6)
     half = getattr(cpu, name)(x.astype(mx.bfloat16))
     assert half.dtype == mx.bfloat16
-    np.testing.assert_allclose(np.array(half.astype(mx.float32)), getattr(F, name)(t64(x.astype(mx.bfloat16))),
+    np.testing.assert_allclose(np.array(half.astype(mx.float32)), TORCH_ACTS[name](t64(x.astype(mx.bfloat16))),
                                rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("name", ["silu", "gelu"])
+@pytest.mark.parametrize("name", ["silu", "gelu", "quick_gelu"])
 def test_ops_silu_gelu_take_the_cpu_path_above_the_split_size(monkeypatch, name):
     calls = []
     real = getattr(cpu, name)
     monkeypatch.setattr(cpu, name, lambda x: calls.append(x.shape) or real(x))
     big, small = mx.random.normal((2, cpu.MIN_SPLIT)), mx.random.normal((3, 5))
     for x in (big, small):
-        np.testing.assert_allclose(np.array(getattr(ops, name)(x)), np.array(getattr(nn, name)(x)), atol=2e-6)
+        np.testing.assert_allclose(np.array(getattr(ops, name)(x)), np.array(MLX_ACTS[name](x)), atol=2e-6)
     assert calls == [big.shape]  # small arrays stay in MLX: a sync point costs more than they do
 
 

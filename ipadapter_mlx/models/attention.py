@@ -24,26 +24,27 @@ def padded_head_dim(d: int) -> int:
     return next(f for f in FUSED_HEAD_DIMS if f > d)
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, pad_to: int | None = None) -> mx.array:
-    """Multi-head softmax(q k^T / sqrt(d)) v over (B, L, heads*d) inputs. On the CPU `cpu_attention`, unless
-    `pad_to` asks for MLX's fused kernel at a padded head width."""
+def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, pad_to: int | None = None,
+              mask: mx.array | None = None) -> mx.array:
+    """Multi-head softmax(q k^T / sqrt(d) + mask) v over (B, L, heads*d) inputs, `mask` additive, (Lq, Lk) (CLIP's
+    causal mask). On the CPU `cpu_attention`, unless `pad_to` asks for MLX's fused kernel at a padded head width."""
     B, Lq, D = q.shape
     d = D // heads
     if mx.default_device() == mx.cpu and pad_to is None:
-        return cpu_attention(q, k, v, heads)
+        return cpu_attention(q, k, v, heads, mask)
     q = q.reshape(B, Lq, heads, d).transpose(0, 2, 1, 3)
     k = k.reshape(B, k.shape[1], heads, d).transpose(0, 2, 1, 3)
     v = v.reshape(B, v.shape[1], heads, d).transpose(0, 2, 1, 3)
     width = pad_to or padded_head_dim(d)
     if width != d:
         q, k, v = (mx.pad(t, [(0, 0), (0, 0), (0, 0), (0, width - d)]) for t in (q, k, v))
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=d**-0.5)
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=d**-0.5, mask=mask)
     if width != d:
         out = out[..., :d]
     return out.transpose(0, 2, 1, 3).reshape(B, Lq, D)
 
 
-def cpu_attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
+def cpu_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, mask: mx.array | None = None) -> mx.array:
     """`attention` on the CPU backend: heads folded into the batch, softmax by `cpu.attention` (MLX's own CPU
     softmax is scalar: 5-7x slower at SD's shapes), in float32 whatever the model's dtype."""
     B, Lq, D = q.shape
@@ -52,7 +53,7 @@ def cpu_attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array
     def split(t: mx.array) -> mx.array:
         return t.astype(mx.float32).reshape(B, -1, heads, d).transpose(0, 2, 1, 3).reshape(B * heads, -1, d)
 
-    out = cpu.attention(split(q), split(k), split(v), scale=d**-0.5)
+    out = cpu.attention(split(q), split(k), split(v), scale=d**-0.5, mask=mask)
     return out.reshape(B, heads, Lq, d).transpose(0, 2, 1, 3).reshape(B, Lq, D).astype(q.dtype)
 
 

@@ -7,13 +7,11 @@ import mlx.nn as nn
 
 from ..config import CLIPTextConfig, CLIPVisionConfig
 from ..errors import UserError
+from .attention import attention
+from .ops import gelu, quick_gelu
 
 
-def quick_gelu(x: mx.array) -> mx.array:
-    return x * mx.sigmoid(1.702 * x)
-
-
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": nn.gelu}
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}  # numpy on every core on the CPU (ops.py)
 
 
 class CLIPAttention(nn.Module):
@@ -26,15 +24,7 @@ class CLIPAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
 
     def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
-        B, L, D = x.shape
-        d = D // self.heads
-
-        def split(t):
-            return t.reshape(B, L, self.heads, d).transpose(0, 2, 1, 3)
-
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=d**-0.5, mask=mask)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
+        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, mask=mask))
 
 
 class CLIPMLP(nn.Module):

@@ -1,4 +1,4 @@
-"""Kernels for MLX's CPU backend where its own are slow: attention's softmax, SiLU, GELU and GroupNorm.
+"""Kernels for MLX's CPU backend where its own are slow: attention's softmax, SiLU, GELUs and GroupNorm.
 
 MLX's CPU `exp` and `erf` are scalar and single-threaded (~16 ns and ~70 ns per float32 on an EPYC Zen 5): the
 softmax of one 512x512 self-attention (16 x 4096 x 4096 scores) takes seconds, and the VAE's SiLUs a fifth of
@@ -54,8 +54,9 @@ def softmax_numerator(scores: np.ndarray) -> np.ndarray:
     return sums.reshape(*scores.shape[:-1], 1)
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """softmax(scale * q k^T) v over (N, L, d) float32 arrays, N = batch x heads. Evaluates as it goes."""
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
+    """softmax(scale * q k^T + mask) v over (N, L, d) float32 arrays, N = batch x heads; `mask` additive,
+    (Lq, Lk). Evaluates as it goes."""
     N, Lq, _ = q.shape
     kt, q = k.swapaxes(-1, -2), q * scale
     mx.eval(q, kt, v)
@@ -63,6 +64,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     out = []
     for start in range(0, Lq, rows):
         s = q[:, start : start + rows] @ kt
+        if mask is not None:
+            s = s + mask[start : start + rows].astype(mx.float32)
         mx.eval(s)
         scores = np.asarray(s)  # a view of MLX's buffer: exponentiated in place below, then copied back once
         sums = softmax_numerator(scores)
@@ -123,6 +126,18 @@ def _gelu(x: np.ndarray, out: np.ndarray) -> None:
 def silu(x: mx.array) -> mx.array:
     """x * sigmoid(x), as mlx.nn.silu."""
     return _map(_silu, x)
+
+
+def _quick_gelu(x: np.ndarray, out: np.ndarray) -> None:
+    np.multiply(x, np.float32(-1.702), out=out)
+    np.exp(out, out=out)
+    out += 1
+    np.divide(x, out, out=out)
+
+
+def quick_gelu(x: mx.array) -> mx.array:
+    """x * sigmoid(1.702 x): the GELU approximation of OpenAI's CLIP text encoders."""
+    return _map(_quick_gelu, x)
 
 
 def gelu(x: mx.array) -> mx.array:

@@ -82,6 +82,13 @@ def gelu(x: mx.array) -> mx.array:
     return nn.gelu(x)
 
 
+def quick_gelu(x: mx.array) -> mx.array:
+    """x * sigmoid(1.702 x) (CLIP's text encoders); on the CPU, above a few thousand elements, numpy on every core."""
+    if mx.default_device() == mx.cpu and x.size >= cpu.MIN_SPLIT:
+        return cpu.quick_gelu(x)
+    return x * mx.sigmoid(1.702 * x)
+
+
 def conv3x3_taps(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
     """A 3x3, stride 1, padding 1 convolution as nine matrix products accumulated in place (addmm), one per tap,
     each reading a contiguous slice of the padded input flattened row by row. MLX's CPU convolution instead
