@@ -122,7 +122,8 @@ def mlx_worker(shapes: dict, size: int, steps: int, dtype_name: str, quantize: i
 
 
 def profile_worker(shapes: dict, size: int, dtype_name: str, repeat: int) -> dict:
-    """Where one UNet step (with IP-Adapter, CFG batch 2) and one VAE decode spend their time, by kind of op.
+    """Where one UNet step (with IP-Adapter, CFG batch 2), one VAE decode and the image encoder (reference + null
+    image, as generate runs it) spend their time, by kind of op.
 
     Each timed op (convolution, linear, GroupNorm, LayerNorm, the attention core, SiLU, GELU) is evaluated on its
     own, its inputs first: "other" is what is left of the profiled total (residual adds, concatenations,
@@ -136,8 +137,9 @@ def profile_worker(shapes: dict, size: int, dtype_name: str, repeat: int) -> dic
     from .bench_shapes import added_conditioning
     from .checkpoints.adapter_files import read_ip_adapter
     from .conditioning import Conditioning, ImageCondition
-    from .config import UNetConfig, VAEConfig
+    from .config import CLIPVisionConfig, UNetConfig, VAEConfig
     from .models import AutoencoderKL, UNet2DConditionModel
+    from .models.clip import CLIPVisionModel
     from .models import attention as attention_module
     from .models import cpu
     from .models.ops import EagerConv2d, GroupNorm
@@ -161,8 +163,14 @@ def profile_worker(shapes: dict, size: int, dtype_name: str, repeat: int) -> dic
     tokens = mx.random.normal((2, shapes["resampler"]["queries"], width)).astype(dtype)
     cond = Conditioning(ctx, added, [ImageCondition(adapter.check_unet(unet), tokens, 1.0)]).at(0, 1.0)
     z = mx.random.normal((1, lat, lat, 4))
+    encoder = CLIPVisionModel(CLIPVisionConfig.from_dict(shapes["image_encoder"]))
+    encoder.set_dtype(dtype)
+    mx.eval(encoder.parameters())
+    side = shapes["image_encoder"]["image_size"]
+    pixels = mx.random.normal((2, side, side, 3)).astype(dtype)
     phases = {"unet_step": lambda: mx.eval(unet(x, t, cond)),
-              "vae_decode": lambda: mx.eval(vae.decode(z))}
+              "vae_decode": lambda: mx.eval(vae.decode(z)),
+              "image_encoder": lambda: mx.eval(encoder.penultimate(pixels))}
 
     kinds: dict[str, list[float]] = {}
     depth = [0]
@@ -193,7 +201,8 @@ def profile_worker(shapes: dict, size: int, dtype_name: str, repeat: int) -> dic
                (nn.QuantizedLinear, "__call__", "linear"), (GroupNorm, "__call__", "group_norm"),
                (nn.LayerNorm, "__call__", "layer_norm"),
                (attention_module, "attention", "attention (q k^T, softmax, p v)"),
-               (nn, "silu", "silu"), (nn, "gelu", "gelu"), (cpu, "silu", "silu"), (cpu, "gelu", "gelu")]
+               (nn, "silu", "silu"), (nn, "gelu", "gelu"), (cpu, "silu", "silu"), (cpu, "gelu", "gelu"),
+               (cpu, "quick_gelu", "gelu")]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     results = {"size": size, "dtype": dtype_name}
     for name, run_phase in phases.items():
@@ -224,7 +233,9 @@ def profile_worker(shapes: dict, size: int, dtype_name: str, repeat: int) -> dic
 
 def format_profile(profile: dict) -> str:
     lines = [f"profile at {profile['size']}px {profile['dtype']}, MLX's BLAS: {profile['blas']}"]
-    for phase in ("unet_step", "vae_decode"):
+    for phase in ("unet_step", "vae_decode", "image_encoder"):
+        if phase not in profile:  # a report written before the encoder was profiled
+            continue
         p = profile[phase]
         lines.append(f"{phase}: {p['plain_s']:.3f} s plain, {p['profiled_s']:.3f} s evaluated op by op")
         for kind, o in p["ops"].items():
@@ -388,7 +399,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default="bench.json", help="JSON report")
     p.add_argument("--plot", default=None, help="also draw the comparison as a PNG")
     p.add_argument("--profile", action="store_true",
-                   help="also profile one MLX UNet step and one VAE decode per size and dtype, by kind of op")
+                   help="also profile one MLX UNet step, one VAE decode and the image encoder per size and dtype, "
+                        "by kind of op")
 
 
 def main_bench(args: argparse.Namespace) -> int:

@@ -241,7 +241,8 @@ def test_cpu_group_norm_matches_torch(shape, groups, dtype, then_silu):
 
 def test_profile_counts_every_op_once():
     """The profile's kinds add up to its total, and each module kind is counted once per call: as many 3x3
-    convolutions and attention calls as the UNet has (self, text and image attention per transformer block)."""
+    convolutions and attention calls as the UNet has (self, text and image attention per transformer block), and
+    one attention, GELU and six linear layers per image-encoder layer."""
     from ipadapter_mlx.bench import format_profile, profile_worker
     from ipadapter_mlx.bench_shapes import TINY
     from ipadapter_mlx.config import UNetConfig
@@ -256,6 +257,10 @@ def test_profile_counts_every_op_once():
     assert step["conv 3x3"]["calls"] == convs3
     assert step["attention (q k^T, softmax, p v)"]["calls"] == 3 * blocks
     assert step["layer_norm"]["calls"] == 3 * blocks and step["gelu"]["calls"] == blocks
-    for phase in ("unet_step", "vae_decode"):
+    layers = TINY["image_encoder"]["num_hidden_layers"] - 1  # up to the penultimate layer, as the adapters read
+    enc = p["image_encoder"]["ops"]
+    assert enc["attention (q k^T, softmax, p v)"]["calls"] == layers and enc["gelu"]["calls"] == layers
+    assert enc["layer_norm"]["calls"] == 2 * layers + 1 and enc["linear"]["calls"] == 6 * layers  # + pre-norm
+    for phase in ("unet_step", "vae_decode", "image_encoder"):
         assert sum(o["s"] for o in p[phase]["ops"].values()) == pytest.approx(p[phase]["profiled_s"])
     assert "evaluated op by op" in format_profile(p)

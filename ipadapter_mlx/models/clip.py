@@ -7,7 +7,7 @@ import mlx.nn as nn
 
 from ..config import CLIPTextConfig, CLIPVisionConfig
 from ..errors import UserError
-from .attention import attention
+from . import attention
 from .ops import gelu, quick_gelu
 
 
@@ -24,7 +24,8 @@ class CLIPAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
 
     def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
-        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, mask=mask))
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.out_proj(attention.attention(q, k, v, self.heads, mask=mask))
 
 
 class CLIPMLP(nn.Module):
