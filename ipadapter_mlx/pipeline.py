@@ -109,6 +109,23 @@ def seeded_noise(seed: int | None) -> NoiseFn:
     return draw
 
 
+def prompt_lists(prompt: str | list[str], negative_prompt: str | list[str] | None, num_images: int,
+                 zeros_for_empty: bool) -> tuple[list[str], list[str], bool]:
+    """Prompts and negative prompts, one per picture, and whether the negative embeddings are zeros (SDXL's
+    force_zeros_for_empty_prompt when no negative prompt is given)."""
+    if num_images < 1:
+        raise UserError(f"num_images must be at least 1, got {num_images}")
+    prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise UserError("no prompt given (an empty list)")
+    zero_negative = negative_prompt is None and zeros_for_empty
+    negative_prompt = "" if negative_prompt is None else negative_prompt
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    if len(negatives) != len(prompts):
+        raise UserError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+    return prompts, negatives, zero_negative
+
+
 def given_latents(latents: np.ndarray | mx.array, shape: tuple[int, ...], f: int) -> mx.array:
     """`latents=` in diffusers' layout (B, C, H/f, W/f), checked against the NHWC `shape`, as NHWC float32."""
     given = np.asarray(latents.astype(mx.float32) if isinstance(latents, mx.array) and
@@ -380,6 +397,47 @@ class StableDiffusion:
 
     # -- sampling -------------------------------------------------------------------------------------
 
+    def text_conditioning(self, prompts: list[str], negatives: list[str] | None, zero_negative: bool,
+                          original_size: tuple[int, int], crop_coords: tuple[int, int],
+                          target_size: tuple[int, int]) -> tuple[mx.array, mx.array | None, dict]:
+        """Text embeddings (with CFG, `negatives` given: the negatives' first, zeros for `zero_negative`), pooled
+        embeddings (SDXL) and SDXL's added conditioning (micro-conditioning ids)."""
+        text, pooled = self.encode_prompt(prompts)
+        if negatives is not None:
+            if zero_negative:
+                neg_text, neg_pooled = mx.zeros_like(text), None if pooled is None else mx.zeros_like(pooled)
+            else:
+                neg_text, neg_pooled = self.encode_prompt(negatives, "negative prompt")
+            text = mx.concatenate([neg_text, text])
+            pooled = None if pooled is None else mx.concatenate([neg_pooled, pooled])
+        added = {}
+        if self.is_sdxl:
+            ids = [*original_size, *crop_coords, *target_size]
+            added = {"text_embeds": pooled, "time_ids": mx.array([ids] * text.shape[0], dtype=mx.float32)}
+        return text, pooled, added
+
+    def start_latents(self, shape: tuple[int, ...], schedule, sigmas: np.ndarray, noise: NoiseFn,
+                      latents: np.ndarray | mx.array | None, init_image, strength: float, scheduler: str,
+                      mask_image, mask_blur: float, padding_mask_crop: int | None):
+        """The latents sampling starts from (in sigma space), and the inpainting state (None without a mask):
+        pure noise, an image noised to the first sigma (image-to-image), or inpainting.py's start."""
+        f = self.vae_scale_factor
+        if mask_image is not None or (mask_blur or padding_mask_crop is not None):
+            if mask_image is None:
+                raise UserError("mask_blur and padding_mask_crop are for inpainting: give a mask_image too")
+            start_noise = noise if latents is None else given_latents(latents, shape, f)
+            inpaint, x = inpainting.Inpaint.prepare(self, init_image, mask_image, shape, sigmas, schedule.init_sigma,
+                                                    scheduler, strength, start_noise, noise, mask_blur,
+                                                    padding_mask_crop)
+            return x, inpaint
+        if init_image is not None:
+            height, width = shape[1] * f, shape[2] * f
+            pixels = to_pixels(init_image, (width, height))
+            x0 = self.encode_image(mx.concatenate([pixels] * shape[0]), noise)
+            return x0.astype(mx.float32) + noise(shape) * float(sigmas[0]), None
+        start_noise = noise(shape) if latents is None else given_latents(latents, shape, f)
+        return start_noise * schedule.init_sigma, None
+
     def generate_latents(
         self,
         prompt: str | list[str],
@@ -429,16 +487,8 @@ class StableDiffusion:
         pixels; `padding_mask_crop` repaints only a crop around the mask (the result's `inpaint.overlay` pastes
         it back); `latents` is then diffusers' `latents=` of its inpainting pipelines.
         """
-        if num_images < 1:
-            raise UserError(f"num_images must be at least 1, got {num_images}")
-        prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise UserError("no prompt given (an empty list)")
-        zero_negative = negative_prompt is None and self.force_zeros_for_empty_prompt
-        negative_prompt = "" if negative_prompt is None else negative_prompt
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negatives) != len(prompts):
-            raise UserError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+        prompts, negatives, zero_negative = prompt_lists(prompt, negative_prompt, num_images,
+                                                         self.force_zeros_for_empty_prompt)
         batch = len(prompts)
         if seed is not None and not (type(seed) is int and 0 <= seed < 2**64):
             raise UserError(f"seed must be a whole number in 0..2**64-1, got {seed!r}")
@@ -461,44 +511,22 @@ class StableDiffusion:
 
         schedule = make_schedule(scheduler, self.scheduler_config, steps, timestep_spacing, eta)
         timesteps, sigmas = schedule.timesteps, schedule.sigmas
-        inpaint = None
         if init_image is not None:
             # diffusers' img2img: skip the first (1 - strength) of the schedule, noise the image to that level
             start = steps - min(int(steps * strength), steps)
             if start >= steps:
                 raise UserError(f"strength {strength} with {steps} steps leaves no step to run")
             timesteps, sigmas = timesteps[start:], sigmas[start:]
-        if mask_image is not None or (mask_blur or padding_mask_crop is not None):
-            if mask_image is None:
-                raise UserError("mask_blur and padding_mask_crop are for inpainting: give a mask_image too")
-            start_noise = noise if latents is None else given_latents(latents, shape, f)
-            inpaint, x = inpainting.Inpaint.prepare(self, init_image, mask_image, shape, sigmas, schedule.init_sigma,
-                                                    scheduler, strength, start_noise, noise, mask_blur,
-                                                    padding_mask_crop)
-        elif init_image is not None:
-            pixels = to_pixels(init_image, (width, height))
-            x0 = self.encode_image(mx.concatenate([pixels] * batch), noise)
-            x = x0.astype(mx.float32) + noise(shape) * float(sigmas[0])
-        else:
-            start_noise = noise(shape) if latents is None else given_latents(latents, shape, f)
-            x = start_noise * schedule.init_sigma
+        x, inpaint = self.start_latents(shape, schedule, sigmas, noise, latents, init_image, strength, scheduler,
+                                        mask_image, mask_blur, padding_mask_crop)
 
         control_hook = None  # control images checked and prepared before the prompts are encoded; N = steps run
         if controls:
             control_hook = self.controlnets.hook(controls, (width, height), len(timesteps), cfg > 1.0)
-        text, pooled = self.encode_prompt(prompts)
         guided = cfg > 1.0
-        if guided:
-            if zero_negative:
-                neg_text, neg_pooled = mx.zeros_like(text), None if pooled is None else mx.zeros_like(pooled)
-            else:
-                neg_text, neg_pooled = self.encode_prompt(negatives, "negative prompt")
-            text = mx.concatenate([neg_text, text])
-            pooled = None if pooled is None else mx.concatenate([neg_pooled, pooled])
-        added = {}
-        if self.is_sdxl:
-            ids = [*(original_size or (height, width)), *crop_coords, *(target_size or (height, width))]
-            added = {"text_embeds": pooled, "time_ids": mx.array([ids] * text.shape[0], dtype=mx.float32)}
+        text, pooled, added = self.text_conditioning(prompts, negatives if guided else None, zero_negative,
+                                                     original_size or (height, width), crop_coords,
+                                                     target_size or (height, width))
         ac = alphas_cumprod(self.scheduler_config)  # the training schedule: ComfyUI's percentages map onto it
         timeline = Timeline(len(timesteps), np.sqrt((1 - ac) / ac))
         content = lambda text: self.encode_prompt([text], "negative content prompt")[1]  # noqa: E731
