@@ -8,7 +8,8 @@ The options on the command line are every job's defaults; a job's keys replace t
 options replaces the default adapters).
 
 Reuse: the pipeline stays loaded while consecutive jobs name the same one; adapter files and image encoders are
-read once, reference features encoded once per (encoder, images, fit, negative image): `CachedAdapters`.
+read once, reference features encoded once per (encoder, images, fit, negative image): `CachedAdapters`;
+ControlNets and T2I-Adapters are read once while consecutive jobs use them (`LoadOrder.keep`).
 
 Resume: DIR/manifest.jsonl gets one line per job done or failed. A job counts as finished when the manifest
 has a job done with the same key (a hash of its output name and full, merged options) and its PNGs exist; PNGs
@@ -355,6 +356,7 @@ class Renderer:
             _malloc.release()
             pipe = cli.load_pipeline(args, checked.dtype)
             pipe.adapters = CachedAdapters(pipe.dtype, pipe.quantize)
+            pipe.controlnets.keep, pipe.t2i_adapters.keep = {}, {}  # nets read once while jobs in a row use them
             self.pipe, self.key, self.loras = pipe, key, loras
             self.loads += 1
         pipe = self.pipe
@@ -367,6 +369,8 @@ class Renderer:
             cli.load_loras(pipe, args)
             self.loras = loras
         prompts, controls = cli.prepare_prompts(pipe, checked)
+        pipe.controlnets.keep_only_loaded()
+        pipe.t2i_adapters.keep_only_loaded()
         images, params, _, _ = cli.render(pipe, args, checked, prompts, controls, progress=False)
         return cli.save_images(images, params, args.output), checked.seed
 

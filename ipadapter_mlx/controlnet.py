@@ -376,7 +376,8 @@ class ControlNetSet(LoadOrder[LoadedControlNet]):
         from .loading import load_component
 
         if net.model is None:
-            net.model = load_component(net.folder, "controlnet", self.dtype, self.quantize)
+            net.model = self.model_for(net.folder,
+                                       lambda: load_component(net.folder, "controlnet", self.dtype, self.quantize))
         return net.model
 
     def activation_bytes(self, lat_h: int, lat_w: int, batch: int) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Generic, Iterator, TypeVar
+from typing import Callable, Generic, Iterator, TypeVar
 
 from .errors import UserError
 
@@ -16,6 +16,21 @@ class LoadOrder(Generic[T]):
 
     def __init__(self):
         self.loaded: list[T] = []
+        self.keep: dict | None = None  # models by folder, kept across unloads (batch jobs share them); off: None
+
+    def model_for(self, folder, load: Callable[[], object]) -> object:
+        """`load()`, or while models are kept, the model read for `folder` before."""
+        if self.keep is None:
+            return load()
+        if folder not in self.keep:
+            self.keep[folder] = load()
+        return self.keep[folder]
+
+    def keep_only_loaded(self) -> None:
+        """Drop the kept models no loaded item (each with a `folder`) uses: the last job's, not this one's."""
+        if self.keep is not None:
+            used = {item.folder for item in self.loaded}
+            self.keep = {folder: model for folder, model in self.keep.items() if folder in used}
 
     def __len__(self) -> int:
         return len(self.loaded)

@@ -256,7 +256,8 @@ class T2IAdapterSet(LoadOrder[LoadedT2IAdapter]):
         """Find (and convert once) an adapter, refuse it unless it fits this UNet, load it; returns its index."""
         fits = lambda config: check_fits(config, ref, unet_config, self.vae_factor, is_sdxl)  # noqa: E731
         folder = resolve_t2i_adapter(ref, check=fits)  # checked before the weights are downloaded or read
-        self.loaded.append(LoadedT2IAdapter(ref, load_component(folder, COMPONENT, self.dtype), folder))
+        model = self.model_for(folder, lambda: load_component(folder, COMPONENT, self.dtype))
+        self.loaded.append(LoadedT2IAdapter(ref, model, folder))
         return len(self.loaded) - 1
 
     def _get(self, control: T2IControl) -> LoadedT2IAdapter:

@@ -344,6 +344,42 @@ def test_cli_two_controlnets_match_the_api(cli, mlx_dir, sd_nets, tmp_path):
     assert meta[1]["guess_mode"] is True and meta[1]["canny_low"] == 50
 
 
+def test_batch_reads_each_controlnet_once_while_jobs_use_it(cli, mlx_dir, sd_nets, tmp_path, capsys, monkeypatch):
+    """Jobs in a row with the same ControlNet read it once; a job with another drops it (one net's worth of memory
+    kept), and a later job reads it again. Each picture is `generate`'s."""
+    from ipadapter_mlx import controlnet as controlnet_module, loading
+    from ipadapter_mlx.cli import main
+
+    reads, kept = [], []
+    real_load, real_keep = loading.load_component, controlnet_module.ControlNetSet.keep_only_loaded
+
+    def load_component(folder, component, *a, **k):
+        if component == "controlnet":
+            reads.append(folder)
+        return real_load(folder, component, *a, **k)
+
+    def keep_only_loaded(self):
+        real_keep(self)
+        kept.append(len(self.keep))
+
+    monkeypatch.setattr(loading, "load_component", load_component)
+    monkeypatch.setattr(controlnet_module.ControlNetSet, "keep_only_loaded", keep_only_loaded)
+    edges = str(tmp_path / "edges.png")
+    jobs = [{"controlnet": str(sd_nets / f"net{n}"), "control_image": edges, "seed": seed, "output": f"{i}.png"}
+            for i, (n, seed) in enumerate([(0, 1), (0, 2), (1, 1), (0, 3)])]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    code = main(["batch", str(tmp_path / "jobs.jsonl"), "--output-dir", str(tmp_path / "out"), "--model", str(mlx_dir),
+                 "--prompt", "a cat", "--steps", "3", "--height", str(H), "--width", str(W), "--scheduler", "euler"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert len(reads) == 3 and kept == [1, 1, 1, 1]  # net0 for jobs 0-1, net1, net0 again; one kept at a time
+    for job in (jobs[1], jobs[3]):  # a job that used the kept net draws what generate draws
+        code, _, err = cli("--controlnet", job["controlnet"], "--control-image", edges, "--seed", str(job["seed"]))
+        assert code == 0, err
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")),
+                              np.asarray(Image.open(tmp_path / "out" / job["output"]))), job
+
+
 def test_cli_bad_inputs_one_line_each(cli, xl_parts, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a picture")
     edges = str(tmp_path / "edges.png")
