@@ -49,11 +49,13 @@ def test_cpu_attention_matches_torch(B, Lq, Lk, heads, d):
     np.testing.assert_allclose(np.array(out), torch_attention(q, k, v, heads), rtol=0, atol=1e-5)
 
 
-def test_cpu_attention_blocks_of_queries(monkeypatch):
+@pytest.mark.parametrize("write_through", [True, False])
+def test_cpu_attention_blocks_of_queries(monkeypatch, write_through):
     """Queries in blocks with a remainder (7 blocks of 23 + 1 of 13 queries), each block's softmax split
-    across threads: the same attention."""
+    across threads: the same attention, whether P is read from the scores' own buffer or copied back."""
     monkeypatch.setattr(cpu, "BLOCK_SCORES", 16 * 23 * 150)
     monkeypatch.setattr(cpu, "MIN_SPLIT", 64)
+    monkeypatch.setattr(cpu, "_write_through", write_through and cpu.views_write_through())
     q, k, v = qkv(2, 174, 150, 8, 40, seed=1)
     out = attention_module.attention(q, k, v, 8)
     np.testing.assert_allclose(np.array(out), torch_attention(q, k, v, 8), rtol=0, atol=1e-5)
