@@ -142,7 +142,7 @@ def profile_worker(shapes: dict, size: int, dtype_name: str, repeat: int) -> dic
     from .models.clip import CLIPVisionModel
     from .models import attention as attention_module
     from .models import cpu
-    from .models.ops import EagerConv2d, GroupNorm
+    from .models.ops import Conv2d, EagerConv2d, GroupNorm
     from .synthetic import random_ip_adapter
 
     dtype = getattr(mx, dtype_name)
@@ -197,7 +197,8 @@ def profile_worker(shapes: dict, size: int, dtype_name: str, repeat: int) -> dic
         return f"conv {conv.weight.shape[1]}x{conv.weight.shape[2]}"
 
     # (owner, attribute, kind); kind None: convolutions, one kind per kernel size (3x3 ones unfold their input)
-    patches = [(nn.Conv2d, "__call__", None), (EagerConv2d, "__call__", None), (nn.Linear, "__call__", "linear"),
+    patches = [(nn.Conv2d, "__call__", None), (Conv2d, "__call__", None), (EagerConv2d, "__call__", None),
+               (nn.Linear, "__call__", "linear"),
                (nn.QuantizedLinear, "__call__", "linear"), (GroupNorm, "__call__", "group_norm"),
                (nn.LayerNorm, "__call__", "layer_norm"),
                (attention_module, "attention", "attention (q k^T, softmax, p v)"),

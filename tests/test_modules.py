@@ -40,8 +40,27 @@ def test_text_encoder(torch_pipe, diffusers_dir):
         assert np.abs(to_np(a) - to_np(b)).max() < TOL
 
 
+@pytest.fixture(params=["direct", "winograd"])
+def conv_path(request, monkeypatch):
+    """The CPU's 3x3 convolutions as at their real sizes, or all through Winograd F(2x2, 3x3) (the tiny models'
+    narrow layers are below its thresholds): the model must match either way. Returns the Winograd calls (None:
+    direct)."""
+    from ipadapter_mlx.models import cpu, ops
+
+    if request.param == "direct":
+        return None
+    if mx.default_device() != mx.cpu or not cpu.views_write_through():
+        pytest.skip("the CPU's Winograd path")
+    calls = []
+    monkeypatch.setattr(ops, "WINOGRAD_MIN_PIXELS", 4)
+    monkeypatch.setattr(ops, "WINOGRAD_MIN_CHANNELS", 1)
+    real = cpu.conv3x3_winograd
+    monkeypatch.setattr(cpu, "conv3x3_winograd", lambda *a: calls.append(a[0].shape) or real(*a))
+    return calls
+
+
 @pytest.mark.parametrize("layout", list(UNET_CONFIGS))
-def test_unet(layout, tmp_path):
+def test_unet(layout, tmp_path, conv_path):
     pipe = make_torch_pipeline(layout, seed=7)
     pipe.unet.save_pretrained(tmp_path / "unet")
     ours = mlx_module("unet", tmp_path)
@@ -52,11 +71,13 @@ def test_unet(layout, tmp_path):
     with torch.no_grad():
         ref = pipe.unet(x, t, ctx).sample
     out = ours(mx.array(x.permute(0, 2, 3, 1).numpy()), mx.array(t.numpy()), StepConditioning(mx.array(ctx.numpy())))
-    err = record(f"UNet ({layout} layout)", np.abs(to_np(out).transpose(0, 3, 1, 2) - to_np(ref)).max(), "abs")
+    assert conv_path is None or len(conv_path) >= 10  # every 3x3 convolution of stride 1 but the 1x1-pixel level
+    name = f"UNet ({layout} layout{'' if conv_path is None else ', Winograd convolutions'})"
+    err = record(name, np.abs(to_np(out).transpose(0, 3, 1, 2) - to_np(ref)).max(), "abs")
     assert err < TOL, err
 
 
-def test_vae_encode_decode(torch_pipe, diffusers_dir):
+def test_vae_encode_decode(torch_pipe, diffusers_dir, conv_path):
     ours = mlx_module("vae", diffusers_dir)
     g = torch.Generator().manual_seed(1)
     img = torch.rand(1, 3, 32, 48, generator=g) * 2 - 1
@@ -65,10 +86,13 @@ def test_vae_encode_decode(torch_pipe, diffusers_dir):
         z = torch.randn(1, 4, 4, 6, generator=g)
         dec = torch_pipe.vae.decode(z).sample
     mean, std = ours.encode(mx.array(img.permute(0, 2, 3, 1).numpy()))
-    assert record("VAE encode (mean)", np.abs(to_np(mean).transpose(0, 3, 1, 2) - to_np(dist.mean)).max(), "abs") < TOL
+    enc = f"VAE encode (mean{'' if conv_path is None else ', Winograd convolutions'})"
+    assert record(enc, np.abs(to_np(mean).transpose(0, 3, 1, 2) - to_np(dist.mean)).max(), "abs") < TOL
     assert np.abs(to_np(std).transpose(0, 3, 1, 2) - to_np(dist.std)).max() < TOL
     out = ours.decode(mx.array(z.permute(0, 2, 3, 1).numpy()))
-    assert record("VAE decode", np.abs(to_np(out).transpose(0, 3, 1, 2) - to_np(dec)).max(), "abs") < TOL
+    assert conv_path is None or len(conv_path) >= 8
+    name = f"VAE encode + decode{'' if conv_path is None else ' (Winograd convolutions)'}"
+    assert record(name, np.abs(to_np(out).transpose(0, 3, 1, 2) - to_np(dec)).max(), "abs") < TOL
 
 
 @pytest.mark.parametrize("layout", list(UNET_CONFIGS))

@@ -1,4 +1,4 @@
-"""GroupNorm for channels-last input, reduced the way the CPU backend does fast.
+"""Layers whose CPU path differs from MLX's own: GroupNorm, SiLU/GELUs and 3x3 convolutions (Conv2d).
 
 MLX's GroupNorm reduces over strided group axes, ~35 ns per element on the CPU (16x PyTorch). Here the
 per-channel sums are contiguous reductions, groups are summed from them, and the normalisation is one
@@ -48,24 +48,49 @@ class GroupNorm(nn.Module):
         return (d * scale + self.bias.astype(mx.float32)).astype(x.dtype).reshape(x.shape)
 
 
-class EagerConv2d(nn.Conv2d):
-    """nn.Conv2d that, on the CPU, computes its result right away (the same numbers).
+WINOGRAD_MIN_PIXELS = 32 * 32  # below this the per-call weight transform costs more than the products save
+WINOGRAD_MIN_CHANNELS = 256  # narrower inputs: the transforms' memory traffic outweighs the products (measured)
 
-    MLX's CPU backend keeps several operations in flight, and each 3x3 convolution holds an unfolded copy of its
-    input (9x its size) until it is done: at the VAE's full-resolution levels that dominates memory. Evaluating
-    each convolution as it comes halves the decoder's peak (measured: 240 -> 116 bytes per pixel per channel).
-    3x3 convolutions of stride 1 skip the copy altogether (`conv3x3_taps`)."""
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (the same parameters and numbers) that picks a faster way on the CPU for 3x3, stride 1, padding 1
+    convolutions: Winograd F(2x2, 3x3) (`cpu.conv3x3_winograd`) for wide float32 inputs of even size, else MLX's
+    own, or with `eager` (the VAE) the nine accumulated products of `conv3x3_taps`.
+
+    `eager`: compute each result right away. MLX's CPU backend keeps several operations in flight, and each 3x3
+    convolution holds an unfolded copy of its input (9x its size) until it is done: at the VAE's full-resolution
+    levels that dominates memory. Evaluating each convolution as it comes halves the decoder's peak (measured:
+    240 -> 116 bytes per pixel per channel); the taps skip the copy altogether."""
+
+    eager = False
 
     def __call__(self, x: mx.array) -> mx.array:
         if mx.default_device() != mx.cpu:
             return super().__call__(x)
-        plain = self.stride == (1, 1) and self.dilation in (1, (1, 1)) and self.groups == 1
-        if plain and self.weight.shape[1:3] == (3, 3) and self.padding == (1, 1):
+        plain = (self.stride == (1, 1) and self.dilation in (1, (1, 1)) and self.groups == 1
+                 and self.weight.shape[1:3] == (3, 3) and self.padding == (1, 1))
+        if plain and winograd_fits(x):
+            y = cpu.conv3x3_winograd(x, self.weight, self.get("bias"))
+        elif plain and self.eager:
             y = conv3x3_taps(x, self.weight, self.get("bias"))
         else:
             y = super().__call__(x)
-        mx.eval(y)
+        if self.eager:
+            mx.eval(y)
         return y
+
+
+class EagerConv2d(Conv2d):
+    """Conv2d evaluated as it comes (the VAE: see Conv2d)."""
+
+    eager = True
+
+
+def winograd_fits(x: mx.array) -> bool:
+    """Whether a 3x3 convolution of x takes the Winograd path on the CPU."""
+    B, H, W, C = x.shape
+    return (x.dtype == mx.float32 and H % 2 == 0 and W % 2 == 0 and H * W >= WINOGRAD_MIN_PIXELS
+            and C >= WINOGRAD_MIN_CHANNELS and cpu.views_write_through())
 
 
 def silu(x: mx.array) -> mx.array:

@@ -16,7 +16,7 @@ from ..conditioning import Site, StepConditioning
 from ..config import UNetConfig
 from ..errors import UserError
 from .attention import Attention
-from .ops import GroupNorm, gelu, silu
+from .ops import Conv2d, GroupNorm, gelu, silu
 
 
 def group_norm(groups: int, channels: int, eps: float) -> GroupNorm:
@@ -59,7 +59,7 @@ class TimestepEmbedding(nn.Module):
 
 class ResnetBlock2D(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, temb_ch: int | None, groups: int, eps: float,
-                 conv: type[nn.Conv2d] = nn.Conv2d):
+                 conv: type[nn.Conv2d] = Conv2d):
         super().__init__()
         self.norm1 = group_norm(groups, in_ch, eps)
         self.conv1 = conv(in_ch, out_ch, 3, padding=1)
@@ -134,7 +134,7 @@ class Transformer2DModel(nn.Module):
 
 
 class Downsample2D(nn.Module):
-    def __init__(self, ch: int, padding: int = 1, conv: type[nn.Conv2d] = nn.Conv2d):
+    def __init__(self, ch: int, padding: int = 1, conv: type[nn.Conv2d] = Conv2d):
         super().__init__()
         self.padding = padding
         self.conv = conv(ch, ch, 3, stride=2, padding=padding)
@@ -146,7 +146,7 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    def __init__(self, ch: int, conv: type[nn.Conv2d] = nn.Conv2d):
+    def __init__(self, ch: int, conv: type[nn.Conv2d] = Conv2d):
         super().__init__()
         self.conv = conv(ch, ch, 3, padding=1)
 
@@ -251,7 +251,7 @@ class UNet2DConditionModel(nn.Module):
             if t not in ("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"):
                 raise UserError(f"unsupported UNet block type {t!r}")
 
-        self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(c.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb_ch)
         if c.addition_embed_type == "text_time":  # SDXL: pooled text + size/crop ids join the time embedding
             self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, temb_ch)
@@ -283,7 +283,7 @@ class UNet2DConditionModel(nn.Module):
                             skip_channels=skips, add_upsample=i < n - 1, **attn_kw(r, kind))
             )
         self.conv_norm_out = group_norm(g, ch[0], eps)
-        self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[0], c.out_channels, 3, padding=1)
         for site, attn in self.cross_attentions():
             attn.name = site.name
 
