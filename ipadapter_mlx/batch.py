@@ -9,7 +9,8 @@ options replaces the default adapters).
 
 Reuse: the pipeline stays loaded while consecutive jobs name the same one; adapter files and image encoders are
 read once, reference features encoded once per (encoder, images, fit, negative image): `CachedAdapters`;
-ControlNets and T2I-Adapters are read once while consecutive jobs use them (`LoadOrder.keep`).
+ControlNets and T2I-Adapters are read once while consecutive jobs name the same ones (`LoadOrder.keep`; not
+in low-memory mode, which loads them after the encoders are freed).
 
 Resume: DIR/manifest.jsonl gets one line per job done or failed. A job counts as finished when the manifest
 has a job done with the same key (a hash of its output name and full, merged options) and its PNGs exist; PNGs
@@ -339,6 +340,7 @@ class Renderer:
 
     def __init__(self):
         self.pipe, self.key, self.loras = None, None, None
+        self.nets = None  # the last job's ControlNet and T2I-Adapter refs: their models are kept while jobs repeat them
         self.loads = 0
 
     def __call__(self, args: argparse.Namespace) -> tuple[list[Path], int]:
@@ -356,7 +358,7 @@ class Renderer:
             _malloc.release()
             pipe = cli.load_pipeline(args, checked.dtype)
             pipe.adapters = CachedAdapters(pipe.dtype, pipe.quantize)
-            pipe.controlnets.keep, pipe.t2i_adapters.keep = {}, {}  # nets read once while jobs in a row use them
+            self.nets = None
             self.pipe, self.key, self.loras = pipe, key, loras
             self.loads += 1
         pipe = self.pipe
@@ -368,9 +370,11 @@ class Renderer:
             pipe.unload_lora()
             cli.load_loras(pipe, args)
             self.loras = loras
+        nets = ([g["controlnet"] for g in checked.control_groups], [r[0] for r in checked.t2i])
+        if nets != self.nets and not pipe.low_memory:  # other nets: the kept ones go before the new ones load
+            pipe.controlnets.keep, pipe.t2i_adapters.keep = {}, {}
+        self.nets = nets
         prompts, controls = cli.prepare_prompts(pipe, checked)
-        pipe.controlnets.keep_only_loaded()
-        pipe.t2i_adapters.keep_only_loaded()
         images, params, _, _ = cli.render(pipe, args, checked, prompts, controls, progress=False)
         return cli.save_images(images, params, args.output), checked.seed
 

@@ -26,11 +26,6 @@ class LoadOrder(Generic[T]):
             self.keep[folder] = load()
         return self.keep[folder]
 
-    def keep_only_loaded(self) -> None:
-        """Drop the kept models no loaded item (each with a `folder`) uses: the last job's, not this one's."""
-        if self.keep is not None:
-            used = {item.folder for item in self.loaded}
-            self.keep = {folder: model for folder, model in self.keep.items() if folder in used}
 
     def __len__(self) -> int:
         return len(self.loaded)

@@ -393,7 +393,10 @@ class StableDiffusion:
         x = decode_tiled(self.vae, z, tile) if tile else self.vae.decode(z)
         if not all_finite(x):  # NaN would turn into a black picture
             raise UserError(f"the VAE decoder produced NaN/Inf: {self.nonfinite_cause()}")
-        return mx.clip(x.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
+        images = mx.clip(x.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
+        mx.eval(images)
+        _malloc.release()  # a generation's last phase: the memory its activations held goes back to the system
+        return images
 
     # -- sampling -------------------------------------------------------------------------------------
 

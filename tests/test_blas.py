@@ -26,7 +26,8 @@ def python(code: str, **env: str | None) -> dict:
     environ = dict(os.environ)
     for k, v in env.items():
         environ.pop(k, None) if v is None else environ.__setitem__(k, v)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])  # the package under test, not an installed copy
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

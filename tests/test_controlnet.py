@@ -345,25 +345,28 @@ def test_cli_two_controlnets_match_the_api(cli, mlx_dir, sd_nets, tmp_path):
 
 
 def test_batch_reads_each_controlnet_once_while_jobs_use_it(cli, mlx_dir, sd_nets, tmp_path, capsys, monkeypatch):
-    """Jobs in a row with the same ControlNet read it once; a job with another drops it (one net's worth of memory
-    kept), and a later job reads it again. Each picture is `generate`'s."""
+    """Jobs in a row with the same ControlNet read it once; a job with another drops it before reading its own
+    (one net's memory at a time), and a later job reads the first again. Each picture is `generate`'s."""
     from ipadapter_mlx import controlnet as controlnet_module, loading
     from ipadapter_mlx.cli import main
 
-    reads, kept = [], []
-    real_load, real_keep = loading.load_component, controlnet_module.ControlNetSet.keep_only_loaded
+    reads = []  # how many models were kept when a net was read
+    real_load = loading.load_component
 
     def load_component(folder, component, *a, **k):
         if component == "controlnet":
-            reads.append(folder)
+            reads.append(len(keeper[0].keep))
         return real_load(folder, component, *a, **k)
 
-    def keep_only_loaded(self):
-        real_keep(self)
-        kept.append(len(self.keep))
+    keeper = []
+    real_init = controlnet_module.ControlNetSet.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        keeper.append(self)
 
     monkeypatch.setattr(loading, "load_component", load_component)
-    monkeypatch.setattr(controlnet_module.ControlNetSet, "keep_only_loaded", keep_only_loaded)
+    monkeypatch.setattr(controlnet_module.ControlNetSet, "__init__", init)
     edges = str(tmp_path / "edges.png")
     jobs = [{"controlnet": str(sd_nets / f"net{n}"), "control_image": edges, "seed": seed, "output": f"{i}.png"}
             for i, (n, seed) in enumerate([(0, 1), (0, 2), (1, 1), (0, 3)])]
@@ -372,7 +375,7 @@ def test_batch_reads_each_controlnet_once_while_jobs_use_it(cli, mlx_dir, sd_net
                  "--prompt", "a cat", "--steps", "3", "--height", str(H), "--width", str(W), "--scheduler", "euler"])
     err = capsys.readouterr().err
     assert code == 0, err
-    assert len(reads) == 3 and kept == [1, 1, 1, 1]  # net0 for jobs 0-1, net1, net0 again; one kept at a time
+    assert reads == [0, 0, 0]  # net0 for jobs 0-1, net1, net0 again: each read with nothing else kept
     for job in (jobs[1], jobs[3]):  # a job that used the kept net draws what generate draws
         code, _, err = cli("--controlnet", job["controlnet"], "--control-image", edges, "--seed", str(job["seed"]))
         assert code == 0, err

@@ -76,10 +76,14 @@ def test_cpu_attention_with_an_additive_mask(monkeypatch, blocks):
     q, k, v = qkv(2, 77, 77, 12, 64, seed=2)
     mask = nn.MultiHeadAttention.create_additive_causal_mask(77)
     out = attention_module.attention(q, k, v, 12, mask=mask)
+    keep = attention_module.attention(q, k, v, 12, mask=mx.tril(mx.ones((77, 77), mx.bool_)))  # True: attend
     split = lambda t: t64(t).reshape(2, 77, 12, 64).transpose(1, 2)
     causal = torch.ones(77, 77, dtype=torch.bool).tril()
     ref = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=causal)
-    np.testing.assert_allclose(np.array(out), ref.transpose(1, 2).reshape(2, 77, 768).numpy(), rtol=0, atol=1e-5)
+    for o in (out, keep):
+        np.testing.assert_allclose(np.array(o), ref.transpose(1, 2).reshape(2, 77, 768).numpy(), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="mask"):
+        attention_module.attention(q, k, v, 12, mask=mask[None, None])
 
 
 def test_clip_runs_the_cpu_attention_and_activations(monkeypatch):
@@ -201,6 +205,47 @@ def test_eager_conv_other_shapes_keep_mlx_conv(monkeypatch, kernel, stride, padd
     conv = ops.EagerConv2d(6, 4, kernel, stride=stride, padding=padding)
     x = mx.random.normal((1, 9, 8, 6), key=mx.random.key(6))
     np.testing.assert_allclose(np.array(conv(x)), torch_conv(x, conv, padding), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("B,H,W,C,O,bias", [(1, 32, 32, 256, 64, True), (2, 34, 40, 320, 24, False)])
+def test_conv_winograd_matches_torch(monkeypatch, B, H, W, C, O, bias):
+    """Wide inputs of even size at 32x32 and up: Winograd F(2x2, 3x3), equal to torch's float64 convolution to
+    float32 rounding, in the UNet's Conv2d and the VAE's EagerConv2d alike."""
+    if not cpu.views_write_through():
+        pytest.skip("numpy's view of an MLX array is a copy with this MLX: no Winograd path")
+    calls = []
+    real = cpu.conv3x3_winograd
+    monkeypatch.setattr(cpu, "conv3x3_winograd", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(ops, "conv3x3_taps", lambda *a: pytest.fail("taps ran where Winograd fits"))
+    x = mx.random.normal((B, H, W, C), key=mx.random.key(7))
+    for kind in (ops.Conv2d, ops.EagerConv2d):
+        conv = kind(C, O, 3, padding=1, bias=bias)
+        conv.weight = conv.weight * 3  # products well away from rounding noise
+        out = conv(x)
+        assert out.shape == (B, H, W, O) and out.dtype == mx.float32
+        np.testing.assert_allclose(np.array(out), torch_conv(x, conv, 1), rtol=0, atol=2e-5)
+    assert calls == [x.shape, x.shape]
+
+
+@pytest.mark.parametrize("shape,dtype,why", [
+    ((1, 33, 32, 256), mx.float32, "odd height"), ((1, 32, 31, 256), mx.float32, "odd width"),
+    ((1, 16, 16, 256), mx.float32, "under 32x32 pixels"), ((1, 32, 32, 128), mx.float32, "narrow input"),
+    ((1, 32, 32, 256), mx.float16, "half precision"),
+])
+def test_conv_outside_winograd_keeps_the_other_paths(monkeypatch, shape, dtype, why):
+    """Where Winograd does not fit, the UNet's Conv2d is MLX's convolution and the VAE's the nine taps."""
+    monkeypatch.setattr(cpu, "conv3x3_winograd", lambda *a: pytest.fail(f"Winograd ran: {why}"))
+    taps = []
+    real = ops.conv3x3_taps
+    monkeypatch.setattr(ops, "conv3x3_taps", lambda *a: taps.append(a[0].shape) or real(*a))
+    x = mx.random.normal(shape, key=mx.random.key(8)).astype(dtype)
+    for kind in (ops.Conv2d, ops.EagerConv2d):
+        conv = kind(shape[-1], 8, 3, padding=1)
+        conv.set_dtype(dtype)
+        ref = torch_conv(x, conv, 1)
+        tol = 1e-4 if dtype == mx.float32 else 5e-2
+        np.testing.assert_allclose(np.array(conv(x).astype(mx.float32)), ref, rtol=0, atol=tol)
+    assert taps == [shape]  # the eager one only
 
 
 def test_vae_uses_the_cpu_group_norm_and_silu(monkeypatch):

@@ -26,10 +26,15 @@ def padded_head_dim(d: int) -> int:
 
 def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, pad_to: int | None = None,
               mask: mx.array | None = None) -> mx.array:
-    """Multi-head softmax(q k^T / sqrt(d) + mask) v over (B, L, heads*d) inputs, `mask` additive, (Lq, Lk) (CLIP's
-    causal mask). On the CPU `cpu_attention`, unless `pad_to` asks for MLX's fused kernel at a padded head width."""
+    """Multi-head softmax(q k^T / sqrt(d) + mask) v over (B, L, heads*d) inputs; `mask` (Lq, Lk), additive or
+    boolean (True: attend), e.g. CLIP's causal mask. On the CPU `cpu_attention`, unless `pad_to` asks for MLX's fused kernel at a padded head width."""
     B, Lq, D = q.shape
     d = D // heads
+    if mask is not None:
+        if mask.ndim != 2:
+            raise ValueError(f"attention takes a (queries, keys) mask, got shape {mask.shape}")
+        if mask.dtype == mx.bool_:  # True = attend, as MLX's fused kernel reads a boolean mask
+            mask = mx.where(mask, mx.array(0.0, q.dtype), mx.array(-mx.inf, q.dtype))
     if mx.default_device() == mx.cpu and pad_to is None:
         return cpu_attention(q, k, v, heads, mask)
     q = q.reshape(B, Lq, heads, d).transpose(0, 2, 1, 3)
