@@ -14,10 +14,10 @@ keep_large_buffers()  # Linux, CPU backend: large buffers reused from the heap, 
 
 from .errors import UserError  # noqa: E402
 from .ip_adapter import Features, ImagePrompt, load_features, save_features  # noqa: E402
-from .pipeline import DEFAULT_MODEL, Sampling, StableDiffusion, Step, default_dtype  # noqa: E402
+from .pipeline import DEFAULT_MODEL, Sampling, StableDiffusion, Step, default_dtype, release_memory  # noqa: E402
 from .samplers import SAMPLERS  # noqa: E402
 from .t2i_adapter import T2IControl  # noqa: E402
 
 __all__ = ["StableDiffusion", "ImagePrompt", "Features", "load_features", "save_features", "Sampling", "Step",
-           "UserError", "DEFAULT_MODEL", "SAMPLERS", "default_dtype", "T2IControl"]
+           "UserError", "DEFAULT_MODEL", "SAMPLERS", "default_dtype", "T2IControl", "release_memory"]
 __version__ = "0.1.0"

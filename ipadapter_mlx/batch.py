@@ -351,11 +351,10 @@ class Renderer:
         if key != self.key:
             import mlx.core as mx
 
-            from . import _malloc
+            from .pipeline import release_memory
 
             self.pipe = self.key = None  # one pipeline in memory at a time
-            mx.clear_cache()
-            _malloc.release()
+            release_memory()
             pipe = cli.load_pipeline(args, checked.dtype)
             pipe.adapters = CachedAdapters(pipe.dtype, pipe.quantize)
             self.nets = None

@@ -109,6 +109,14 @@ def seeded_noise(seed: int | None) -> NoiseFn:
     return draw
 
 
+def release_memory() -> None:
+    """Give memory freed by MLX back to the system: MLX's buffer cache (GPU backends) and, on the CPU backend
+    under glibc, the heap's free blocks, which are otherwise kept for reuse (_malloc.py). `generate` does this at
+    its end; call it after `generate_latents` + `decode` when the process stays alive with other work to do."""
+    mx.clear_cache()
+    _malloc.release()
+
+
 def prompt_lists(prompt: str | list[str], negative_prompt: str | list[str] | None, num_images: int,
                  zeros_for_empty: bool) -> tuple[list[str], list[str], bool]:
     """Prompts and negative prompts, one per picture, and whether the negative embeddings are zeros (SDXL's
@@ -393,10 +401,7 @@ class StableDiffusion:
         x = decode_tiled(self.vae, z, tile) if tile else self.vae.decode(z)
         if not all_finite(x):  # NaN would turn into a black picture
             raise UserError(f"the VAE decoder produced NaN/Inf: {self.nonfinite_cause()}")
-        images = mx.clip(x.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
-        mx.eval(images)
-        _malloc.release()  # a generation's last phase: the memory its activations held goes back to the system
-        return images
+        return mx.clip(x.astype(mx.float32) / 2 + 0.5, 0.0, 1.0)
 
     # -- sampling -------------------------------------------------------------------------------------
 
@@ -547,8 +552,7 @@ class StableDiffusion:
         if self.low_memory:  # the encoders' work is done: give their memory to the UNet and the VAE
             self.prompts.free()
             self.adapters.encoders.clear()
-            mx.clear_cache()
-            _malloc.release()
+            release_memory()
         denoise = Denoiser(self.unet, cond, timesteps, sigmas, cfg, self.scheduler_config.prediction_type,
                            self.dtype, list(hooks) + ([inpaint.hook] if inpaint else []) +
                            # after the inpaint hook: the nets read the latents the UNet reads, as diffusers' ControlNet
@@ -583,6 +587,7 @@ class StableDiffusion:
             pass
         images = self.decode(step.latents)
         mx.eval(images)
+        release_memory()  # the generation's activations: kept for reuse while it ran, given back now
         if sampling.inpaint is not None and (keep_unmasked or sampling.inpaint.crop is not None):
             pictures = sampling.inpaint.overlay(images, keep_unmasked)
             return mx.array(np.stack([np.asarray(p) for p in pictures]) / 255.0) if return_array else pictures

@@ -76,3 +76,24 @@ def test_large_buffers_are_reused_and_released():
     assert max(heap["faults"][1:]) < pages // 20
     # freed memory stays with the process until release() hands it back
     assert heap["released"] > (200 << 20)
+
+
+def test_generate_hands_memory_back_at_its_end(tmp_path, monkeypatch):
+    """`generate` releases what its activations held once, after decoding; sampling and decoding alone do not
+    (the memory is reused from step to step)."""
+    import mlx.core as mx
+
+    from ipadapter_mlx import StableDiffusion, _malloc
+    from ipadapter_mlx.bench_shapes import TINY
+    from ipadapter_mlx.synthetic import random_pipeline
+
+    pipe = StableDiffusion(random_pipeline(tmp_path / "model", TINY), mx.float32)
+    calls = []
+    monkeypatch.setattr(_malloc, "release", lambda: calls.append(1))
+    sampling = pipe.generate_latents("a cat", steps=2, height=64, width=64, seed=1)
+    for step in sampling:
+        pass
+    mx.eval(pipe.decode(step.latents))
+    assert calls == []
+    pipe.generate("a cat", steps=2, height=64, width=64, seed=1)
+    assert calls == [1]

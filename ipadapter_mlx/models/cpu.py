@@ -231,10 +231,10 @@ def _transform_weights(w: np.ndarray, u: np.ndarray) -> None:
     list(_workers().map(lambda ar: row(*ar), enumerate(g(w[:, 0], w[:, 1], w[:, 2]))))
 
 
-def _bands(B: int, tiles: int, per_row: int) -> list[tuple[int, int, int]]:
-    """(batch, first tile row, end) pieces of about a CHUNK of elements each."""
+def _pieces(rows: int, per_row: int) -> list[tuple[int, int]]:
+    """(first, end) row pieces of about a CHUNK of elements each."""
     step = max(1, CHUNK // per_row)
-    return [(b, i, min(i + step, tiles)) for b in range(B) for i in range(0, tiles, step)]
+    return [(i, min(i + step, rows)) for i in range(0, rows, step)]
 
 
 def _written(shape: tuple[int, ...]) -> tuple[mx.array, np.ndarray]:
@@ -244,46 +244,57 @@ def _written(shape: tuple[int, ...]) -> tuple[mx.array, np.ndarray]:
     return a, np.asarray(a)
 
 
+WINOGRAD_BAND = 1 << 24  # elements of the transformed input (or output) per band of tile rows: measured best
+# among 2**20..2**25 and unbanded (at 512x512x256 unbanded took 2.2x as long)
+
+
 def conv3x3_winograd(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
     """A 3x3, stride 1, padding 1 convolution of float32 (B, H, W, C) input, H and W even; needs
-    views_write_through()."""
+    views_write_through(). Done in bands of tile rows: the transformed input and products of a band (4x its
+    input and output) stay small and in cache."""
     B, H, W, C = x.shape
     O, Th, Tw = weight.shape[0], H // 2, W // 2
     xp = np.asarray(mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)]))  # evaluates; read only here
-    Vm, v = _written((16, B, Th, Tw, C))
     Um, u = _written((16, O, C))
     _transform_weights(np.asarray(weight.astype(mx.float32)), u)
-
-    def inputs(band):  # V = B^T d B per tile: rows first, then columns; B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]
-        b, i0, i1 = band
-        r = [xp[b, k + 2 * i0 : k + 2 * i1 : 2] for k in range(4)]  # input rows 2i + k of these tile rows
-        for a, t in enumerate((r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3])):
-            c = [t[:, k : k + 2 * Tw : 2] for k in range(4)]
-            np.subtract(c[0], c[2], out=v[4 * a, b, i0:i1])
-            np.add(c[1], c[2], out=v[4 * a + 1, b, i0:i1])
-            np.subtract(c[2], c[1], out=v[4 * a + 2, b, i0:i1])
-            np.subtract(c[1], c[3], out=v[4 * a + 3, b, i0:i1])
-
-    list(_workers().map(inputs, _bands(B, Th, 2 * (W + 2) * C)))
-    M = Vm.reshape(16, B * Th * Tw, C) @ Um.swapaxes(1, 2)
-    mx.eval(M)
-    m = np.asarray(M).reshape(4, 4, B, Th, Tw, O)
+    Ut = Um.swapaxes(1, 2)
     Ym, y = _written((B, Th, 2, Tw, 2, O))
     shift = np.zeros(O, np.float32) if bias is None else np.asarray(bias.astype(mx.float32))
+    rows = max(1, WINOGRAD_BAND // (16 * Tw * max(C, O)))  # tile rows per band
 
-    def outputs(band):  # Y = A^T M A per tile, A^T = [[1,1,1,0],[0,1,-1,-1]]
-        b, i0, i1 = band
-        t = m[:, :, b, i0:i1]
-        for p, s in enumerate(([t[0, k] + t[1, k] + t[2, k] for k in range(4)],
-                               [t[1, k] - t[2, k] - t[3, k] for k in range(4)])):
-            o = y[b, i0:i1, p, :, 0]
-            np.add(s[0], s[1], out=o)
-            o += s[2]
-            o += shift
-            o = y[b, i0:i1, p, :, 1]
-            np.subtract(s[1], s[2], out=o)
-            o -= s[3]
-            o += shift
+    for b in range(B):
+        for i0 in range(0, Th, rows):
+            n = min(rows, Th - i0)
+            Vm, v = _written((16, n, Tw, C))
 
-    list(_workers().map(outputs, _bands(B, Th, 4 * Tw * O)))
+            def inputs(piece):  # V = B^T d B per tile, rows then columns; B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]
+                j0, j1 = piece
+                r = [xp[b, k + 2 * (i0 + j0) : k + 2 * (i0 + j1) : 2] for k in range(4)]  # input rows 2i + k
+                for a, t in enumerate((r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3])):
+                    c = [t[:, k : k + 2 * Tw : 2] for k in range(4)]
+                    np.subtract(c[0], c[2], out=v[4 * a, j0:j1])
+                    np.add(c[1], c[2], out=v[4 * a + 1, j0:j1])
+                    np.subtract(c[2], c[1], out=v[4 * a + 2, j0:j1])
+                    np.subtract(c[1], c[3], out=v[4 * a + 3, j0:j1])
+
+            list(_workers().map(inputs, _pieces(n, 2 * (W + 2) * C)))
+            M = Vm.reshape(16, n * Tw, C) @ Ut
+            mx.eval(M)
+            m = np.asarray(M).reshape(4, 4, n, Tw, O)
+
+            def outputs(piece):  # Y = A^T M A per tile, A^T = [[1,1,1,0],[0,1,-1,-1]]
+                j0, j1 = piece
+                t = m[:, :, j0:j1]
+                for p, s in enumerate(([t[0, k] + t[1, k] + t[2, k] for k in range(4)],
+                                       [t[1, k] - t[2, k] - t[3, k] for k in range(4)])):
+                    o = y[b, i0 + j0 : i0 + j1, p, :, 0]
+                    np.add(s[0], s[1], out=o)
+                    o += s[2]
+                    o += shift
+                    o = y[b, i0 + j0 : i0 + j1, p, :, 1]
+                    np.subtract(s[1], s[2], out=o)
+                    o -= s[3]
+                    o += shift
+
+            list(_workers().map(outputs, _pieces(n, 4 * Tw * O)))
     return Ym.reshape(B, H, W, O)
