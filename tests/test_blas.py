@@ -38,7 +38,8 @@ import ipadapter_mlx
 from ipadapter_mlx import _blas
 print(json.dumps({**_blas.state.__dict__, "agree": _blas.products_agree(),
                   "global_sgemm": hasattr(ctypes.CDLL(None), "cblas_sgemm"),
-                  "env": os.environ.get("OPENBLAS_CORETYPE"), "warning": _blas.slow_blas_warning()}))
+                  "env": os.environ.get("OPENBLAS_CORETYPE"), "timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
+                  "warning": _blas.slow_blas_warning()}))
 """
 
 
@@ -70,11 +71,11 @@ def test_core_follows_the_cpu_unless_the_user_chose():
     want = _blas.cpu_core()
     if want is None:
         pytest.skip("no AVX on this CPU")
-    s = python(STATE, OPENBLAS_CORETYPE=None, OPENBLAS_L2_SIZE=None)
-    assert s["core"].lower() == want.lower() and s["env"] is None, s
+    s = python(STATE, OPENBLAS_CORETYPE=None, OPENBLAS_L2_SIZE=None, OPENBLAS_THREAD_TIMEOUT=None)
+    assert s["core"].lower() == want.lower() and s["env"] is None and s["timeout"] is None, s
     assert s["warning"] is None
-    s = python(STATE, OPENBLAS_CORETYPE="Prescott")
-    assert s["core"] == "Prescott" and s["agree"]
+    s = python(STATE, OPENBLAS_CORETYPE="Prescott", OPENBLAS_THREAD_TIMEOUT="20")
+    assert s["core"] == "Prescott" and s["agree"] and s["timeout"] == "20"
     assert f"OPENBLAS_CORETYPE={want}" in s["warning"], s
 
 
