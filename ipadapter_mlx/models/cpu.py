@@ -63,10 +63,13 @@ def views_write_through() -> bool:
     it are what MLX reads next, and the 4-byte-per-score copy back is skipped). Checked once."""
     global _write_through
     if _write_through is None:
-        a = mx.ones((2, 2)) @ mx.ones((2, 2))  # a product's output, as the scores are
-        mx.eval(a)
-        np.asarray(a)[0, 0] = 5
-        _write_through = a[0, 0].item() == 5
+        product, zeros = mx.ones((2, 2)) @ mx.ones((2, 2)), mx.zeros((2, 2))  # the scores, Winograd's buffers
+        mx.eval(product, zeros)
+        for a in (product, zeros):
+            view = np.asarray(a)
+            if view.flags.writeable and view.flags.c_contiguous:
+                view[0, 0] = 5
+        _write_through = product[0, 0].item() == 5 and zeros[0, 0].item() == 5 and zeros[1, 1].item() == 0
     return _write_through
 
 
