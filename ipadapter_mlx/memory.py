@@ -15,7 +15,9 @@ from .loading import component_bytes
 # the decoder at several sizes and widths, SDXL at 1024x1024 8-bit low-memory (8.1 GiB measured, 9.3 estimated).
 #   decoder: a fixed part plus bytes per output pixel per channel of the VAE's widest level. The CPU's
 #            convolution is evaluated as it comes (EagerConv2d) as nine accumulated products: 52 bytes per pixel
-#            per channel measured at SD 1.5's widths (256 and 512 px) and a tiny VAE alike, 56 allowed.
+#            per channel measured at SD 1.5's widths (256 and 512 px) and a tiny VAE alike, 56 allowed. With
+#            Winograd's banded buffers (cpu.py) the decoder's peak above the weights measured 0.43 GiB at 256 px
+#            and 1.13 GiB at 512 px (estimates 0.49 and 1.80).
 #   UNet:    a fixed part plus a multiple of one first-level feature map of the CFG batch; on the CPU the
 #            attention is not fused, so its score matrices (and their softmax) are materialised as well.
 ACTIVATION_BYTES = {"gpu": {"decode_fixed": 1.4 * 2**30, "decode_per_px_ch": 60, "unet_fixed": 0.5 * 2**30,
