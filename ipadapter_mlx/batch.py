@@ -345,14 +345,11 @@ class Renderer:
 
     def __call__(self, args: argparse.Namespace) -> tuple[list[Path], int]:
         from . import cli
+        from .pipeline import release_memory
 
         checked = cli.check_generate(args)
         key, loras = cli.pipeline_key(args), (tuple(args.lora), args.fast)  # --fast loads a LoRA too
         if key != self.key:
-            import mlx.core as mx
-
-            from .pipeline import release_memory
-
             self.pipe = self.key = None  # one pipeline in memory at a time
             release_memory()
             pipe = cli.load_pipeline(args, checked.dtype)
@@ -375,6 +372,7 @@ class Renderer:
         self.nets = nets
         prompts, controls = cli.prepare_prompts(pipe, checked)
         images, params, _, _ = cli.render(pipe, args, checked, prompts, controls, progress=False)
+        release_memory()  # as generate() does: a long batch's memory stays what one job needs
         return cli.save_images(images, params, args.output), checked.seed
 
 

@@ -254,7 +254,8 @@ WINOGRAD_BAND = 1 << 24  # elements of the transformed input (or output) per ban
 def conv3x3_winograd(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
     """A 3x3, stride 1, padding 1 convolution of float32 (B, H, W, C) input, H and W even; needs
     views_write_through(). Done in bands of tile rows: the transformed input and products of a band (4x its
-    input and output) stay small and in cache."""
+    input and output) stay small and in cache. Infinite inputs give NaN where the direct convolution gives
+    +-inf (the transforms subtract them); the pipeline refuses either (its NaN/Inf checks)."""
     B, H, W, C = x.shape
     O, Th, Tw = weight.shape[0], H // 2, W // 2
     xp = np.asarray(mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)]))  # evaluates; read only here
@@ -280,7 +281,8 @@ def conv3x3_winograd(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx
                     np.subtract(c[2], c[1], out=v[4 * a + 2, j0:j1])
                     np.subtract(c[1], c[3], out=v[4 * a + 3, j0:j1])
 
-            list(_workers().map(inputs, _pieces(n, 2 * (W + 2) * C)))
+            with np.errstate(invalid="ignore", over="ignore"):  # inf inputs: NaN out, as documented, no warning
+                list(_workers().map(inputs, _pieces(n, 2 * (W + 2) * C)))
             M = Vm.reshape(16, n * Tw, C) @ Ut
             mx.eval(M)
             m = np.asarray(M).reshape(4, 4, n, Tw, O)
@@ -299,5 +301,7 @@ def conv3x3_winograd(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx
                     o -= s[3]
                     o += shift
 
-            list(_workers().map(outputs, _pieces(n, 4 * Tw * O)))
+            with np.errstate(invalid="ignore", over="ignore"):
+                list(_workers().map(outputs, _pieces(n, 4 * Tw * O)))
+            del Vm, v, M, m  # before the next band's are made: two bands' buffers at most, never three
     return Ym.reshape(B, H, W, O)

@@ -69,7 +69,7 @@ class Conv2d(nn.Conv2d):
             return super().__call__(x)
         plain = (self.stride == (1, 1) and self.dilation in (1, (1, 1)) and self.groups == 1
                  and self.weight.shape[1:3] == (3, 3) and self.padding == (1, 1))
-        if plain and winograd_fits(x):
+        if plain and winograd_fits(x, self.weight):
             y = cpu.conv3x3_winograd(x, self.weight, self.get("bias"))
         elif plain and self.eager:
             y = conv3x3_taps(x, self.weight, self.get("bias"))
@@ -86,11 +86,12 @@ class EagerConv2d(Conv2d):
     eager = True
 
 
-def winograd_fits(x: mx.array) -> bool:
-    """Whether a 3x3 convolution of x takes the Winograd path on the CPU."""
+def winograd_fits(x: mx.array, weight: mx.array) -> bool:
+    """Whether a 3x3 convolution of x takes the Winograd path on the CPU (a channel mismatch is left to MLX's
+    convolution, which says so)."""
     B, H, W, C = x.shape
     return (x.dtype == mx.float32 and H % 2 == 0 and W % 2 == 0 and H * W >= WINOGRAD_MIN_PIXELS
-            and C >= WINOGRAD_MIN_CHANNELS and cpu.views_write_through())
+            and C >= WINOGRAD_MIN_CHANNELS and C == weight.shape[-1] and cpu.views_write_through())
 
 
 def silu(x: mx.array) -> mx.array:
