@@ -6,8 +6,8 @@ page, every time (measured on a 2-core EPYC: `x + 1` over 64 MiB 35 ms, over 31 
 20 GB/s). With malloc's mmap off, one arena for all threads (a thread's own arena would map large blocks
 anyway) and a high trim threshold, freed blocks stay in the heap and are reused: the VAE decode at 256x256 went
 from 2.80 to 2.15 s. Memory freed stays with the process until `release()` (pipeline.release_memory: at the
-end of `generate`, in low-memory mode before the UNet, when `batch` switches models). It changes malloc for the whole process
-(other libraries' large allocations are reused too: faster, not slower). Nothing is changed where another
+end of `generate` and of each `batch` job, in low-memory mode before the UNet). It changes malloc for the whole
+process (other libraries' large allocations are reused too: faster, not slower). Nothing is changed where another
 allocator (jemalloc, tcmalloc) replaces glibc's malloc. `IPADAPTER_MLX_MALLOC=system` keeps glibc's defaults.
 """
 

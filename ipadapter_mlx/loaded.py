@@ -26,7 +26,6 @@ class LoadOrder(Generic[T]):
             self.keep[folder] = load()
         return self.keep[folder]
 
-
     def __len__(self) -> int:
         return len(self.loaded)
 

@@ -528,10 +528,10 @@ class StableDiffusion:
         x, inpaint = self.start_latents(shape, schedule, sigmas, noise, latents, init_image, strength, scheduler,
                                         mask_image, mask_blur, padding_mask_crop)
 
+        guided = cfg > 1.0
         control_hook = None  # control images checked and prepared before the prompts are encoded; N = steps run
         if controls:
-            control_hook = self.controlnets.hook(controls, (width, height), len(timesteps), cfg > 1.0)
-        guided = cfg > 1.0
+            control_hook = self.controlnets.hook(controls, (width, height), len(timesteps), guided)
         text, pooled, added = self.text_conditioning(prompts, negatives if guided else None, zero_negative,
                                                      original_size or (height, width), crop_coords,
                                                      target_size or (height, width))

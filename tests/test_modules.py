@@ -59,14 +59,20 @@ def conv_path(request, monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("layout", list(UNET_CONFIGS))
-def test_unet(layout, tmp_path, conv_path):
-    pipe = make_torch_pipeline(layout, seed=7)
+def unet_pair(layout, tmp_path, seed, input_seed):
+    """diffusers' UNet of a tiny pipeline, ours on its saved weights, random inputs (x, context) for both and the
+    generator that drew them (for more inputs)."""
+    pipe = make_torch_pipeline(layout, seed=seed)
     pipe.unet.save_pretrained(tmp_path / "unet")
-    ours = mlx_module("unet", tmp_path)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(input_seed)
     x = torch.randn(2, 4, 16, 16, generator=g)
     ctx = torch.randn(2, 9, pipe.unet.config.cross_attention_dim, generator=g)
+    return pipe, mlx_module("unet", tmp_path), x, ctx, g
+
+
+@pytest.mark.parametrize("layout", list(UNET_CONFIGS))
+def test_unet(layout, tmp_path, conv_path):
+    pipe, ours, x, ctx, _ = unet_pair(layout, tmp_path, seed=7, input_seed=0)
     t = torch.tensor([981.0, 3.0])
     with torch.no_grad():
         ref = pipe.unet(x, t, ctx).sample
@@ -99,12 +105,7 @@ def test_vae_encode_decode(torch_pipe, diffusers_dir, conv_path):
 def test_unet_control_residuals(layout, tmp_path):
     """ControlNet residuals (one per skip + mid) and T2I-Adapter intrablock residuals enter the UNet where
     diffusers adds them: random residuals of the right shapes, our UNet against diffusers' on the same weights."""
-    pipe = make_torch_pipeline(layout, seed=11)
-    pipe.unet.save_pretrained(tmp_path / "unet")
-    ours = mlx_module("unet", tmp_path)
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 4, 16, 16, generator=g)
-    ctx = torch.randn(2, 9, pipe.unet.config.cross_attention_dim, generator=g)
+    pipe, ours, x, ctx, g = unet_pair(layout, tmp_path, seed=11, input_seed=3)
     t = torch.tensor([500.0, 20.0])
     with torch.no_grad():  # the skips' and the mid block's shapes, read off diffusers' own forward
         skips, mid = [], []

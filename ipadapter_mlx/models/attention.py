@@ -27,7 +27,8 @@ def padded_head_dim(d: int) -> int:
 def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, pad_to: int | None = None,
               mask: mx.array | None = None) -> mx.array:
     """Multi-head softmax(q k^T / sqrt(d) + mask) v over (B, L, heads*d) inputs; `mask` (Lq, Lk), additive or
-    boolean (True: attend), e.g. CLIP's causal mask. On the CPU `cpu_attention`, unless `pad_to` asks for MLX's fused kernel at a padded head width."""
+    boolean (True: attend), e.g. CLIP's causal mask. On the CPU `cpu_attention`, unless `pad_to` asks for MLX's
+    fused kernel at a padded head width."""
     B, Lq, D = q.shape
     d = D // heads
     if mask is not None:
