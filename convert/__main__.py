@@ -11,7 +11,9 @@ SOURCE is one of
                  (lllyasviel/control_v11p_sd15_canny), or an original control_*.pth /
                  .safetensors file (control_model.* keys), local or REPO:PATH
   a T2I-Adapter: a preset (below), a Hub repo id (TencentARC/t2i-adapter-canny-sdxl-1.0),
-                 REPO:FOLDER, or a diffusers folder (config.json + diffusion_pytorch_model.*)
+                 REPO:FOLDER, a diffusers folder (config.json + diffusion_pytorch_model.*), or a
+                 single file: TencentARC's t2iadapter_*.pth or diffusers' weights as one file,
+                 local or REPO:PATH (TencentARC/T2I-Adapter:models/t2iadapter_depth_sd15v2.pth)
 presets: {presets}
 ControlNet presets: {controlnet_presets}
 T2I-Adapter presets: {t2i_presets}"""
@@ -37,34 +39,18 @@ EPILOG = """what OUTPUT holds:
                  as --controlnet. An original single file's config is inferred from its shapes
                  (SD 1.5 / SDXL conventions) unless --config names a diffusers ControlNet.
   a T2I-Adapter: t2i_adapter/config.json, t2i_adapter/model.safetensors and mlx_model.json.
-                 Use it as --t2i-adapter.
+                 Use it as --t2i-adapter. A single file's config is inferred from its shapes.
 
 OUTPUT is written to a temp folder beside it, then renamed into place; with --force an existing
 OUTPUT is replaced the same way, so an interrupted run leaves the old folder or the new one whole."""
 
 
 def is_ip_adapter_file(path: Path) -> bool:
-    """Tell an IP-Adapter from a model checkpoint by its tensor names, without reading a big file whole."""
-    if path.suffix == ".safetensors":
-        from ipadapter_mlx.loading import check_safetensors
+    """Tell an IP-Adapter from a model checkpoint by its tensor names (the tencent format's two top-level keys),
+    without reading a big file whole."""
+    from ipadapter_mlx.loading import holds_tensors
 
-        try:
-            return any(k.startswith("ip_adapter.") for k in check_safetensors(path))
-        except UserError:
-            return False  # not readable: the model converter reports it
-    if path.suffix not in (".bin", ".pt", ".pth"):
-        return False
-    import zipfile
-
-    try:  # the tencent format's two top-level keys are plain strings in the pickle (tensors live elsewhere)
-        with zipfile.ZipFile(path) as archive:
-            pkl = next((i for i in archive.infolist() if i.filename.endswith("data.pkl")), None)
-            if pkl is None or pkl.file_size > 64 << 20:
-                return False
-            data = archive.read(pkl)
-    except (OSError, zipfile.BadZipFile, ValueError, NotImplementedError, UnicodeDecodeError):
-        return False  # not readable: the model converter reports it
-    return b"image_proj" in data and b"ip_adapter" in data
+    return holds_tensors(path, "image_proj", "ip_adapter", every=True)
 
 
 def check_output(out: Path, src: Path, force: bool) -> None:
@@ -132,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         if is_controlnet(args.source):
             config = controlnet_config(args.config) if args.config else None
             convert_controlnet(args.source, out, dtype, q, config)
-        elif (args.source in t2i_adapter.PRESETS or (src.is_dir() and t2i_adapter.is_t2i_adapter_folder(src))
-                or (not src.exists() and (is_repo_id(args.source) or split_hub_path(args.source))
-                    and t2i_adapter.is_t2i_repo(args.source))):
+        elif t2i_adapter.is_t2i_adapter(args.source):
             t2i_adapter.convert_t2i_adapter(t2i_adapter.t2i_source(args.source)[0], out, dtype)
         elif args.source in PRESETS or split_hub_path(args.source) or (src.is_file() and is_ip_adapter_file(src)):
             save_ip_adapter(resolve_ip_adapter(args.source)[0], out, dtype)

@@ -214,7 +214,8 @@ def _add_t2i_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("T2I-Adapter (structural control: edges, depth, pose, sketch; repeat for several)")
     g.add_argument("--t2i-adapter", action="append", metavar="REF",
                    help=f"preset ({', '.join(PRESETS)}), Hub repo id, REPO:FOLDER, a diffusers folder, "
-                        "or a folder from `python -m convert`")
+                        "a single file (TencentARC's t2iadapter_*.pth, or diffusers' weights as one file) or "
+                        "REPO:PATH to one, or a folder from `python -m convert`")
     g.add_argument("--t2i-image", action="append", metavar="PATH",
                    help="the control image of each --t2i-adapter, in order (one each); the picture's size "
                         "defaults to the first one's")

@@ -49,23 +49,9 @@ ELSEWHERE = ("depth and pose maps come from other models: e.g. controlnet_aux (p
 
 def is_controlnet_file(path: Path) -> bool:
     """An original ControlNet file, told by its tensor names (read from the header or the pickle's name table)."""
-    if path.suffix == ".safetensors":
-        from .loading import check_safetensors
+    from .loading import holds_tensors
 
-        try:
-            return any(k.startswith(("control_model.", "input_hint_block.")) for k in check_safetensors(path))
-        except UserError:
-            return False
-    if path.suffix not in (".pth", ".pt", ".ckpt", ".bin"):
-        return False
-    import zipfile
-
-    try:  # tensor names are plain strings in the pickle; the tensors live in other members
-        with zipfile.ZipFile(path) as archive:
-            pkl = next((i for i in archive.infolist() if i.filename.endswith("data.pkl")), None)
-            return pkl is not None and pkl.file_size < 64 << 20 and b"input_hint_block" in archive.read(pkl)
-    except (OSError, zipfile.BadZipFile, ValueError, NotImplementedError):
-        return False
+    return holds_tensors(path, "control_model.", "input_hint_block.")
 
 
 def is_controlnet_folder(path: Path) -> bool:
@@ -80,28 +66,11 @@ def is_controlnet_folder(path: Path) -> bool:
 
 
 def is_controlnet(ref: str) -> bool:
-    """Whether `python -m convert` should treat SOURCE as a ControlNet: a preset, a ControlNet folder or file, or
-    a Hub repo whose config.json names ControlNetModel (one small download)."""
-    from .hub import is_repo_id, snapshot, split_hub_path
+    """Whether `python -m convert` should treat SOURCE as a ControlNet: a preset, a ControlNet folder or file,
+    REPO:PATH to such a file, or a Hub repo whose config.json names ControlNetModel (one small download)."""
+    from .hub import names_a
 
-    path = Path(ref).expanduser()
-    if ref in PRESETS:
-        return True
-    if path.is_dir():
-        return is_controlnet_folder(path)
-    if path.is_file():
-        return is_controlnet_file(path)
-    if hub := split_hub_path(ref):  # the file is needed for either kind: look inside
-        from .hub import hub_file
-
-        return is_controlnet_file(hub_file(*hub))
-    if is_repo_id(ref):
-        try:
-            folder = snapshot(ref, ["config.json", "model_index.json"])
-        except UserError:
-            return False
-        return not (folder / "model_index.json").is_file() and is_controlnet_folder(folder)
-    return False
+    return names_a(ref, PRESETS, is_controlnet_folder, is_controlnet_file)
 
 
 def controlnet_config(ref: str) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from .errors import UserError
 
@@ -135,3 +136,27 @@ def hub_file(repo: str, path: str) -> Path:
         if not constants.HF_HUB_OFFLINE:
             get_hf_file_metadata(hf_hub_url(repo, path))
         return Path(hf_hub_download(repo, path))
+
+
+def names_a(ref: str, presets, is_folder: Callable[[Path], bool], is_file: Callable[[Path], bool]) -> bool:
+    """For `python -m convert`: whether SOURCE names one kind of checkpoint (a ControlNet, a T2I-Adapter): one of
+    its presets; a local folder or file, by the kind's own tests; REPO:PATH to a file (downloaded: whichever kind
+    it is, converting needs it); a Hub repo or REPO:FOLDER by its config.json alone (a pipeline repo has none at
+    its root). A repo that cannot be read is not of the kind: the converter that takes SOURCE says why."""
+    path = Path(ref).expanduser()
+    if ref in presets:
+        return True
+    if path.is_dir():
+        return is_folder(path)
+    if path.exists():
+        return path.is_file() and is_file(path)
+    repo, sub = split_hub_path(ref) or ((ref, "") if is_repo_id(ref) else (None, ""))
+    if repo is None:
+        return False
+    if Path(sub).suffix in SINGLE_FILE_SUFFIXES:
+        return is_file(hub_file(repo, sub))
+    config = f"{sub}/config.json" if sub else "config.json"
+    try:
+        return is_folder(snapshot(repo, [config]) / Path(config).parent)
+    except UserError:
+        return False

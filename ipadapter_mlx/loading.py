@@ -95,6 +95,37 @@ def check_safetensors(path: Path, what: str = "safetensors file") -> list[str]:
     return list(header)
 
 
+MAX_NAME_TABLE = 64 << 20  # a torch file's data.pkl: names and layout only (real ones are under a few MB)
+
+
+def holds_tensors(path: Path, *names: str, every: bool = False) -> bool:
+    """Whether a weights file holds tensors named `names...` (any of them; with `every`, each of them), without
+    reading the tensors: a .safetensors file's names come from its header (prefix match); a torch zip
+    (.pth/.pt/.ckpt/.bin) keeps its names as plain strings in data.pkl, the tensors in other members (substring
+    match). An unreadable or unknown file is False: the converter that takes it says what is wrong."""
+    import zipfile
+
+    if path.suffix == ".safetensors":
+        try:
+            keys = check_safetensors(path)
+        except (UserError, OSError):
+            return False
+        found = [any(k.startswith(n) for k in keys) for n in names]
+    elif path.suffix in (".pth", ".pt", ".ckpt", ".bin"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                pkl = next((i for i in archive.infolist() if i.filename.endswith("data.pkl")), None)
+                if pkl is None or pkl.file_size > MAX_NAME_TABLE:
+                    return False
+                data = archive.read(pkl)
+        except (OSError, zipfile.BadZipFile, ValueError, NotImplementedError, EOFError):
+            return False
+        found = [n.encode() in data for n in names]
+    else:
+        return False
+    return all(found) if every else any(found)
+
+
 def read_safetensors(path: str | Path, what: str = "safetensors file") -> tuple[dict[str, mx.array], dict[str, str]]:
     """The arrays and metadata of a .safetensors file, its header checked first; every failure is a UserError."""
     path = Path(path)

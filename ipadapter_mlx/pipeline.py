@@ -335,8 +335,9 @@ class StableDiffusion:
     # -- T2I-Adapters (t2i_adapter.py) ----------------------------------------------------------------
 
     def load_t2i_adapter(self, ref: str) -> int:
-        """Add a T2I-Adapter (preset, Hub repo, `REPO:FOLDER`, diffusers or converted folder); returns its index
-        for T2IControl. Fails before reading its weights when it was made for another model family."""
+        """Add a T2I-Adapter (preset, Hub repo, `REPO:FOLDER`, diffusers or converted folder, single file or
+        `REPO:PATH` to one); returns its index for T2IControl. Fails when it was made for another model family:
+        before its weights are downloaded (a folder or repo), before anything is written (a single file)."""
         return self.t2i_adapters.load(ref, self.unet_config, self.is_sdxl)
 
     def unload_t2i_adapter(self, index: int | None = None) -> None:

@@ -1,7 +1,7 @@
 """T2I-Adapters: the light structural control (~80 MB) beside IP-Adapter image prompts.
 
-Finding one (preset, Hub repo, `REPO:FOLDER`, diffusers folder, converted folder) and converting it once into the
-cache; checking that its features fit the UNet (an SD 1.5 adapter on SDXL is refused, naming both); and, per
+Finding one (preset, Hub repo, `REPO:FOLDER`, diffusers folder, single file or `REPO:PATH` to one, converted
+folder) and converting it once into the cache; checking that its features fit the UNet (an SD 1.5 adapter on SDXL is refused, naming both); and, per
 generation, a denoiser hook that adds its features inside the UNet's down blocks exactly as diffusers'
 StableDiffusion(XL)AdapterPipeline does: computed once from the control image, times
 `adapter_conditioning_scale`, the same for every image of the CFG batch, at step i while i < int(N * factor).
@@ -26,7 +26,7 @@ from .cache import _dtype_name, _key, _local_fingerprint, cache_root
 from .denoiser import StepHook, UNetInput
 from .errors import UserError, finite
 from .folders import convert_once, write_mlx_folder
-from .hub import SINGLE_FILE_SUFFIXES, is_repo_id, snapshot, split_hub_path
+from .hub import SINGLE_FILE_SUFFIXES, hub_file, is_repo_id, names_a, snapshot, split_hub_path
 from .images import to_rgb
 from .loaded import LoadOrder
 from .loading import build, is_mlx_folder, load_component, read_json
@@ -84,13 +84,19 @@ def _download(repo: str, sub: str, check: ConfigCheck | None = None) -> tuple[Pa
     raise UserError(f"{repo}{':' + sub if sub else ''} has no T2I-Adapter weights ({' or '.join(WEIGHT_FILES)})")
 
 
-def convert_t2i_adapter(src: str | Path, dst: str | Path, dtype: mx.Dtype | None = None) -> Path:
-    """A diffusers T2I-Adapter folder (config.json + diffusion_pytorch_model.*) -> a converted MLX folder
-    (t2i_adapter/config.json, t2i_adapter/model.safetensors, mlx_model.json), checked strictly."""
+def convert_t2i_adapter(src: str | Path, dst: str | Path, dtype: mx.Dtype | None = None,
+                        check: ConfigCheck | None = None) -> Path:
+    """A diffusers T2I-Adapter folder (config.json + diffusion_pytorch_model.*) or a single file (TencentARC's
+    original .pth, or diffusers' weights as one file: checkpoints/t2i_files.py) -> a converted MLX folder
+    (t2i_adapter/config.json, t2i_adapter/model.safetensors, mlx_model.json), checked strictly. `check` sees a
+    single file's inferred config before anything is written."""
     from .checkpoints.stable_diffusion import component_weights
+    from .checkpoints.t2i_files import convert_t2i_file
     from .checkpoints.weights import fit_weights
 
     src = Path(src)
+    if src.is_file():
+        return convert_t2i_file(src, dst, dtype, check)
     config = read_json(src / "config.json")
     try:
         model = build(COMPONENT, config)
@@ -112,39 +118,42 @@ def is_t2i_adapter_folder(path: Path) -> bool:
 
 
 def t2i_source(ref: str, check: ConfigCheck | None = None) -> tuple[Path, str]:
-    """A preset, Hub repo id, `REPO:FOLDER` or diffusers folder -> (the local diffusers folder, an identity for
-    the cache: the local files' sizes and times, or the Hub commit). `check` sees its config first."""
+    """A preset, Hub repo id, `REPO:FOLDER`, `REPO:PATH` to a file, diffusers folder or single file -> (the local
+    diffusers folder or file, an identity for the cache: the local files' sizes and times, or the Hub commit).
+    `check` sees a folder's config first (a single file's config is inferred when it is converted)."""
     source = PRESETS.get(ref, ref)
     path = Path(source).expanduser()
     if path.is_dir():
         if check:
             check(_config(path / "config.json", str(path)))
         return path, _local_fingerprint(path)
-    if path.exists():
-        raise UserError(f"T2I-Adapter {ref} is a file; give its diffusers folder (config.json and the weights), "
-                        "a Hub repo id or a preset")
+    if path.is_file():
+        return path, _local_fingerprint(path)
     hub = split_hub_path(source) or ((source, "") if is_repo_id(source) else None)
     if hub is None:
-        raise UserError(f"T2I-Adapter not found: {ref} is not a folder, a Hub repo id, REPO:FOLDER or a preset "
-                        f"({', '.join(PRESETS)})")
+        raise UserError(f"T2I-Adapter not found: {ref} is not a folder, a file, a Hub repo id, REPO:FOLDER, "
+                        f"REPO:PATH or a preset ({', '.join(PRESETS)})")
+    if Path(hub[1]).suffix in SINGLE_FILE_SUFFIXES:
+        file = hub_file(*hub)
+        return file, _local_fingerprint(file)  # the resolved path is the blob's: its content hash
     root, folder = _download(*hub, check)
     return folder, _key(*hub, root.name)  # root.name is the Hub commit
 
 
-def is_t2i_repo(ref: str) -> bool:
-    """For `python -m convert`: does this Hub repo (or REPO:FOLDER) hold a diffusers T2I-Adapter? (Its
-    config.json names the class; a pipeline repo has none at its root.)"""
-    repo, sub = split_hub_path(ref) or (ref, "")
-    if Path(sub).suffix in SINGLE_FILE_SUFFIXES:  # REPO:PATH to a file: an IP-Adapter
-        return False
-    cfg = f"{sub}/config.json" if sub else "config.json"
-    return is_t2i_adapter_folder(snapshot(repo, [cfg]) / Path(cfg).parent)
+def is_t2i_adapter(ref: str) -> bool:
+    """For `python -m convert`: is SOURCE a T2I-Adapter? A preset, a diffusers or converted folder, a single file
+    told by its tensor names (either layout), REPO:PATH to one, or a Hub repo (or REPO:FOLDER) whose config.json
+    names the class."""
+    from .checkpoints.t2i_files import FILE_NAMES
+    from .loading import holds_tensors
+
+    return names_a(ref, PRESETS, is_t2i_adapter_folder, lambda path: holds_tensors(path, *FILE_NAMES))
 
 
 def resolve_t2i_adapter(ref: str, dtype: mx.Dtype | None = None, check: ConfigCheck | None = None) -> Path:
     """Any T2I-Adapter reference -> its converted MLX folder (converted once, then cached like the models;
     `dtype` None keeps the source's). A converted folder is used as it is. `check` sees the adapter's config
-    before any weights are downloaded or read (the family check)."""
+    before any weights are downloaded (a folder or repo) or converted (a single file), and a cached one's again."""
     path = Path(PRESETS.get(ref, ref)).expanduser()
     if path.is_dir() and is_mlx_folder(path):
         if not (path / COMPONENT).is_dir():
@@ -153,9 +162,13 @@ def resolve_t2i_adapter(ref: str, dtype: mx.Dtype | None = None, check: ConfigCh
             check(_config(path / COMPONENT / "config.json", str(path)))
         return path
     src, identity = t2i_source(ref, check)
-    name = f"t2i-adapter-{path.name.replace(':', '-')[:40]}-{identity}-{_dtype_name(dtype)}"
+    label = (src.stem if src.is_file() else path.name).replace(":", "-")[:40]
+    name = f"t2i-adapter-{label}-{identity}-{_dtype_name(dtype)}"
     dst = cache_root() / "converted" / name
-    return convert_once(dst, lambda: convert_t2i_adapter(src, dst, dtype))
+    folder = convert_once(dst, lambda: convert_t2i_adapter(src, dst, dtype, check))
+    if check and src.is_file():  # a cached conversion of a file: its inferred config, checked again
+        check(_config(folder / COMPONENT / "config.json", str(src)))
+    return folder
 
 
 # -- fitting the UNet ----------------------------------------------------------------------------------------

@@ -307,9 +307,10 @@ def test_bad_references_and_requests(mlx_dir, diffusers_dir, sd1_adapters, tmp_p
     pipe = StableDiffusion(mlx_dir, mx.float32)
     cases = [
         ("nowhere/at-all:x/y", r"nowhere/at-all: not in the local Hub cache"),  # offline in the tests
-        ("not a ref?", r"T2I-Adapter not found: not a ref\? is not a folder, a Hub repo id, REPO:FOLDER or a preset"),
+        ("not a ref?", r"T2I-Adapter not found: not a ref\? is not a folder, a file, a Hub repo id, REPO:FOLDER, "
+                       r"REPO:PATH or a preset"),
         (str(tmp_path / "missing"), r"T2I-Adapter not found"),
-        (str(sd1_adapters[0] / "config.json"), r"is a file; give its diffusers folder"),
+        (str(sd1_adapters[0] / "config.json"), r"config.json: unknown weights format \(expected one of"),
         (str(diffusers_dir / "unet"), r"describes a UNet2DConditionModel, not a T2IAdapter"),
         (str(mlx_dir), r"is a converted folder but not a T2I-Adapter"),
     ]

@@ -44,15 +44,15 @@ def read_weights(path: str | Path) -> dict[str, mx.array]:
     return weights
 
 
-def _fit(name: str, value: mx.array, shape: tuple[int, ...]) -> mx.array:
+def _fit(name: str, value: mx.array, shape: tuple[int, ...], what: str) -> mx.array:
     """PyTorch layout -> MLX layout: conv kernels OIHW -> OHWI, and 1x1 convs that are Linear layers here."""
     if value.ndim == 4 and len(shape) == 4:
         value = value.transpose(0, 2, 3, 1)
     elif value.ndim == 4 and len(shape) == 2 and value.shape[2:] == (1, 1):
         value = value.reshape(value.shape[:2])
     if tuple(value.shape) != tuple(shape):
-        raise UserError(f"weights do not fit the config: {name} is {tuple(value.shape)} in the file, "
-                        f"the model built from config.json expects {tuple(shape)}")
+        raise UserError(f"{what}: weights do not fit the config: {name} is {tuple(value.shape)} in the file, "
+                        f"the model its config describes expects {tuple(shape)}")
     return value
 
 
@@ -79,7 +79,7 @@ def fit_weights(
         if name not in params:
             unused.append(key)
             continue
-        value = _fit(name, value, params[name].shape)
+        value = _fit(name, value, params[name].shape, what)
         if mx.issubdtype(params[name].dtype, mx.floating) != mx.issubdtype(value.dtype, mx.floating):
             raise UserError(f"{what}: {key} holds {value.dtype} values, the model needs {params[name].dtype}")
         out[name] = value.astype(dtype) if dtype is not None and mx.issubdtype(value.dtype, mx.floating) else value
