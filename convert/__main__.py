@@ -46,10 +46,12 @@ OUTPUT is replaced the same way, so an interrupted run leaves the old folder or 
 
 
 def is_ip_adapter_file(path: Path) -> bool:
-    """Tell an IP-Adapter from a model checkpoint by its tensor names (the tencent format's two top-level keys),
-    without reading a big file whole."""
+    """Tell an IP-Adapter from a model checkpoint by its tensor names, without reading a big file whole: any
+    `ip_adapter.*` tensor in a .safetensors file; the tencent format's two top-level keys in a pickle."""
     from ipadapter_mlx.loading import holds_tensors
 
+    if path.suffix == ".safetensors":
+        return holds_tensors(path, "ip_adapter.")
     return holds_tensors(path, "image_proj", "ip_adapter", every=True)
 
 

@@ -162,6 +162,48 @@ def test_adapter_bin_recognised_by_content_not_name(tmp_path):
     assert not is_ip_adapter_file(tmp_path / "ip-adapter-model.bin")
 
 
+def test_name_sniffing_survives_broken_zips(tmp_path, capsys):
+    """convert tells the kind of a file from the tensor names in its zip; a deflated member that does not inflate
+    or a member flagged as encrypted is 'not this kind', and the converter that takes it says why in one line."""
+    import zipfile
+
+    from convert.__main__ import main as convert
+    from ipadapter_mlx.loading import holds_tensors
+
+    corrupt = tmp_path / "corrupt.pth"
+    with zipfile.ZipFile(corrupt, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", b"input_hint_block." * 1000)
+    data = bytearray(corrupt.read_bytes())
+    start = data.find(b"archive/data.pkl") + len("archive/data.pkl")
+    data[start + 5 : start + 40] = bytes(b ^ 0x5A for b in data[start + 5 : start + 40])
+    corrupt.write_bytes(bytes(data))
+    locked = tmp_path / "locked.pth"
+    with zipfile.ZipFile(locked, "w") as z:
+        z.writestr("archive/data.pkl", b"input_hint_block.")
+    data = bytearray(locked.read_bytes())
+    for header, flags in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # the 'encrypted' bit, local and central
+        at = data.find(header)
+        data[at + flags] |= 1
+    locked.write_bytes(bytes(data))
+    for path in (corrupt, locked):
+        assert holds_tensors(path, "input_hint_block.") is False
+        assert convert([str(path), str(tmp_path / f"out-{path.stem}")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_ip_adapter_safetensors_told_by_its_own_names(tmp_path):
+    """An IP-Adapter .safetensors holding only `ip_adapter.*` tensors is still one (convert routes it there)."""
+    from safetensors.numpy import save_file
+
+    from convert.__main__ import is_ip_adapter_file
+
+    save_file({"ip_adapter.1.to_k_ip.weight": np.zeros((2, 2), np.float32)}, tmp_path / "only.safetensors")
+    save_file({"model.diffusion_model.x": np.zeros(2, np.float32)}, tmp_path / "model.safetensors")
+    assert is_ip_adapter_file(tmp_path / "only.safetensors")
+    assert not is_ip_adapter_file(tmp_path / "model.safetensors")
+
+
 def test_wide_pictures_downsample_masks_without_dividing_by_zero():
     """A level of 32 positions for a 64:1 picture: at least one mask row (diffusers' rule would divide by 0)."""
     from ipadapter_mlx.conditioning import downsample_mask

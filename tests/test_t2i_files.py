@@ -206,18 +206,62 @@ def test_light_file_whose_last_level_widens_is_refused(tmp_path):
         resolve_t2i_adapter(str(save(state, tmp_path / "light.pth")))
 
 
+def test_prefixed_and_wrapped_original_files(tmp_path):
+    """TencentARC's loaders strip an `adapter.` before the original names, and ComfyUI unwraps {"adapter": ...}:
+    both forms of one file give its features."""
+    model = original("full", [16, 24, 40, 40], 2, 3, 8)
+    state = model.state_dict()
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    for name, saved in [("prefixed", {f"adapter.{k}": v for k, v in state.items()}), ("wrapped", {"adapter": state})]:
+        err, config = features(model, x, save(saved, tmp_path / f"{name}.pth"))
+        assert config.channels == [16, 24, 40, 40] and err < 1e-5, name
+
+
+@pytest.mark.parametrize("kind,count,message", [
+    ("light", 400, r"400 levels; a T2I-Adapter has at most 16"),
+    ("light-blocks", 400, r"400 residual blocks; a T2I-Adapter has at most 64"),
+    ("full", 20000, r"20000 residual blocks; a T2I-Adapter has at most 1024"),
+    ("full-levels", 40, r"20 levels of 2 residual blocks; a T2I-Adapter has at most 16"),
+])
+def test_many_blocks_are_refused_before_any_work(tmp_path, kind, count, message):
+    """A small file naming thousands of blocks (tiny tensors) is refused from its names: renaming or building what
+    they describe would take minutes (the names cost a few bytes each)."""
+    def t():
+        return torch.zeros(1, 1, 1, 1)  # one each: safetensors refuses shared tensors
+
+    if kind == "light":
+        state = {f"body.{i}.out_conv.weight": t() for i in range(count)} | {"body.0.body.0.block1.weight": t()}
+    elif kind == "light-blocks":
+        state = {"body.0.out_conv.weight": t()} | {f"body.0.body.{j}.block1.weight": t() for j in range(count)}
+    elif kind == "full":
+        state = {"conv_in.weight": t()} | {f"body.{i}.block1.weight": t() for i in range(count)}
+    else:  # widening every other block: levels of 2
+        state = {"conv_in.weight": t()} | {f"body.{i}.block1.weight": t() for i in range(count)} | \
+                {f"body.{i}.in_conv.weight": t() for i in range(2, count, 2)}
+    with pytest.raises(UserError, match=message):
+        resolve_t2i_adapter(str(save(state, tmp_path / f"{kind}.safetensors")))
+
+
 def test_mutated_files_fail_cleanly(tmp_path):
-    """Fuzz the layout reader: dropped tensors, and tensors of other shapes or ranks, end in a UserError (or load,
-    when the change still describes an adapter), never another exception."""
+    """Fuzz the layout reader: dropped tensors, other indices in a name, unknown names, tensors of other shapes or
+    ranks: a UserError naming the file (or a load, when the change still describes an adapter), never another
+    exception."""
     rng = np.random.default_rng(0)
     for kind in ("full", "light"):
         state = original(kind, [16, 24], 2, 3, 2).state_dict()
         names = sorted(state)
-        for trial in range(25):
+        for trial in range(40):
             mutated = dict(state)
             name = names[rng.integers(len(names))]
-            if trial % 3 == 0:
+            if trial % 4 == 0:
                 del mutated[name]
+            elif trial % 4 == 1:  # another index in its name (a gap, a duplicate level, a far block)
+                parts = name.split(".")
+                at = [i for i, p in enumerate(parts) if p.isdigit()]
+                parts[at[rng.integers(len(at))]] = str(int(rng.choice([0, 1, 2, 3, 7, 10**6])))
+                mutated[".".join(parts)] = mutated.pop(name)
+            elif trial % 4 == 2:  # an unknown name beside the real ones
+                mutated[name.replace("block", "blok") + ("" if rng.integers(2) else ".x")] = torch.zeros(2)
             else:
                 shape = [int(rng.integers(1, 5)) for _ in range(int(rng.integers(1, 5)))]
                 mutated[name] = torch.zeros(shape)

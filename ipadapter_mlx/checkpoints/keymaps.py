@@ -7,6 +7,8 @@ it; the names inside each block are fixed tables below.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from ..config import UNetConfig, VAEConfig
 
 # Where each model lives inside an original single-file checkpoint.
@@ -136,3 +138,17 @@ def rename(key: str, pairs: list[tuple[str, str]]) -> str:
         if (key == src or key.startswith(src + ".")) and (best is None or len(src) > len(best[0])):
             best = (src, dst)
     return key if best is None else best[1] + key[len(best[0]):]
+
+
+def renamer(pairs: list[tuple[str, str]]) -> Callable[[str], str]:
+    """rename for many keys: the pairs in a dict, each key's dotted prefixes looked up longest first (a file's
+    keys times the table's pairs would grow with the square of a crafted file's size)."""
+    table = dict(pairs)
+
+    def apply(key: str) -> str:
+        parts = key.split(".")
+        for n in range(len(parts), 0, -1):
+            if (dst := table.get(".".join(parts[:n]))) is not None:
+                return ".".join([dst, *parts[n:]])
+        return key
+    return apply

@@ -25,7 +25,7 @@ import mlx.core as mx
 from ..errors import UserError
 from ..folders import write_mlx_folder
 from ..loading import build
-from ..models.t2i_adapter import T2IAdapterConfig
+from ..models.t2i_adapter import MAX_RES_BLOCKS, T2IAdapterConfig
 from . import keymaps
 from .stable_diffusion import tensor_shape
 from .weights import fit_weights, read_weights
@@ -33,6 +33,7 @@ from .weights import fit_weights, read_weights
 log = logging.getLogger(__name__)
 COMPONENT = "t2i_adapter"
 XL_DOWNSCALE = 16  # SDXL's adapters unshuffle by 16, SD 1.x's by 8
+MAX_LEVELS = 16  # the published adapters have 4 (bounds what a crafted file's key names can make us build)
 STYLE_KEY = "style_embedding"  # TencentARC's style adapter: image tokens, not feature maps
 # The names that tell a single-file T2I-Adapter (for `python -m convert` and the loaders): either layout.
 FILE_NAMES = ("adapter.body.", "body.0.block1.", "body.0.in_conv.", "body.0.body.0.", STYLE_KEY)
@@ -60,11 +61,13 @@ def _indices(keys, pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in keys if (m := re.match(pattern, k))})
 
 
-def _counted(indices: list[int], what: str, where: str) -> int:
+def _counted(indices: list[int], what: str, where: str, most: int) -> int:
     """How many of body.0, body.1, ... there are, refusing gaps (a hostile file cannot make us build blocks
-    for missing weights)."""
+    for missing weights) and more than `most`."""
     if not indices or indices != list(range(len(indices))):
         raise UserError(f"{where}: {what} numbered {indices[:8]}, expected 0, 1, 2, ...")
+    if len(indices) > most:
+        raise UserError(f"{where}: {len(indices)} {what}; a T2I-Adapter has at most {most}")
     return len(indices)
 
 
@@ -79,9 +82,12 @@ def _unshuffled(channels_in: int, where: str) -> tuple[int, int]:
 
 
 def to_diffusers(w: dict[str, mx.array], where: str) -> dict[str, mx.array]:
-    """Any single-file layout -> diffusers' names (`adapter.*`), refusing what no diffusers T2IAdapter holds."""
-    if any(k.startswith("adapter.") for k in w):
+    """Any single-file layout -> diffusers' names (`adapter.*`), refusing what no diffusers T2IAdapter holds.
+    diffusers' own names have `adapter.body.0.resnets.`; TencentARC's loaders strip an `adapter.` before their
+    names, so a file may carry one (as ComfyUI tells the two)."""
+    if any(k.startswith("adapter.body.0.resnets.") for k in w):
         return w
+    w = {k.removeprefix("adapter."): v for k, v in w.items()}
     if any(k.startswith(STYLE_KEY) for k in w):
         raise UserError(f"{where} is TencentARC's style adapter (image tokens for the text attention, not feature "
                         "maps): not supported; for an image prompt use an IP-Adapter (--ip-adapter)")
@@ -89,26 +95,34 @@ def to_diffusers(w: dict[str, mx.array], where: str) -> dict[str, mx.array]:
         raise UserError(f"{where}: a T2I-Adapter with skip or strided-downsampling convolutions (sk=False or "
                         "use_conv=True); only the published layout (sk=True, average-pool downsampling) is supported")
     if "conv_in.weight" in w:  # the full adapter
-        n = _counted(_indices(w, r"body\.(\d+)\.block1\.weight$"), "residual blocks", where)
+        n = _counted(_indices(w, r"body\.(\d+)\.block1\.weight$"), "residual blocks", where,
+                     MAX_LEVELS * MAX_RES_BLOCKS)
         widening = _indices(w, r"body\.(\d+)\.in_conv\.weight$")  # a level's first block, where widths change
         # Levels of equal width leave no trace: TencentARC's 2 blocks a level wherever the file allows it
         blocks = 2 if all(i % 2 == 0 for i in [n, *widening]) else math.gcd(n, *widening)
         if 0 in widening:
             raise UserError(f"{where}: an in_conv on the first residual block (sk=False); only the published layout "
                             "(sk=True) is supported")
-        return {keymaps.rename(k, full_original_to_diffusers(n // blocks, blocks)): v for k, v in w.items()}
+        if n // blocks > MAX_LEVELS:
+            raise UserError(f"{where}: {n // blocks} levels of {blocks} residual blocks; a T2I-Adapter has at most "
+                            f"{MAX_LEVELS}")
+        rename = keymaps.renamer(full_original_to_diffusers(n // blocks, blocks))
+        return {rename(k): v for k, v in w.items()}
     if "body.0.out_conv.weight" in w:  # the light adapter
-        levels = _counted(_indices(w, r"body\.(\d+)\.out_conv\.weight$"), "levels", where)
-        blocks = _counted(_indices(w, r"body\.0\.body\.(\d+)\.block1\.weight$"), "residual blocks", where)
-        return {keymaps.rename(k, light_original_to_diffusers(levels, blocks)): v for k, v in w.items()}
+        levels = _counted(_indices(w, r"body\.(\d+)\.out_conv\.weight$"), "levels", where, MAX_LEVELS)
+        blocks = _counted(_indices(w, r"body\.0\.body\.(\d+)\.block1\.weight$"), "residual blocks", where,
+                          MAX_RES_BLOCKS)
+        rename = keymaps.renamer(light_original_to_diffusers(levels, blocks))
+        return {rename(k): v for k, v in w.items()}
     raise UserError(f"{where}: not a T2I-Adapter (no conv_in, body.* or adapter.* tensors)")
 
 
 def infer_t2i_config(w: dict[str, mx.array], where: str) -> dict:
     """A diffusers T2IAdapter config.json from diffusers-named tensors' shapes."""
     what = f"the T2I-Adapter's config from {where}"
-    levels = _counted(_indices(w, r"adapter\.body\.(\d+)\."), "levels", where)
-    blocks = _counted(_indices(w, r"adapter\.body\.0\.resnets\.(\d+)\."), "residual blocks", where)
+    levels = _counted(_indices(w, r"adapter\.body\.(\d+)\."), "levels", where, MAX_LEVELS)
+    blocks = _counted(_indices(w, r"adapter\.body\.0\.resnets\.(\d+)\."), "residual blocks", where,
+                      MAX_RES_BLOCKS)
     if "adapter.body.0.out_conv.weight" in w:  # light: each level widens through in_conv ... out_conv
         image, r = _unshuffled(tensor_shape(w, "adapter.body.0.in_conv.weight", 4, what)[1], where)
         widths = [tensor_shape(w, f"adapter.body.{i}.out_conv.weight", 4, what)[0] for i in range(levels)]
@@ -129,7 +143,7 @@ def convert_t2i_file(path: str | Path, dst: str | Path, dtype: mx.Dtype | None =
     before anything is written (the family check)."""
     path = Path(path)
     log.info("reading T2I-Adapter %s ...", path)
-    weights = to_diffusers(read_weights(path), str(path))
+    weights = to_diffusers(read_weights(path, unwrap="adapter"), str(path))  # {"adapter": {...}}: ComfyUI reads it
     config = infer_t2i_config(weights, str(path))
     try:
         model = build(COMPONENT, config)

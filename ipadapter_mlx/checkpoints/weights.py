@@ -18,25 +18,27 @@ from .torch_pickle import load_torch_file, printable
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 
-def torch_state(path: Path) -> dict:
-    """A torch file's top-level dict (a Lightning-style .ckpt's state_dict), read without running code."""
+def torch_state(path: Path, unwrap: str = "state_dict") -> dict:
+    """A torch file's top-level dict (a Lightning-style .ckpt's state_dict, or what `unwrap` names), read without
+    running code."""
     state = load_torch_file(str(path))
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    if isinstance(state, dict) and isinstance(state.get(unwrap), dict):
+        state = state[unwrap]
     if not isinstance(state, dict):
         raise UserError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
     return state
 
 
-def read_weights(path: str | Path) -> dict[str, mx.array]:
-    """All tensors of a .safetensors or torch (.bin/.ckpt/.pt) file, by name. Never runs code from the file."""
+def read_weights(path: str | Path, unwrap: str = "state_dict") -> dict[str, mx.array]:
+    """All tensors of a .safetensors or torch (.bin/.ckpt/.pt) file, by name (a torch file's tensors inside a dict
+    under `unwrap` taken from there). Never runs code from the file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         weights, _ = read_safetensors(path)
     elif path.suffix in WEIGHT_SUFFIXES:
-        weights = {k: v for k, v in torch_state(path).items() if isinstance(k, str) and isinstance(v, mx.array)}
+        weights = {k: v for k, v in torch_state(path, unwrap).items() if isinstance(k, str) and isinstance(v, mx.array)}
     else:
         raise UserError(f"{path}: unknown weights format (expected one of {', '.join(WEIGHT_SUFFIXES)})")
     if not weights:
