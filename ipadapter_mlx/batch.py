@@ -51,6 +51,8 @@ STATE = ".batch"  # DIR/.batch: the lock, and each run's claim folder
 FEATURES_KEPT = 256  # reference encodings kept between jobs (a few MB each at most)
 MAX_JOBS_MIB = 64  # a jobs file: a million ordinary jobs fit
 MAX_LINE_CHARS = 1 << 20  # one job's line (a longer one fails alone)
+NO_PARALLEL = ("--parallel cfg is for one generate; batch spreads whole jobs over the ranks of mlx.launch (each "
+               "rank a picture at a time)")
 MAX_OUTPUT_CHARS = 200  # an "output" name (file systems allow 255 bytes a name)
 TEMP_FILE = re.compile(r"^\..+\.[0-9a-f]{16}\.tmp\.png$")  # files.atomic_file's temp names
 
@@ -268,6 +270,8 @@ def read_jobs(path: str, defaults: argparse.Namespace) -> list[Job]:
             options_only = {k: v for k, v in job.options.items() if k != "output"}
             job.output = _output_name(job.options.get("output"), n)
             job.args = parse_job(options_only, defaults, parser, options)
+            if job.args.parallel is not None:
+                raise UserError(NO_PARALLEL)
             for out in job.outputs():
                 if out in taken:
                     raise UserError(f"output {out} is also line {taken[out]}'s")
@@ -499,14 +503,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "each rank claims the next job when it is free, so a slow host does fewer)")
     p.set_defaults(output=None)
     for action in p._actions:
-        if action.dest == "output":
-            action.help = argparse.SUPPRESS  # each job's "output" names its file
+        if action.dest in ("output", "parallel"):
+            action.help = argparse.SUPPRESS  # each job's "output" names its file; the ranks share jobs, not steps
 
 
 def main_batch(args: argparse.Namespace) -> int:
     if args.output is not None:
         raise UserError("batch names each job's picture with \"output\" in the jobs file (inside --output-dir); "
                         "--output is not a batch option")
+    if args.parallel is not None:
+        raise UserError(NO_PARALLEL)
     folder = Path(args.output_dir)
     _prepare_folder(folder)
     defaults = argparse.Namespace(**{k: v for k, v in vars(args).items()

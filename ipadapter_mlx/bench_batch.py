@@ -1,6 +1,9 @@
 """Throughput of `batch`: N jobs as `generate` in a loop (one process, one model load per picture), as one `batch`
 process, and as `batch` over two ranks of `mlx.launch` (also with one rank slowed, claimed jobs against the static
-split), on a random-weight pipeline at SD 1.5's shapes (synthetic.py: speed does not depend on the values).
+split), on a random-weight pipeline at SD 1.5's shapes (synthetic.py: speed does not depend on the values). And
+one picture's seconds per step: `generate` alone, one rank's share of `--parallel cfg` on a machine of its own
+(`generate --cfg 1`: the UNet on one half of the guidance batch, all cores), and `generate --parallel cfg` on two
+ranks pinned to a core each (modes generate, cfg-half, parallel-cfg).
 
 Wall seconds give pictures per hour; CPU seconds (user + sys of every process) are reported too, since on a
 machine shared with other work the wall time depends on the neighbours and the CPU time much less.
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -21,7 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ("loop", "batch", "ranks2", "slow-claim", "slow-static")
+MODES = ("loop", "batch", "ranks2", "slow-claim", "slow-static", "generate", "cfg-half", "parallel-cfg")
+ONE_PICTURE = ("generate", "cfg-half", "parallel-cfg")
+PER_STEP = re.compile(r"\(([0-9.]+) s/step\)")  # generate --verbose: "sampling 3.1 s (1.55 s/step)"
 
 
 def children_cpu() -> float:
@@ -30,13 +36,17 @@ def children_cpu() -> float:
 
 
 def timed(commands: list[list[str]], env: dict | None = None) -> dict:
-    """Run the commands one after the other; wall and CPU seconds of all of them."""
+    """Run the commands one after the other; wall and CPU seconds of all of them (and the last one's seconds
+    per sampling step, when it printed them)."""
     t0, c0 = time.perf_counter(), children_cpu()
     for command in commands:
         r = subprocess.run(command, env=env, capture_output=True, text=True)
         if r.returncode != 0:
             raise SystemExit(f"failed: {' '.join(command)}\n{r.stderr[-2000:]}")
-    return {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(children_cpu() - c0, 1)}
+    result = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(children_cpu() - c0, 1)}
+    if step := PER_STEP.search(r.stdout + r.stderr):
+        result["s_per_step"] = float(step.group(1))
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +84,14 @@ def main(argv: list[str] | None = None) -> int:
                                  str(j["seed"]), "--output", str(out / f"{i}.png")] for i, j in enumerate(jobs)])
             elif mode == "batch":
                 result = timed([[*batch, "--output-dir", str(out)]])
+            elif mode in ONE_PICTURE:
+                one = [*py, "generate", "--model", model, *common, "--prompt", "a picture", "--seed", "1",
+                       "--verbose", "--output", str(out / "picture.png")]
+                if mode != "parallel-cfg":
+                    result = timed([one + (["--cfg", "1"] if mode == "cfg-half" else [])])
+                else:
+                    pinned = ["sh", "-c", 'exec taskset -c "$MLX_RANK" "$@"', "pin", *one, "--parallel", "cfg"]
+                    result = timed([["mlx.launch", "-n", "2", "--backend", "ring", "--", *pinned]], one_thread)
             elif mode == "ranks2":
                 result = timed([["mlx.launch", "-n", "2", "--backend", "ring", "--", *batch, "--output-dir",
                                  str(out)]], one_thread)
@@ -88,10 +106,11 @@ def main(argv: list[str] | None = None) -> int:
                     for hog in hogs:
                         hog.kill()
                         hog.wait()
-            if mode != "loop":
+            if mode not in ("loop", *ONE_PICTURE):
                 entries = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
                 result["jobs_per_rank"] = [sum(e["rank"] == r for e in entries) for r in range(2)]
-            result["pictures_per_hour"] = round(3600 * args.jobs / result["wall_s"])
+            if mode not in ONE_PICTURE:
+                result["pictures_per_hour"] = round(3600 * args.jobs / result["wall_s"])
             report["modes"].setdefault(mode, []).append(result)
             print(mode, result, flush=True)
             shutil.rmtree(out, ignore_errors=True)

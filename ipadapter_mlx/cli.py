@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -533,6 +534,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-memory-check", action="store_true",
                    help="run even when the memory estimate exceeds this machine (it may swap or be stopped)")
     p.add_argument("--verbose", action="store_true", help="print timings, peak memory, device and BLAS")
+    p.add_argument("--parallel", choices=("cfg",), default=None,
+                   help="cfg: under `mlx.launch -n 2`, the two halves of classifier-free guidance on two ranks "
+                        "(machines), exchanged every step; rank 0 writes the picture")
     _add_ip_options(p)
     _add_controlnet_options(p)
     _add_t2i_options(p)
@@ -601,6 +605,7 @@ class Checked:
     t2i: list[tuple]  # t2i_adapter.cli_requests
     mask: object = None  # PIL image or None: inpainting (or outpainting's border)
     control_groups: list[dict] = field(default_factory=list)  # one dict per --controlnet (controlnet_groups)
+    ranks: object = None  # batch.Ranks with --parallel cfg: the two ranks that share the guidance batch
 
 
 def check_generate(args: argparse.Namespace) -> Checked:
@@ -648,8 +653,27 @@ def check_generate(args: argparse.Namespace) -> Checked:
     control_groups = controlnet_groups(getattr(args, "control_args", None) or [])
     t2i = t2i_adapter.cli_requests(args)  # checks counts and opens the control images before loading anything
     seed = args.seed if args.seed is not None else int(np.random.randint(0, 2**31 - 1))
+    ranks = parallel_ranks(args) if getattr(args, "parallel", None) else None
+    if ranks is not None and args.seed is None:  # one random seed for both ranks: rank 0's
+        seed = ranks.all_sum([seed if ranks.rank == 0 else 0])[0]
+    if ranks is not None and ranks.rank != 0:  # rank 0 tells what happens; the other says only what goes wrong
+        logging.getLogger("ipadapter_mlx").setLevel(logging.WARNING)
     dtype = getattr(mx, args.dtype) if args.dtype else default_dtype()
-    return Checked(init, latents, groups, seed, dtype, t2i, mask, control_groups)
+    return Checked(init, latents, groups, seed, dtype, t2i, mask, control_groups, ranks)
+
+
+def parallel_ranks(args: argparse.Namespace):
+    """--parallel cfg: this process's place among exactly two ranks of `mlx.launch`, with guidance to split."""
+    from .batch import Ranks
+
+    if args.cfg <= 1:
+        raise UserError(f"--parallel cfg splits the two halves of classifier-free guidance; with --cfg {args.cfg} "
+                        "(<= 1) there is only one")
+    ranks = Ranks()
+    if ranks.size != 2:
+        raise UserError(f"--parallel cfg needs exactly 2 ranks: run it under `mlx.launch -n 2` (or --hostfile with "
+                        f"two hosts); this run has {ranks.size}")
+    return ranks
 
 
 def load_pipeline(args: argparse.Namespace, dtype):
@@ -722,6 +746,7 @@ def render(pipe, args: argparse.Namespace, checked: Checked, prompts: list | Non
         target_size=tuple(args.target_size) if args.target_size else None, t2i_adapters=controls,
         timestep_spacing=args.timestep_spacing, eta=args.eta,
         mask_image=mask, mask_blur=args.mask_blur, padding_mask_crop=args.padding_mask_crop, controls=nets or None,
+        parallel_cfg=checked.ranks.group if checked.ranks is not None else None,
     )
     t1 = time.perf_counter()
     step = None
@@ -786,7 +811,10 @@ def _generate(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args, checked.dtype)
     prompts, controls = prepare_prompts(pipe, checked)
     t_load = time.perf_counter() - t0
-    pictures, params, t_sample, step = render(pipe, args, checked, prompts, controls)
+    rank = checked.ranks.rank if checked.ranks is not None else 0
+    pictures, params, t_sample, step = render(pipe, args, checked, prompts, controls, progress=rank == 0)
+    if rank != 0:  # --parallel cfg: the other rank holds the same picture; rank 0 writes it
+        return 0
     for path in save_images(pictures, params, args.output):
         print(path)
     if args.verbose:

@@ -14,7 +14,7 @@ downsampling is done once per query count (attention level) and kept for the who
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 import math
 from typing import Callable, NamedTuple, Union
 
@@ -119,6 +119,17 @@ class StepConditioning:
     text: mx.array
     added: dict[str, mx.array] = field(default_factory=dict)  # SDXL: text_embeds, time_ids
     image: dict[str, list[tuple[ImageCondition, nn.Module, float]]] = field(default_factory=dict)
+
+    def rows(self, take: Callable[[mx.array], mx.array]) -> "StepConditioning":
+        """The conditioning of some rows of the batch: `take` cuts a batch-first tensor (parallel cfg)."""
+        cut: dict[int, ImageCondition] = {}  # each adapter once, however many layers it serves
+        for entries in self.image.values():
+            for condition, _, _ in entries:
+                if id(condition) not in cut:  # the masks' downsampled levels are shared, not redone
+                    cut[id(condition)] = replace(condition, tokens=take(condition.tokens), _levels=condition._levels)
+        image = {name: [(cut[id(c)], layer, scale) for c, layer, scale in entries]
+                 for name, entries in self.image.items()}
+        return StepConditioning(take(self.text), {k: take(v) for k, v in self.added.items()}, image)
 
     def image_attention(self, name: str, queries: int) -> list[ImageAttention]:
         """The image attentions acting on the layer `name` (of `queries` positions) at this step."""

@@ -3,6 +3,10 @@
 It scales the input, runs the UNet on the CFG batch with this step's conditioning, applies classifier-free
 guidance and converts the model's prediction type. Hooks see (and may replace) the UNet's input at every step:
 that is where ControlNet residuals and inpainting channels enter, without this function growing.
+
+With a `CFGSplit` (`generate --parallel cfg` under `mlx.launch -n 2`) each of two ranks runs the UNet on one half
+of the CFG batch, after the hooks, and the halves are exchanged (all_gather of the UNet's output: the latents'
+size, 64 KB a step at 512x512): both ranks then hold the whole prediction and sample identically.
 """
 
 from __future__ import annotations
@@ -27,6 +31,33 @@ class UNetInput:
     cond: StepConditioning
     residuals: Residuals | None = None  # ControlNet / T2I-Adapter hooks add theirs (Residuals.__add__)
 
+    def rows(self, rows: slice) -> "UNetInput":
+        """The same input for some rows of the batch (a tensor of one row, broadcast to every row, stays whole)."""
+        batch = self.x.shape[0]
+        take = lambda a: a[rows] if a.shape[0] == batch else a  # noqa: E731
+        return UNetInput(self.x[rows], self.t[rows], self.cond.rows(take),
+                         self.residuals.map(take) if self.residuals is not None else None)
+
+
+@dataclass
+class CFGSplit:
+    """Classifier-free guidance over the two ranks of `group`: rank 0 runs the UNet on the unconditional half of
+    the batch, rank 1 on the conditional half."""
+
+    group: "mx.distributed.Group"
+
+    def __post_init__(self):
+        if self.group.size() != 2:
+            raise UserError(f"parallel cfg splits the guidance batch over exactly 2 ranks (mlx.launch -n 2); this "
+                            f"run has {self.group.size()}")
+
+    def rows(self, batch: int) -> slice:
+        half = batch // 2
+        return slice(self.group.rank() * half, (self.group.rank() + 1) * half)
+
+    def gather(self, half: mx.array) -> mx.array:
+        return mx.distributed.all_gather(half, group=self.group, stream=mx.cpu)
+
 
 # (the UNet's input, step index, sigma) -> the input to use instead
 StepHook = Callable[[UNetInput, int, float], UNetInput]
@@ -42,10 +73,13 @@ class Denoiser:
     prediction: str = "epsilon"
     dtype: mx.Dtype = mx.float32
     hooks: list[StepHook] = field(default_factory=list)
+    split: CFGSplit | None = None
 
     def __post_init__(self):
         if self.prediction not in ("epsilon", "v_prediction"):
             raise UserError(f"unsupported prediction_type {self.prediction!r}")
+        if self.split is not None and not self.guided:
+            raise UserError(f"parallel cfg splits the guidance batch; with cfg {self.cfg} (<= 1) there is none")
 
     @property
     def guided(self) -> bool:
@@ -60,7 +94,11 @@ class Denoiser:
         step = UNetInput(x_in, mx.full((x_in.shape[0],), float(self.timesteps[i])), self.cond.at(i, sigma))
         for hook in self.hooks:
             step = hook(step, i, sigma)
+        if self.split is not None:
+            step = step.rows(self.split.rows(step.x.shape[0]))
         out = self.unet(step.x, step.t, step.cond, step.residuals).astype(mx.float32)
+        if self.split is not None:
+            out = self.split.gather(out)
         if self.guided:
             uncond, cond = mx.split(out, 2)
             out = uncond + self.cfg * (cond - uncond)

@@ -23,7 +23,7 @@ from .conditioning import Conditioning
 from .controlnet import Control, ControlNetSet
 from .controlnet import default_size as controlnet_default_size
 from .config import SchedulerConfig, UNetConfig
-from .denoiser import Denoiser, StepHook
+from .denoiser import CFGSplit, Denoiser, StepHook
 from .errors import UserError, finite
 from .images import to_pil, to_pixels
 from .ip_adapter import Features, ImagePrompt
@@ -474,6 +474,7 @@ class StableDiffusion:
         mask_image: Image.Image | np.ndarray | None = None,
         mask_blur: float = 0.0,
         padding_mask_crop: int | None = None,
+        parallel_cfg: "mx.distributed.Group | None" = None,
     ) -> "Sampling":
         """Iterate for a Step after every sampling step; the last Step's latents are the final (scaled) latents.
 
@@ -495,6 +496,9 @@ class StableDiffusion:
         Inpainting (inpainting.py): `mask_image` (white = repaint) with `init_image`, blurred by `mask_blur`
         pixels; `padding_mask_crop` repaints only a crop around the mask (the result's `inpaint.overlay` pastes
         it back); `latents` is then diffusers' `latents=` of its inpainting pipelines.
+        `parallel_cfg`: a group of 2 ranks (`mx.distributed.init()` under `mlx.launch -n 2`) that share the work of
+        classifier-free guidance: each runs the UNet on one half of the CFG batch (denoiser.CFGSplit); every rank
+        calls this with the same arguments and gets the same result.
         """
         prompts, negatives, zero_negative = prompt_lists(prompt, negative_prompt, num_images,
                                                          self.force_zeros_for_empty_prompt)
@@ -559,7 +563,8 @@ class StableDiffusion:
                            # after the inpaint hook: the nets read the latents the UNet reads, as diffusers' ControlNet
                            # inpaint pipeline (with a 4-channel UNet the known region blended back; controlnet.py
                            # takes the latent channels of a 9-channel input)
-                           ([control_hook] if control_hook else []))
+                           ([control_hook] if control_hook else []),
+                           CFGSplit(parallel_cfg) if parallel_cfg is not None else None)
         total = len(timesteps)
 
         def steps() -> Iterator[Step]:

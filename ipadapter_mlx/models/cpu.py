@@ -32,7 +32,9 @@ def _workers() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:  # one pool, even when two threads make their first call at once
         if _pool is None:
-            _pool = ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 16)), thread_name_prefix="ipadapter-softmax")
+            # the cores this process may run on (taskset, a container's cpuset), not the machine's
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            _pool = ThreadPoolExecutor(max(1, min(cores, 16)), thread_name_prefix="ipadapter-softmax")
     return _pool
 
 

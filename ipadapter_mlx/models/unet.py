@@ -238,6 +238,11 @@ class Residuals:
             return [p + q for p, q in zip(a, b, strict=True)] if isinstance(a, list) else a + b
         return Residuals(add(self.down, other.down), add(self.mid, other.mid), add(self.intrablock, other.intrablock))
 
+    def map(self, fn) -> "Residuals":
+        """fn applied to every tensor (parallel cfg cuts each to this rank's rows)."""
+        each = lambda a: None if a is None else [fn(v) for v in a] if isinstance(a, list) else fn(a)  # noqa: E731
+        return Residuals(each(self.down), each(self.mid), each(self.intrablock))
+
 
 class UNet2DConditionModel(nn.Module):
     def __init__(self, config: UNetConfig):

@@ -1,0 +1,119 @@
+"""`generate --parallel cfg`: the two halves of classifier-free guidance on two ranks of `mlx.launch`.
+
+In one process: every UNet call of a generation with everything that reaches the UNet (two IP-Adapter images
+with regional masks, a ControlNet, a T2I-Adapter, two pictures per prompt) gives, for each half of the CFG batch cut
+by UNetInput.rows, the rows of the whole batch's output. Under `mlx.launch -n 2 --backend ring`: rank 0's picture
+equals `generate` alone, with a random seed and an ancestral sampler (both ranks must agree on the seed and on
+every noise draw), and rank 1 writes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import psnr, record
+from ipadapter_mlx.cli import main
+from test_batch import BASE, ROOT, adapter, adapter_flags, free_ports, launcher, pixels, tiny  # noqa: F401,F811
+
+
+def test_each_half_gives_the_rows_of_the_whole_batch(mlx_dir, torch_pipe, tmp_path, monkeypatch):
+    from ip_fixtures import VARIANTS, make_adapter_repo
+    from ipadapter_mlx import pipeline
+    from ipadapter_mlx.controlnet import Control
+    from ipadapter_mlx.denoiser import Denoiser, UNetInput
+    from ipadapter_mlx.pipeline import ImagePrompt, StableDiffusion
+    from ipadapter_mlx.t2i_adapter import T2IControl
+    from test_controlnet import control_image, make_controlnet
+    from test_ip_adapter import reference_image
+    from test_t2i_adapter import SD1_ADAPTER, make_adapter
+
+    make_controlnet(torch_pipe.unet, 3).save_pretrained(tmp_path / "net")
+    repo = make_adapter_repo(tmp_path / "h94", torch_pipe.unet, variants={"plus": VARIANTS["plus"]})
+    make_adapter(tmp_path / "t2i", SD1_ADAPTER, 11, gain=3.0)
+
+    errors, calls = [], []
+
+    def halves(unet):
+        def call(x, t, cond, residuals=None):
+            whole = unet(x, t, cond, residuals)
+            step, n = UNetInput(x, t, cond, residuals), x.shape[0] // 2
+            parts = [unet(s.x, s.t, s.cond, s.residuals) for s in (step.rows(slice(0, n)), step.rows(slice(n, None)))]
+            errors.append(float(mx.abs(mx.concatenate(parts) - whole).max() / mx.abs(whole).max()))
+            calls.append((x.shape[0], residuals is not None and residuals.intrablock is not None,
+                          residuals is not None and residuals.down is not None))
+            return whole
+        return call
+
+    class Checked(Denoiser):
+        def __post_init__(self):
+            super().__post_init__()
+            self.unet = halves(self.unet)
+
+    monkeypatch.setattr(pipeline, "Denoiser", Checked)
+    pipe = StableDiffusion(mlx_dir, mx.float32)
+    pipe.load_controlnet(str(tmp_path / "net"))
+    pipe.load_ip_adapter(str(repo / "models" / VARIANTS["plus"][0]), scale=0.7)
+    t2i = pipe.load_t2i_adapter(str(tmp_path / "t2i"))
+    left = np.zeros((32, 48), np.uint8)
+    left[:, :24] = 255
+    prompt = ImagePrompt(images=[reference_image(1), reference_image(2)],
+                         masks=[Image.fromarray(left), Image.fromarray(255 - left)])
+    pipe.generate("a cat", steps=3, cfg=5.0, height=32, width=48, seed=1, scheduler="euler", num_images=2,
+                  image_prompts=[prompt], controls=[Control(control_image(1), scale=0.8)],
+                  t2i_adapters=[T2IControl(t2i, control_image(2), scale=0.7)])
+    assert calls == [(4, True, True)] * 3  # the CFG batch of 2 x 2 pictures, with both kinds of residuals
+    assert record("parallel cfg: halves vs the whole batch (relative)", max(errors), "rel") < 1e-5
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=os.environ)
+
+
+def test_two_ranks_make_generates_picture(tiny, tmp_path, launcher):  # noqa: F811
+    flags = ["--model", str(tiny / "model"), *BASE[:-2], "--scheduler", "euler-a", "--prompt", "a fox",
+             "--cfg", "4", *adapter_flags(adapter(tiny, 0))]
+    launched = run(["mlx.launch", "-n", "2", "--backend", "ring", "--starting-port", str(free_ports()), "--",
+                    sys.executable, "-m", "ipadapter_mlx", "generate", *flags, "--parallel", "cfg",
+                    "--output", str(tmp_path / "two.png")])
+    assert launched.returncode == 0, launched.stderr
+    # mlx.launch merges the ranks' stdout and stderr: rank 0 alone prints the path, and logs
+    assert launched.stdout.count(str(tmp_path / "two.png")) == 1, launched.stdout
+    assert launched.stdout.count("image encoder for") == 1, launched.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two.png"]
+    params = json.loads(Image.open(tmp_path / "two.png").text["ipadapter_mlx"])
+    alone = run([sys.executable, "-m", "ipadapter_mlx", "generate", *flags, "--seed", str(params["seed"]),
+                 "--output", str(tmp_path / "one.png")])
+    assert alone.returncode == 0, alone.stderr
+    # each rank's UNet runs one row where generate runs two: sums in another order, hence not bit-equal
+    db = psnr(pixels(tmp_path / "two.png") / 255, pixels(tmp_path / "one.png") / 255)
+    assert record("parallel cfg: 2 ranks vs generate (random seed, euler-a)", db, "dB") >= 40
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--parallel", "cfg"], r"--parallel cfg needs exactly 2 ranks: run it under `mlx.launch -n 2`"),
+    (["--parallel", "cfg", "--cfg", "1"], r"with --cfg 1.0 \(<= 1\) there is only one"),
+])
+def test_bad_requests_are_one_line(tiny, tmp_path, capsys, extra, message):  # noqa: F811
+    code = main(["generate", "--model", str(tiny / "model"), *BASE, "--output", str(tmp_path / "x.png"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and __import__("re").search(message, err), err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_batch_refuses_parallel_cfg(tiny, tmp_path, capsys):  # noqa: F811
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"parallel": "cfg"}) + "\n")
+    base = ["batch", str(tmp_path / "jobs.jsonl"), "--model", str(tiny / "model"), *BASE]
+    assert main([*base, "--output-dir", str(tmp_path / "a"), "--parallel", "cfg"]) == 2
+    assert "batch spreads whole jobs over the ranks" in capsys.readouterr().err
+    assert main([*base, "--output-dir", str(tmp_path / "b")]) == 1  # the job asking for it fails alone
+    err = capsys.readouterr().err
+    assert "line 2: --parallel cfg is for one generate" in err, err
+    assert [json.loads(line)["status"] for line in (tmp_path / "b" / "manifest.jsonl").read_text().splitlines()] \
+        == ["done", "failed"]
