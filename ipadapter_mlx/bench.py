@@ -203,6 +203,7 @@ def profile_worker(shapes: dict, size: int, dtype_name: str, repeat: int) -> dic
                (nn.LayerNorm, "__call__", "layer_norm"),
                (attention_module, "attention", "attention (q k^T, softmax, p v)"),
                (nn, "silu", "silu"), (nn, "gelu", "gelu"), (cpu, "silu", "silu"), (cpu, "gelu", "gelu"),
+               (cpu, "geglu", "gelu"),
                (cpu, "quick_gelu", "gelu")]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     results = {"size": size, "dtype": dtype_name}

@@ -179,6 +179,33 @@ def test_ops_silu_gelu_take_the_cpu_path_above_the_split_size(monkeypatch, name)
     assert calls == [big.shape]  # small arrays stay in MLX: a sync point costs more than they do
 
 
+@pytest.mark.parametrize("shape", [(1, 7, 10), (2, 300, 2560), (3, 129, 262)])
+def test_cpu_geglu_matches_torch(shape):
+    """h * gelu(gate) of [h, gate], as diffusers' GEGLU: float32 and bfloat16, through ops above the split size."""
+    x = mx.random.normal(shape, key=mx.random.key(4)) * 6
+    h, gate = t64(x).chunk(2, dim=-1)
+    ref = (h * F.gelu(gate)).numpy()
+    out = cpu.geglu(x)
+    assert out.shape == (*shape[:-1], shape[-1] // 2) and out.dtype == x.dtype
+    np.testing.assert_allclose(np.array(out), ref, rtol=1e-6, atol=1e-5)
+    half = cpu.geglu(x.astype(mx.bfloat16))
+    h, gate = t64(x.astype(mx.bfloat16)).chunk(2, dim=-1)
+    assert half.dtype == mx.bfloat16
+    np.testing.assert_allclose(np.array(half.astype(mx.float32)), (h * F.gelu(gate)).numpy(), rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.array(ops.geglu(x)), ref, rtol=1e-6, atol=1e-5)
+
+
+def test_ops_geglu_takes_the_cpu_path_above_the_split_size(monkeypatch):
+    calls = []
+    real = cpu.geglu
+    monkeypatch.setattr(cpu, "geglu", lambda x: calls.append(x.shape) or real(x))
+    big, small = mx.random.normal((2, cpu.MIN_SPLIT)), mx.random.normal((3, 6))
+    for x in (big, small):
+        h, gate = mx.split(x, 2, axis=-1)
+        np.testing.assert_allclose(np.array(ops.geglu(x)), np.array(h * nn.gelu(gate)), atol=2e-6)
+    assert calls == [big.shape]
+
+
 def torch_conv(x, conv, padding):
     w = t64(conv.weight).permute(0, 3, 1, 2)
     b = t64(conv.bias) if "bias" in conv else None

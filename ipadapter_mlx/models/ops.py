@@ -108,6 +108,15 @@ def gelu(x: mx.array) -> mx.array:
     return nn.gelu(x)
 
 
+def geglu(x: mx.array) -> mx.array:
+    """h * gelu(gate) for x = [h, gate] along the last axis (diffusers' GEGLU after its projection); on the CPU,
+    above a few thousand elements, one numpy pass per piece on every core (cpu.geglu)."""
+    if mx.default_device() == mx.cpu and x.size >= 2 * cpu.MIN_SPLIT:
+        return cpu.geglu(x)
+    h, gate = mx.split(x, 2, axis=-1)
+    return h * nn.gelu(gate)
+
+
 def quick_gelu(x: mx.array) -> mx.array:
     """x * sigmoid(1.702 x) (CLIP's text encoders); on the CPU, above a few thousand elements, numpy on every core."""
     if mx.default_device() == mx.cpu and x.size >= cpu.MIN_SPLIT:

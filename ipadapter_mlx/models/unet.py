@@ -16,7 +16,7 @@ from ..conditioning import Site, StepConditioning
 from ..config import UNetConfig
 from ..errors import UserError
 from .attention import Attention
-from .ops import Conv2d, GroupNorm, gelu, silu
+from .ops import Conv2d, GroupNorm, geglu, silu
 
 
 def group_norm(groups: int, channels: int, eps: float) -> GroupNorm:
@@ -86,8 +86,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, inner * 2)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h, gate = mx.split(self.proj(x), 2, axis=-1)
-        return h * gelu(gate)
+        return geglu(self.proj(x))
 
 
 class FeedForward(nn.Module):
