@@ -654,8 +654,10 @@ def check_generate(args: argparse.Namespace) -> Checked:
     t2i = t2i_adapter.cli_requests(args)  # checks counts and opens the control images before loading anything
     seed = args.seed if args.seed is not None else int(np.random.randint(0, 2**31 - 1))
     ranks = parallel_ranks(args) if getattr(args, "parallel", None) else None
-    if ranks is not None and args.seed is None:  # one random seed for both ranks: rank 0's
-        seed = ranks.all_sum([seed if ranks.rank == 0 else 0])[0]
+    if ranks is not None and args.seed is None:  # one random seed for both ranks (rank 0's), for the PNG too
+        from .denoiser import CFGSplit
+
+        seed = int(CFGSplit(ranks.group).rank0s(mx.array([seed], dtype=mx.int32)).item())
     if ranks is not None and ranks.rank != 0:  # rank 0 tells what happens; the other says only what goes wrong
         logging.getLogger("ipadapter_mlx").setLevel(logging.WARNING)
     dtype = getattr(mx, args.dtype) if args.dtype else default_dtype()
@@ -667,8 +669,9 @@ def parallel_ranks(args: argparse.Namespace):
     from .batch import Ranks
 
     if args.cfg <= 1:
-        raise UserError(f"--parallel cfg splits the two halves of classifier-free guidance; with --cfg {args.cfg} "
-                        "(<= 1) there is only one")
+        given = f"--fast {args.fast} sets --cfg {args.cfg}" if getattr(args, "fast", None) else f"--cfg {args.cfg}"
+        raise UserError(f"--parallel cfg splits the two halves of classifier-free guidance; with {given} (<= 1) "
+                        "there is only one")
     ranks = Ranks()
     if ranks.size != 2:
         raise UserError(f"--parallel cfg needs exactly 2 ranks: run it under `mlx.launch -n 2` (or --hostfile with "
@@ -719,8 +722,9 @@ def prepare_prompts(pipe, checked: Checked) -> tuple[list | None, list]:
 
 
 def render(pipe, args: argparse.Namespace, checked: Checked, prompts: list | None, controls: list,
-           progress: bool = True):
-    """Sample and decode: (PIL pictures, the PNG parameters, sampling seconds, the last Step)."""
+           progress: bool = True, decode: bool = True):
+    """Sample and decode: (PIL pictures, the PNG parameters, sampling seconds, the last Step); without `decode`
+    (the other rank of --parallel cfg) no pictures and no parameters."""
     import mlx.core as mx
     from tqdm import tqdm
 
@@ -753,6 +757,8 @@ def render(pipe, args: argparse.Namespace, checked: Checked, prompts: list | Non
     for step in tqdm(steps, desc="sampling", unit="step", file=sys.stderr, disable=not progress):
         pass
     t_sample = time.perf_counter() - t1
+    if not decode:
+        return [], {}, t_sample, step
     images = pipe.decode(step.latents)
     mx.eval(images)
     pictures = steps.inpaint.overlay(images, args.keep_unmasked) if steps.inpaint else to_pil(images)
@@ -812,8 +818,9 @@ def _generate(args: argparse.Namespace) -> int:
     prompts, controls = prepare_prompts(pipe, checked)
     t_load = time.perf_counter() - t0
     rank = checked.ranks.rank if checked.ranks is not None else 0
-    pictures, params, t_sample, step = render(pipe, args, checked, prompts, controls, progress=rank == 0)
-    if rank != 0:  # --parallel cfg: the other rank holds the same picture; rank 0 writes it
+    pictures, params, t_sample, step = render(pipe, args, checked, prompts, controls, progress=rank == 0,
+                                              decode=rank == 0)
+    if rank != 0:  # --parallel cfg: the other rank holds the same latents; rank 0 decodes and writes them
         return 0
     for path in save_images(pictures, params, args.output):
         print(path)

@@ -58,6 +58,12 @@ class CFGSplit:
     def gather(self, half: mx.array) -> mx.array:
         return mx.distributed.all_gather(half, group=self.group, stream=mx.cpu)
 
+    def rank0s(self, x: mx.array) -> mx.array:
+        """Rank 0's x on both ranks (a random seed, the starting latents: computed on different machines they
+        could differ in the last bits, and the halves must belong to one picture)."""
+        mine = x if self.group.rank() == 0 else mx.zeros_like(x)
+        return mx.distributed.all_sum(mine, group=self.group, stream=mx.cpu)
+
 
 # (the UNet's input, step index, sigma) -> the input to use instead
 StepHook = Callable[[UNetInput, int, float], UNetInput]
@@ -96,9 +102,10 @@ class Denoiser:
             step = hook(step, i, sigma)
         if self.split is not None:
             step = step.rows(self.split.rows(step.x.shape[0]))
-        out = self.unet(step.x, step.t, step.cond, step.residuals).astype(mx.float32)
+        out = self.unet(step.x, step.t, step.cond, step.residuals)
         if self.split is not None:
-            out = self.split.gather(out)
+            out = self.split.gather(out)  # in the model's dtype: float16 halves what crosses the link
+        out = out.astype(mx.float32)
         if self.guided:
             uncond, cond = mx.split(out, 2)
             out = uncond + self.cfg * (cond - uncond)

@@ -498,13 +498,17 @@ class StableDiffusion:
         it back); `latents` is then diffusers' `latents=` of its inpainting pipelines.
         `parallel_cfg`: a group of 2 ranks (`mx.distributed.init()` under `mlx.launch -n 2`) that share the work of
         classifier-free guidance: each runs the UNet on one half of the CFG batch (denoiser.CFGSplit); every rank
-        calls this with the same arguments and gets the same result.
+        calls this with the same arguments and gets the same result (without a seed, rank 0's random one; a
+        `noise` function must draw the same on every rank).
         """
         prompts, negatives, zero_negative = prompt_lists(prompt, negative_prompt, num_images,
                                                          self.force_zeros_for_empty_prompt)
         batch = len(prompts)
         if seed is not None and not (type(seed) is int and 0 <= seed < 2**64):
             raise UserError(f"seed must be a whole number in 0..2**64-1, got {seed!r}")
+        split = CFGSplit(parallel_cfg) if parallel_cfg is not None else None
+        if split is not None and seed is None and noise is None:  # one random seed for both ranks: rank 0's
+            seed = int(split.rank0s(mx.array([np.random.randint(0, 2**31 - 1)], dtype=mx.int32)).item())
         noise = noise or seeded_noise(seed)
         f = self.vae_scale_factor
 
@@ -532,6 +536,8 @@ class StableDiffusion:
             timesteps, sigmas = timesteps[start:], sigmas[start:]
         x, inpaint = self.start_latents(shape, schedule, sigmas, noise, latents, init_image, strength, scheduler,
                                         mask_image, mask_blur, padding_mask_crop)
+        if split is not None:
+            x = split.rank0s(x)
 
         guided = cfg > 1.0
         control_hook = None  # control images checked and prepared before the prompts are encoded; N = steps run
@@ -563,8 +569,7 @@ class StableDiffusion:
                            # after the inpaint hook: the nets read the latents the UNet reads, as diffusers' ControlNet
                            # inpaint pipeline (with a 4-channel UNet the known region blended back; controlnet.py
                            # takes the latent channels of a 9-channel input)
-                           ([control_hook] if control_hook else []),
-                           CFGSplit(parallel_cfg) if parallel_cfg is not None else None)
+                           ([control_hook] if control_hook else []), split)
         total = len(timesteps)
 
         def steps() -> Iterator[Step]:

@@ -72,6 +72,42 @@ def test_each_half_gives_the_rows_of_the_whole_batch(mlx_dir, torch_pipe, tmp_pa
     assert record("parallel cfg: halves vs the whole batch (relative)", max(errors), "rel") < 1e-5
 
 
+def test_sdxl_halves_cut_the_added_conditioning(monkeypatch, tmp_path_factory):
+    """SDXL: the pooled text and size ids (one row per batch entry) are cut with the rest; a half given the whole
+    batch's would not even add up in the time embedding."""
+    pytest.importorskip("torch", reason="the tiny SDXL pipeline is written by diffusers")
+    from ipadapter_mlx import pipeline
+    from ipadapter_mlx.denoiser import Denoiser, UNetInput
+    from ipadapter_mlx.pipeline import StableDiffusion
+    from test_t2i_adapter import XL_UNET
+    from conftest import write_tokenizer
+    from ipadapter_mlx.checkpoints.stable_diffusion import convert_diffusers_folder
+    from test_sdxl import make_sdxl_pipeline
+
+    path = tmp_path_factory.mktemp("sdxl-halves")
+    make_sdxl_pipeline(XL_UNET, write_tokenizer(tmp_path_factory.mktemp("tok"))).save_pretrained(path)
+    folder = convert_diffusers_folder(path, tmp_path_factory.mktemp("mlx") / "xl")
+    errors = []
+
+    class Checked(Denoiser):
+        def __post_init__(self):
+            super().__post_init__()
+            unet = self.unet
+
+            def call(x, t, cond, residuals=None):
+                whole, step, n = unet(x, t, cond, residuals), UNetInput(x, t, cond, residuals), x.shape[0] // 2
+                assert set(cond.added) == {"text_embeds", "time_ids"}
+                halves = [unet(h.x, h.t, h.cond, h.residuals) for h in (step.rows(slice(0, n)), step.rows(slice(n, None)))]
+                errors.append(float(mx.abs(mx.concatenate(halves) - whole).max() / mx.abs(whole).max()))
+                return whole
+            self.unet = call
+
+    monkeypatch.setattr(pipeline, "Denoiser", Checked)
+    StableDiffusion(folder, mx.float32).generate("a house", negative_prompt="dull", steps=2, cfg=5.0, height=32,
+                                                 width=32, seed=2, scheduler="euler", num_images=2)
+    assert len(errors) == 2 and max(errors) < 1e-5, errors
+
+
 def run(command: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=os.environ)
 
@@ -83,9 +119,9 @@ def test_two_ranks_make_generates_picture(tiny, tmp_path, launcher):  # noqa: F8
                     sys.executable, "-m", "ipadapter_mlx", "generate", *flags, "--parallel", "cfg",
                     "--output", str(tmp_path / "two.png")])
     assert launched.returncode == 0, launched.stderr
-    # mlx.launch merges the ranks' stdout and stderr: rank 0 alone prints the path, and logs
-    assert launched.stdout.count(str(tmp_path / "two.png")) == 1, launched.stdout
-    assert launched.stdout.count("image encoder for") == 1, launched.stdout
+    said = launched.stdout + launched.stderr  # mlx.launch passes each rank's streams on as they come
+    assert said.count(str(tmp_path / "two.png")) == 1, said  # rank 0 alone prints the path, and logs
+    assert said.count("image encoder for") == 1, said
     assert sorted(p.name for p in tmp_path.iterdir()) == ["two.png"]
     params = json.loads(Image.open(tmp_path / "two.png").text["ipadapter_mlx"])
     alone = run([sys.executable, "-m", "ipadapter_mlx", "generate", *flags, "--seed", str(params["seed"]),
@@ -117,3 +153,41 @@ def test_batch_refuses_parallel_cfg(tiny, tmp_path, capsys):  # noqa: F811
     assert "line 2: --parallel cfg is for one generate" in err, err
     assert [json.loads(line)["status"] for line in (tmp_path / "b" / "manifest.jsonl").read_text().splitlines()] \
         == ["done", "failed"]
+
+
+API = """
+import sys, numpy as np, mlx.core as mx
+from ipadapter_mlx import StableDiffusion
+group = mx.distributed.init()
+pipe = StableDiffusion(sys.argv[1], mx.float32)
+out = pipe.generate("a fox", steps=2, cfg=4.0, height=64, width=64, scheduler="euler-a", num_images=2,
+                    return_array=True, parallel_cfg=group)
+np.save(f"{sys.argv[2]}/rank{group.rank()}.npy", np.array(out))
+"""
+
+
+def test_api_ranks_agree_without_a_seed(tiny, tmp_path, launcher):  # noqa: F811
+    """pipe.generate(..., parallel_cfg=group) on both ranks, no seed, two pictures: both ranks end with the same
+    pictures (each rank's own random seed would give another picture on each)."""
+    launched = run(["mlx.launch", "-n", "2", "--backend", "ring", "--starting-port", str(free_ports()), "--",
+                    sys.executable, "-c", API, str(tiny / "model"), str(tmp_path)])  # -c: this checkout's package
+    assert (tmp_path / "rank0.npy").is_file() and (tmp_path / "rank1.npy").is_file(), launched.stdout
+    a, b = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
+    assert a.shape == (2, 64, 64, 3) and np.array_equal(a, b)
+
+
+def test_a_failing_rank_leaves_no_picture(tiny, tmp_path, launcher):  # noqa: F811
+    """Rank 1 cannot read its reference image (each machine reads its own): it says so in one line, mlx.launch
+    stops rank 0 (waiting to agree on the seed), and no picture is written."""
+    import shutil
+
+    shutil.copy(tiny / "ref0.png", tmp_path / "ref-0.png")  # rank 1 looks for ref-1.png: not there
+    group = {**adapter(tiny, 0), "image": [str(tmp_path / "ref-$MLX_RANK.png")]}
+    command = " ".join(["exec", sys.executable, "-m", "ipadapter_mlx", "generate", "--model", str(tiny / "model"),
+                        *BASE, "--cfg", "4", *adapter_flags(group), "--parallel", "cfg",
+                        "--output", str(tmp_path / "x.png")])
+    launched = run(["mlx.launch", "-n", "2", "--backend", "ring", "--starting-port", str(free_ports()), "--",
+                    "sh", "-c", command])
+    assert not (tmp_path / "x.png").exists()
+    said = launched.stdout + launched.stderr  # mlx.launch passes each rank's streams on as they come
+    assert said.count(f"error: image not found: {tmp_path / 'ref-1.png'}") == 1, said
