@@ -375,26 +375,31 @@ class ControlNetSet(LoadOrder[LoadedControlNet]):
 
         def add_residuals(step, i: int, sigma: float):
             total_res = None
+            batch = step.x.shape[0]
+            lo, hi, _ = (step.keep or slice(None)).indices(batch)  # the rows the UNet runs on (parallel cfg: half)
             for c, net, image in zip(controls, map(self.model, loaded), images):
                 if i / total < c.start or (i + 1) / total > c.end:
                     continue  # diffusers runs it with scale 0: the same picture
                 guess = c.guess_mode or net.config.global_pool_conditions
+                first = max(lo, batch // 2) if guess and guided else lo  # guess mode: the conditional half only
+                if first >= hi:  # only unconditional rows kept: their residuals are zeros, i.e. none
+                    continue
                 # text only; and the latents alone: an inpainting UNet's input carries the mask and the masked
                 # image's latents after them, which diffusers concatenates after running the nets
-                x, t, cond = step.x[..., :net.config.in_channels], step.t, StepConditioning(step.cond.text,
-                                                                                          step.cond.added)
-                if guess and guided:  # the conditional half only
-                    half = x.shape[0] // 2
-                    x, t = x[half:], t[half:]
-                    cond = StepConditioning(cond.text[half:], {k: v[half:] for k, v in cond.added.items()})
+                x, t = step.x[first:hi, ..., :net.config.in_channels], step.t[first:hi]
+                cond = StepConditioning(step.cond.text[first:hi], {k: v[first:hi] for k, v in step.cond.added.items()})
                 r = net(x, t, cond, mx.broadcast_to(image, (x.shape[0], *image.shape[1:])), c.scale, guess)
-                if guess and guided:  # zeros for the unconditional half
-                    pad = lambda a: mx.concatenate([mx.zeros_like(a), a])  # noqa: E731
+                if first > lo:  # zeros for the unconditional rows
+                    pad = lambda a: mx.concatenate([mx.zeros((first - lo, *a.shape[1:]), a.dtype), a])  # noqa: E731
                     r = Residuals([pad(d) for d in r.down], pad(r.mid))
                 total_res = r if total_res is None else total_res + r
             if total_res is None:
                 return step
-            return replace(step, residuals=total_res if step.residuals is None else step.residuals + total_res)
+            if step.residuals is None:
+                return replace(step, residuals=total_res)
+            # what other hooks added for the whole batch, cut to the kept rows the nets' residuals have
+            cut = lambda a: a[lo:hi] if a.shape[0] == batch else a  # noqa: E731
+            return replace(step, residuals=step.residuals.map(cut) + total_res)
 
         return add_residuals
 

@@ -30,13 +30,17 @@ class UNetInput:
     t: mx.array  # (B,) timesteps
     cond: StepConditioning
     residuals: Residuals | None = None  # ControlNet / T2I-Adapter hooks add theirs (Residuals.__add__)
+    # the rows the UNet will run on (one rank's half with parallel cfg; None: all): a hook may compute its
+    # residuals for these rows alone (the ControlNet hook does), and those are then not cut again
+    keep: slice | None = None
 
     def rows(self, rows: slice) -> "UNetInput":
-        """The same input for some rows of the batch (a tensor of one row, broadcast to every row, stays whole)."""
+        """The same input for some rows of the batch (a tensor of one row, broadcast to every row, or of the kept
+        rows already, stays whole)."""
         batch = self.x.shape[0]
         take = lambda a: a[rows] if a.shape[0] == batch else a  # noqa: E731
         return UNetInput(self.x[rows], self.t[rows], self.cond.rows(take),
-                         self.residuals.map(take) if self.residuals is not None else None)
+                         self.residuals.map(take) if self.residuals is not None else None, rows)
 
 
 @dataclass
@@ -97,14 +101,10 @@ class Denoiser:
         x_in = (x * scale).astype(self.dtype)
         if self.guided:
             x_in = mx.concatenate([x_in, x_in])
-        step = UNetInput(x_in, mx.full((x_in.shape[0],), float(self.timesteps[i])), self.cond.at(i, sigma))
-        for hook in self.hooks:
-            step = hook(step, i, sigma)
-        if self.split is not None:
-            step = step.rows(self.split.rows(step.x.shape[0]))
-        out = self.unet(step.x, step.t, step.cond, step.residuals)
-        if self.split is not None:
-            out = self.split.gather(out)  # in the model's dtype: float16 halves what crosses the link
+        if self.split is None:
+            out = self.model_output(x_in, i, sigma)
+        else:  # in the model's dtype: float16 halves what crosses the link
+            out = self.split.gather(self.model_output(x_in, i, sigma, self.split.rows(x_in.shape[0])))
         out = out.astype(mx.float32)
         if self.guided:
             uncond, cond = mx.split(out, 2)
@@ -112,3 +112,14 @@ class Denoiser:
         if self.prediction == "epsilon":
             return x - sigma * out
         return x * scale**2 - out * sigma * scale  # v_prediction
+
+    def model_output(self, x_in: mx.array, i: int, sigma: float, rows: slice | None = None) -> mx.array:
+        """The UNet's output at step i for the CFG batch x_in (scaled), or for some of its rows: the hooks see the
+        whole batch and which rows are kept, the UNet runs on those rows alone."""
+        step = UNetInput(x_in, mx.full((x_in.shape[0],), float(self.timesteps[i])), self.cond.at(i, sigma),
+                         keep=rows)
+        for hook in self.hooks:
+            step = hook(step, i, sigma)
+        if rows is not None:
+            step = step.rows(rows)
+        return self.unet(step.x, step.t, step.cond, step.residuals)

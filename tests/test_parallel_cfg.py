@@ -23,11 +23,35 @@ from ipadapter_mlx.cli import main
 from test_batch import BASE, ROOT, adapter, adapter_flags, free_ports, launcher, pixels, tiny  # noqa: F401,F811
 
 
-def test_each_half_gives_the_rows_of_the_whole_batch(mlx_dir, torch_pipe, tmp_path, monkeypatch):
+class Halves:
+    """A Denoiser whose every step also computes the UNet's output for each half of the CFG batch, as the two
+    ranks of parallel cfg do (model_output with rows: the hooks see which rows are kept), and records how far
+    the two halves put together are from the whole batch's output."""
+
+    def __init__(self):
+        from ipadapter_mlx.denoiser import Denoiser
+
+        errors = self.errors = []
+
+        class Checked(Denoiser):
+            def model_output(self, x_in, i, sigma, rows=None):
+                whole = super().model_output(x_in, i, sigma, rows)
+                n = x_in.shape[0] // 2
+                halves = [super(Checked, self).model_output(x_in, i, sigma, r) for r in (slice(0, n), slice(n, None))]
+                errors.append(float(mx.abs(mx.concatenate(halves) - whole).max() / mx.abs(whole).max()))
+                return whole
+
+        self.denoiser = Checked
+
+
+@pytest.mark.parametrize("guess", [False, True], ids=["controlnet", "guess-mode"])
+def test_each_half_gives_the_rows_of_the_whole_batch(mlx_dir, torch_pipe, tmp_path, monkeypatch, guess):
+    """Two masked IP-Adapter images, a ControlNet (each half runs it on its own rows; in guess mode the
+    unconditional half not at all), a T2I-Adapter and two pictures per prompt."""
     from ip_fixtures import VARIANTS, make_adapter_repo
     from ipadapter_mlx import pipeline
     from ipadapter_mlx.controlnet import Control
-    from ipadapter_mlx.denoiser import Denoiser, UNetInput
+    from ipadapter_mlx.models import ControlNetModel
     from ipadapter_mlx.pipeline import ImagePrompt, StableDiffusion
     from ipadapter_mlx.t2i_adapter import T2IControl
     from test_controlnet import control_image, make_controlnet
@@ -37,26 +61,10 @@ def test_each_half_gives_the_rows_of_the_whole_batch(mlx_dir, torch_pipe, tmp_pa
     make_controlnet(torch_pipe.unet, 3).save_pretrained(tmp_path / "net")
     repo = make_adapter_repo(tmp_path / "h94", torch_pipe.unet, variants={"plus": VARIANTS["plus"]})
     make_adapter(tmp_path / "t2i", SD1_ADAPTER, 11, gain=3.0)
-
-    errors, calls = [], []
-
-    def halves(unet):
-        def call(x, t, cond, residuals=None):
-            whole = unet(x, t, cond, residuals)
-            step, n = UNetInput(x, t, cond, residuals), x.shape[0] // 2
-            parts = [unet(s.x, s.t, s.cond, s.residuals) for s in (step.rows(slice(0, n)), step.rows(slice(n, None)))]
-            errors.append(float(mx.abs(mx.concatenate(parts) - whole).max() / mx.abs(whole).max()))
-            calls.append((x.shape[0], residuals is not None and residuals.intrablock is not None,
-                          residuals is not None and residuals.down is not None))
-            return whole
-        return call
-
-    class Checked(Denoiser):
-        def __post_init__(self):
-            super().__post_init__()
-            self.unet = halves(self.unet)
-
-    monkeypatch.setattr(pipeline, "Denoiser", Checked)
+    check, net_rows = Halves(), []
+    monkeypatch.setattr(pipeline, "Denoiser", check.denoiser)
+    real = ControlNetModel.__call__
+    monkeypatch.setattr(ControlNetModel, "__call__", lambda self, x, *a: net_rows.append(x.shape[0]) or real(self, x, *a))
     pipe = StableDiffusion(mlx_dir, mx.float32)
     pipe.load_controlnet(str(tmp_path / "net"))
     pipe.load_ip_adapter(str(repo / "models" / VARIANTS["plus"][0]), scale=0.7)
@@ -66,46 +74,36 @@ def test_each_half_gives_the_rows_of_the_whole_batch(mlx_dir, torch_pipe, tmp_pa
     prompt = ImagePrompt(images=[reference_image(1), reference_image(2)],
                          masks=[Image.fromarray(left), Image.fromarray(255 - left)])
     pipe.generate("a cat", steps=3, cfg=5.0, height=32, width=48, seed=1, scheduler="euler", num_images=2,
-                  image_prompts=[prompt], controls=[Control(control_image(1), scale=0.8)],
+                  image_prompts=[prompt], controls=[Control(control_image(1), scale=0.8, guess_mode=guess)],
                   t2i_adapters=[T2IControl(t2i, control_image(2), scale=0.7)])
-    assert calls == [(4, True, True)] * 3  # the CFG batch of 2 x 2 pictures, with both kinds of residuals
-    assert record("parallel cfg: halves vs the whole batch (relative)", max(errors), "rel") < 1e-5
+    # a step: the whole batch (4 rows; guess mode: its 2 conditional ones), then each half's own rows
+    assert net_rows == ([2, 2] if guess else [4, 2, 2]) * 3
+    assert len(check.errors) == 3
+    name = f"parallel cfg: halves vs the whole batch ({'guess mode' if guess else 'ControlNet'}, relative)"
+    assert record(name, max(check.errors), "rel") < 1e-5
 
 
 def test_sdxl_halves_cut_the_added_conditioning(monkeypatch, tmp_path_factory):
     """SDXL: the pooled text and size ids (one row per batch entry) are cut with the rest; a half given the whole
     batch's would not even add up in the time embedding."""
     pytest.importorskip("torch", reason="the tiny SDXL pipeline is written by diffusers")
-    from ipadapter_mlx import pipeline
-    from ipadapter_mlx.denoiser import Denoiser, UNetInput
-    from ipadapter_mlx.pipeline import StableDiffusion
-    from test_t2i_adapter import XL_UNET
     from conftest import write_tokenizer
+    from ipadapter_mlx import pipeline
     from ipadapter_mlx.checkpoints.stable_diffusion import convert_diffusers_folder
+    from ipadapter_mlx.pipeline import StableDiffusion
     from test_sdxl import make_sdxl_pipeline
+    from test_t2i_adapter import XL_UNET
 
     path = tmp_path_factory.mktemp("sdxl-halves")
     make_sdxl_pipeline(XL_UNET, write_tokenizer(tmp_path_factory.mktemp("tok"))).save_pretrained(path)
     folder = convert_diffusers_folder(path, tmp_path_factory.mktemp("mlx") / "xl")
-    errors = []
-
-    class Checked(Denoiser):
-        def __post_init__(self):
-            super().__post_init__()
-            unet = self.unet
-
-            def call(x, t, cond, residuals=None):
-                whole, step, n = unet(x, t, cond, residuals), UNetInput(x, t, cond, residuals), x.shape[0] // 2
-                assert set(cond.added) == {"text_embeds", "time_ids"}
-                halves = [unet(h.x, h.t, h.cond, h.residuals) for h in (step.rows(slice(0, n)), step.rows(slice(n, None)))]
-                errors.append(float(mx.abs(mx.concatenate(halves) - whole).max() / mx.abs(whole).max()))
-                return whole
-            self.unet = call
-
-    monkeypatch.setattr(pipeline, "Denoiser", Checked)
-    StableDiffusion(folder, mx.float32).generate("a house", negative_prompt="dull", steps=2, cfg=5.0, height=32,
-                                                 width=32, seed=2, scheduler="euler", num_images=2)
-    assert len(errors) == 2 and max(errors) < 1e-5, errors
+    check = Halves()
+    monkeypatch.setattr(pipeline, "Denoiser", check.denoiser)
+    pipe = StableDiffusion(folder, mx.float32)
+    assert pipe.is_sdxl
+    pipe.generate("a house", negative_prompt="dull", steps=2, cfg=5.0, height=32, width=32, seed=2,
+                  scheduler="euler", num_images=2)
+    assert len(check.errors) == 2 and max(check.errors) < 1e-5, check.errors
 
 
 def run(command: list[str]) -> subprocess.CompletedProcess:
