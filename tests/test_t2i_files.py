@@ -199,6 +199,13 @@ def test_bad_single_files_are_one_clear_error(mlx_dir, tmp_path, edit, message):
         StableDiffusion(mlx_dir, mx.float32).load_t2i_adapter(str(path))
 
 
+def test_an_ip_adapter_given_as_t2i_adapter_is_named(tmp_path):
+    torch.save({"image_proj": {"proj.weight": torch.zeros(4, 4)}, "ip_adapter": {"1.to_k_ip.weight": torch.zeros(4, 4)}},
+               tmp_path / "ip-adapter_sd15.bin")
+    with pytest.raises(UserError, match=r"ip-adapter_sd15.bin is an IP-Adapter .* give it as --ip-adapter"):
+        resolve_t2i_adapter(str(tmp_path / "ip-adapter_sd15.bin"))
+
+
 def test_light_file_whose_last_level_widens_is_refused(tmp_path):
     """diffusers' LightAdapter repeats its last width in an extra level; a file that widens there cannot load."""
     state = original("light", [16, 24, 40, 48], 1, 3, 2).state_dict()

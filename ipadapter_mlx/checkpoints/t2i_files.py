@@ -24,7 +24,7 @@ import mlx.core as mx
 
 from ..errors import UserError
 from ..folders import write_mlx_folder
-from ..loading import build
+from ..loading import build, holds_tensors
 from ..models.t2i_adapter import MAX_RES_BLOCKS, T2IAdapterConfig
 from . import keymaps
 from .stable_diffusion import tensor_shape
@@ -142,6 +142,9 @@ def convert_t2i_file(path: str | Path, dst: str | Path, dtype: mx.Dtype | None =
     """A single-file T2I-Adapter (either layout) -> a converted MLX folder. `check` sees the inferred config
     before anything is written (the family check)."""
     path = Path(path)
+    if holds_tensors(path, "image_proj", "ip_adapter", every=True):  # the likeliest mix-up, told before reading
+        raise UserError(f"{path} is an IP-Adapter (image_proj, ip_adapter tensors), not a T2I-Adapter: give it "
+                        "as --ip-adapter")
     log.info("reading T2I-Adapter %s ...", path)
     weights = to_diffusers(read_weights(path, unwrap="adapter"), str(path))  # {"adapter": {...}}: ComfyUI reads it
     config = infer_t2i_config(weights, str(path))
