@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.source in PRESETS or split_hub_path(args.source) or (src.is_file() and is_ip_adapter_file(src)):
             save_ip_adapter(resolve_ip_adapter(args.source)[0], out, dtype)
         elif src.is_dir():
+            if not (src / "model_index.json").is_file():  # what the other kinds' tests looked for, said at once
+                raise UserError(f"{src} is not a folder to convert: no model_index.json (a diffusers pipeline) and "
+                                "no config.json naming a ControlNet or a T2I-Adapter")
             convert_diffusers_folder(src, out, dtype, q)
         elif src.is_file():
             config_dir = resolve_config(args.config) if args.config else None

@@ -669,9 +669,9 @@ def parallel_ranks(args: argparse.Namespace):
     from .batch import Ranks
 
     if args.cfg <= 1:
-        given = f"--fast {args.fast} sets --cfg {args.cfg}" if getattr(args, "fast", None) else f"--cfg {args.cfg}"
-        raise UserError(f"--parallel cfg splits the two halves of classifier-free guidance; with {given} (<= 1) "
-                        "there is only one")
+        given = f"--fast {args.fast}'s --cfg {args.cfg}" if getattr(args, "fast", None) else f"--cfg {args.cfg}"
+        raise UserError(f"--parallel cfg splits the two halves of classifier-free guidance, and with {given} (<= 1) "
+                        "there is only one: give --cfg above 1, or leave --parallel cfg out")
     ranks = Ranks()
     if ranks.size != 2:
         raise UserError(f"--parallel cfg needs exactly 2 ranks: run it under `mlx.launch -n 2` (or --hostfile with "
@@ -883,7 +883,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return {"generate": _generate, "embed": _embed, "bench": main_bench, "batch": main_batch}[args.command](args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_rank()}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -891,5 +891,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # an unexpected failure still gets one line; IPADAPTER_MLX_DEBUG=1 shows the trace
         if os.environ.get("IPADAPTER_MLX_DEBUG"):
             raise
-        print(f"error: {type(e).__name__}: {e} (set IPADAPTER_MLX_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"error: {_rank()}{type(e).__name__}: {e} (set IPADAPTER_MLX_DEBUG=1 for the traceback)",
+              file=sys.stderr)
         return 1
+
+
+def _rank() -> str:
+    """Under mlx.launch every rank says what went wrong for it: the other ranks' lines name them."""
+    rank = os.environ.get("MLX_RANK")
+    return f"rank {rank}: " if rank not in (None, "0") else ""

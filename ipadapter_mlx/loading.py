@@ -61,8 +61,10 @@ def check_safetensors(path: Path, what: str = "safetensors file") -> list[str]:
     with open(path, "rb") as f:
         head = f.read(8)
         n = int.from_bytes(head, "little")
-        if len(head) < 8 or n > min(size - 8, MAX_SAFETENSORS_HEADER):
-            raise bad(f"header length {n if len(head) == 8 else '?'}, the file holds {size} bytes")
+        if len(head) < 8:
+            raise bad(f"{size} bytes, fewer than the 8 that give the header's length")
+        if n > min(size - 8, MAX_SAFETENSORS_HEADER):
+            raise bad(f"header length {n}, the file holds {size} bytes")
         try:
             header = json.loads(f.read(n))
         except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError

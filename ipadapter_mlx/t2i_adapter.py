@@ -124,6 +124,9 @@ def t2i_source(ref: str, check: ConfigCheck | None = None) -> tuple[Path, str]:
     source = PRESETS.get(ref, ref)
     path = Path(source).expanduser()
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} is not a T2I-Adapter folder: no config.json (a diffusers T2I-Adapter folder "
+                            "holds config.json and diffusion_pytorch_model.safetensors or .bin)")
         if check:
             check(_config(path / "config.json", str(path)))
         return path, _local_fingerprint(path)
@@ -204,9 +207,14 @@ def check_fits(config: T2IAdapterConfig, ref: str, unet_config, vae_factor: int,
         ok = rest == [mid]
     if not ok:
         made_for = family(config.adapter_type == "full_adapter_xl")
-        raise UserError(f"T2I-Adapter {ref} does not fit this model: it was made for {made_for} (features "
-                        f"{_describe(features)} of the picture), this model is {family(is_sdxl)} (its down blocks take "
-                        f"{_describe(slots)}, its mid block {_describe([mid])})")
+        theirs = f"features {_describe(features)} of the picture"
+        ours = f"down blocks take {_describe(slots)}, its mid block {_describe([mid])}"
+        if made_for != family(is_sdxl):
+            raise UserError(f"T2I-Adapter {ref} does not fit this model: it was made for {made_for} ({theirs}), this "
+                            f"model is {family(is_sdxl)} (its {ours})")
+        # one family, other sizes (another VAE, a retrained adapter): no family to blame, the shapes say it
+        raise UserError(f"T2I-Adapter {ref} does not fit this {family(is_sdxl)} model: its {theirs} (pixel "
+                        f"unshuffle {config.downscale_factor}, widths {config.channels}); this model's {ours}")
 
 
 # -- one generation ------------------------------------------------------------------------------------------

@@ -132,7 +132,8 @@ def test_two_ranks_make_generates_picture(tiny, tmp_path, launcher):  # noqa: F8
 
 @pytest.mark.parametrize("extra,message", [
     (["--parallel", "cfg"], r"--parallel cfg needs exactly 2 ranks: run it under `mlx.launch -n 2`"),
-    (["--parallel", "cfg", "--cfg", "1"], r"with --cfg 1.0 \(<= 1\) there is only one"),
+    (["--parallel", "cfg", "--cfg", "1"], r"with --cfg 1.0 \(<= 1\) there is only one: give --cfg above 1, or leave"),
+    (["--parallel", "cfg", "--fast", "lcm"], r"with --fast lcm's --cfg 1.0 \(<= 1\) there is only one"),
 ])
 def test_bad_requests_are_one_line(tiny, tmp_path, capsys, extra, message):  # noqa: F811
     code = main(["generate", "--model", str(tiny / "model"), *BASE, "--output", str(tmp_path / "x.png"), *extra])
@@ -188,4 +189,4 @@ def test_a_failing_rank_leaves_no_picture(tiny, tmp_path, launcher):  # noqa: F8
                     "sh", "-c", command])
     assert not (tmp_path / "x.png").exists()
     said = launched.stdout + launched.stderr  # mlx.launch passes each rank's streams on as they come
-    assert said.count(f"error: image not found: {tmp_path / 'ref-1.png'}") == 1, said
+    assert said.count(f"error: rank 1: image not found: {tmp_path / 'ref-1.png'}") == 1, said

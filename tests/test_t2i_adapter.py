@@ -344,7 +344,9 @@ def test_bad_references_and_requests(mlx_dir, diffusers_dir, sd1_adapters, tmp_p
     ({"in_channels": 4}, r"in_channels=4; control images have 1 \(grey\) or 3 \(RGB\) channels"),
     ({"downscale_factor": 0}, r"downscale_factor must be in 1..64"),
     ({"channels": []}, r"channels must be positive whole numbers"),
-    ({"channels": [32, 48]}, r"made for SD 1.x/2.x \(features 32ch at 1/2, 48ch at 1/4"),  # before the weights
+    ({"channels": [32, 48]}, r"does not fit this SD 1.x/2.x model: its features 32ch at 1/2, 48ch at 1/4 of the "
+                             r"picture \(pixel unshuffle 2, widths \[32, 48\]\); this model's down blocks take "
+                             r"32ch at 1/2, 64ch at 1/4"),  # before the weights
     ({"num_res_blocks": 1}, r"weights do not fit the config; .* tensors in the file fit no parameter"),
 ])
 def test_hostile_or_mismatched_config(mlx_dir, sd1_adapters, tmp_path, change, message):

@@ -206,6 +206,20 @@ def test_an_ip_adapter_given_as_t2i_adapter_is_named(tmp_path):
         resolve_t2i_adapter(str(tmp_path / "ip-adapter_sd15.bin"))
 
 
+def test_empty_folder_and_short_file_say_what_they_lack(tmp_path, capsys):
+    from convert.__main__ import main as convert
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"empty is not a T2I-Adapter folder: no config.json \(a diffusers T2I-Adapter"):
+        resolve_t2i_adapter(str(tmp_path / "empty"))
+    assert convert([str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
+    assert "no model_index.json (a diffusers pipeline) and no config.json naming a ControlNet or a T2I-Adapter" in \
+        capsys.readouterr().err
+    (tmp_path / "short.safetensors").write_bytes(b"{}")
+    with pytest.raises(UserError, match=r"short.safetensors: not a readable .* \(2 bytes, fewer than the 8 that give"):
+        resolve_t2i_adapter(str(tmp_path / "short.safetensors"))
+
+
 def test_light_file_whose_last_level_widens_is_refused(tmp_path):
     """diffusers' LightAdapter repeats its last width in an extra level; a file that widens there cannot load."""
     state = original("light", [16, 24, 40, 48], 1, 3, 2).state_dict()
