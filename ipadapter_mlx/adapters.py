@@ -113,6 +113,8 @@ class AdapterSet(LoadOrder[LoadedAdapter]):
         for i, (la, p) in enumerate(zip(self.loaded, prompts)):
             if p is None:
                 continue
+            if p.fit == "tiles":
+                p = tiled(la.ref, p)
             scale = la.scale if p.scale is None else p.scale
             if not isinstance(scale, dict):
                 finite(f"image prompt scale for {la.ref}", scale)
@@ -212,3 +214,24 @@ class AdapterSet(LoadOrder[LoadedAdapter]):
         if size is None:
             raise UserError("masks need the picture's size")
         return np.stack([mask_array(m, size[::-1]) for m in p.masks])
+
+
+def tiled(ref: str, p: ImagePrompt) -> ImagePrompt:
+    """fit="tiles" (ComfyUI's IPAdapter Tiled): each reference image becomes its tiles, each tile an image of its
+    own with its weight and a mask of its box (within the image's mask, if given), attended one by one."""
+    from .images import tile_reference
+
+    if p.features is not None or p.face_embeds is not None:
+        raise UserError(f"IP-Adapter {ref}: tiles cut reference pictures; saved embeddings and face embeddings are "
+                        "already encoded")
+    if p.weights is not None and len(p.weights) != len(p.images):
+        raise UserError(f"{len(p.weights)} image weights for {len(p.images)} images")
+    if p.masks is not None and len(p.masks) != len(p.images):
+        raise UserError(f"IP-Adapter {ref}: {len(p.masks)} masks for {len(p.images)} images (give one per image)")
+    images, masks, weights = [], [], []
+    for n, image in enumerate(p.images):
+        tiles, tile_masks = tile_reference(image, p.masks[n] if p.masks else None)
+        images += tiles
+        masks += tile_masks
+        weights += [(p.weights or [1.0] * len(p.images))[n]] * len(tiles)
+    return replace(p, images=images, masks=masks, weights=weights if p.weights else None, fit="crop")

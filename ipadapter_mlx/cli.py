@@ -138,7 +138,8 @@ def _add_ip_options(p: argparse.ArgumentParser, embed: bool = False) -> None:
     g.add_argument("--image-encoder", action=_IPOption, dest="image_encoder",
                    help="override the CLIP vision tower: folder, REPO:PATH, or repo id")
     g.add_argument("--image-fit", action=_IPOption, dest="image_fit", choices=FITS,
-                   help="crop: CLIP's centre crop (default); pad: keep a non-square image whole")
+                   help="crop: CLIP's centre crop (default); pad: keep a non-square image whole; tiles: ComfyUI's "
+                        "IPAdapter Tiled, square tiles of the image each acting on its part of the picture")
     g.add_argument("--negative-image", action=_IPOption, dest="negative_image",
                    help="replaces the null image in the unconditional branch")
     _add_faceid_options(g, embed)
@@ -340,6 +341,9 @@ def _embed(args: argparse.Namespace) -> int:
         raise UserError("give at least one --image (or --face-image for a FaceID adapter)")
     if not args.output.endswith(".safetensors"):
         raise UserError(f"--output must be a .safetensors path, got {args.output}")
+    if g.get("image_fit") == "tiles":
+        raise UserError("--image-fit tiles gives each tile a mask of its part of the picture, which saved "
+                        "embeddings do not keep: use it with generate")
     check_writable(args.output)
     if g["face_image"]:
         from .faceid import embed_faces

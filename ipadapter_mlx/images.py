@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -106,8 +107,52 @@ def mask_array(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
 # CLIPImageProcessor's defaults, which every IP-Adapter was trained with
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
-FITS = ("crop", "pad")
+FITS = ("crop", "pad", "tiles")
+TILE = 256  # ComfyUI's IPAdapter Tiled: tiles of 256 px (CLIP then takes each at 224)
+MAX_TILES = 4  # along the long side; a longer reference is centre-cropped to 4 tiles
 MAX_EXACT_ASPECT = 64  # up to 1:64 the resized picture is small (under 10 MB at 224): resize it whole
+
+
+def _centre_crop(image: Image.Image, width: int, height: int) -> Image.Image:
+    """torchvision's CenterCrop: the offsets rounded half to even, as Python's round."""
+    left, top = int(round((image.width - width) / 2)), int(round((image.height - height) / 2))
+    return image.crop((left, top, left + width, top + height))
+
+
+def tile_reference(image: Image.Image, mask: Image.Image | None = None) -> tuple[list[Image.Image], list[Image.Image]]:
+    """ComfyUI_IPAdapter_plus' IPAdapter Tiled: a reference cut into square tiles that each act on their part of
+    the picture, so a wide or tall reference is seen whole and in detail. A near-square one (aspect within
+    0.75..1.33) is centre-cropped square and resized to 512 (2 x 2 tiles); any other has its short side resized to
+    256 (lanczos), the long side in proportion, centre-cropped to 4 tiles when longer. Tiles of 256 px overlap
+    evenly where the side is not a multiple of 256. Each tile's mask is white on its own box (within `mask`, if
+    given: resized with the reference, bicubic) in the reference's frame, which the picture's is mapped onto.
+    Returns (tiles, masks)."""
+    image = to_rgb(image)
+    w, h = image.size
+    grey = (to_rgb(mask).convert("L") if mask is not None else Image.new("L", (w, h), 255)).resize((w, h),
+                                                                                                Image.BICUBIC)
+    if 0.75 < h / w < 1.33:
+        side = min(w, h)
+        image, grey, size = _centre_crop(image, side, side), _centre_crop(grey, side, side), (2 * TILE, 2 * TILE)
+    else:
+        size = (int(TILE * w / h), TILE) if h < w else (TILE, int(TILE * h / w))
+    image, grey = image.resize(size, Image.LANCZOS), grey.resize(size, Image.BICUBIC)
+    if h / w > MAX_TILES or h / w < 1 / MAX_TILES:
+        crop = (MAX_TILES * TILE, TILE) if h < w else (TILE, MAX_TILES * TILE)
+        image, grey = _centre_crop(image, *crop), _centre_crop(grey, *crop)
+    w, h = image.size
+    nx, ny = math.ceil(w / TILE), math.ceil(h / TILE)
+    ox, oy = max(0, (nx * TILE - w) / max(nx - 1, 1)), max(0, (ny * TILE - h) / max(ny - 1, 1))
+    tiles, masks = [], []
+    for y in range(ny):
+        for x in range(nx):
+            box = (int(x * (TILE - ox)), int(y * (TILE - oy)))
+            box += (box[0] + TILE, box[1] + TILE)
+            tiles.append(image.crop(box))
+            tile_mask = Image.new("L", (w, h), 0)
+            tile_mask.paste(grey.crop(box), box[:2])
+            masks.append(tile_mask)
+    return tiles, masks
 
 
 def clip_pixels(images: list[Image.Image], size: int, fit: str = "crop") -> np.ndarray:
@@ -115,6 +160,9 @@ def clip_pixels(images: list[Image.Image], size: int, fit: str = "crop") -> np.n
     shortest side to `size` (bicubic), centre crop, rescale, normalise. fit="pad" first scales a non-square
     image's long side to `size` and pads it to a square with the CLIP mean colour (which normalises to
     zero), so no edge is cut away. Memory stays bounded for any aspect ratio."""
+    if fit == "tiles":  # cut into square tiles with masks before this (adapters.tiled)
+        raise UserError("fit 'tiles' gives each tile a mask of its part of the picture: use it in an ImagePrompt "
+                        "(generate), not to encode features alone")
     if fit not in FITS:
         raise UserError(f"unknown image fit {fit!r} (choose from {', '.join(FITS)})")
     out = []

@@ -207,7 +207,9 @@ class ImagePrompt:
     # None: the adapter's own scale (load_ip_adapter / set_ip_adapter_scale); a number, or diffusers' per-block
     # dict ({"up": {"block_0": [0.0, 1.0, 0.0]}}: the style block of SDXL)
     scale: float | dict | None = None
-    fit: str = "crop"  # "crop" (CLIPImageProcessor's centre crop) or "pad" (keep the whole image)
+    # "crop" (CLIPImageProcessor's centre crop), "pad" (keep the whole image), or "tiles" (ComfyUI's IPAdapter
+    # Tiled: each image cut into up to 4 square tiles, each acting on its part of the picture: images.tile_reference)
+    fit: str = "crop"
     # steering (steering.py): ComfyUI_IPAdapter_plus' weight types and layer weights, and when it acts
     weight_type: str = "linear"
     layer_weights: str | dict | None = None  # "3:1.0,6:0.5": transformer index -> weight factor

@@ -180,3 +180,84 @@ def test_masks_and_scaling_from_the_cli(cli, h94, tmp_path):  # noqa: F811
                        "--image", str(tmp_path / "ref.png"), "--image", str(tmp_path / "ref2.png"), "--combine", "max",
                        "--output", str(tmp_path / "out.png"))
     assert code == 0 and (tmp_path / "out.png").exists(), err
+
+
+# -- ComfyUI's IPAdapter Tiled (fit="tiles") -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size,resized,boxes", [
+    # near-square: centre-cropped square (280), resized to 512: 2 x 2 tiles, no overlap
+    ((300, 280), (512, 512), [(0, 0), (256, 0), (0, 256), (256, 256)]),
+    ((600, 300), (512, 256), [(0, 0), (256, 0)]),  # 2:1: short side 256, two tiles
+    ((450, 300), (384, 256), [(0, 0), (128, 0)]),  # 1.5:1: two tiles overlapping by 128 (ceil(384/256) = 2)
+    ((1500, 300), (1024, 256), [(0, 0), (256, 0), (512, 0), (768, 0)]),  # 5:1: 1280 cut to 4 tiles
+    ((300, 900), (256, 768), [(0, 0), (0, 256), (0, 512)]),  # tall 1:3
+])
+def test_tiles_follow_comfyui(size, resized, boxes):
+    """The tile grid of IPAdapterTiled (tile 256, overlap (n*256 - side) / (n - 1), at most 4), each tile the
+    lanczos-resized reference's pixels in its box, each mask white on its box alone (the expected boxes worked
+    out by hand from ComfyUI's formulas)."""
+    from ipadapter_mlx.images import tile_reference
+
+    ref = Image.fromarray(np.random.default_rng(7).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    tiles, masks = tile_reference(ref)
+    w, h = size
+    if 0.75 < h / w < 1.33:  # the centre crop, as torchvision's CenterCrop rounds it
+        side = min(w, h)
+        ref = ref.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+        whole = ref.resize(resized, Image.LANCZOS)
+    else:
+        full = ref.resize((int(256 * w / h), 256) if h < w else (256, int(256 * h / w)), Image.LANCZOS)
+        left, top = (full.width - resized[0]) // 2, (full.height - resized[1]) // 2
+        whole = full.crop((left, top, left + resized[0], top + resized[1]))
+    assert len(tiles) == len(masks) == len(boxes)
+    for tile, mask, (x, y) in zip(tiles, masks, boxes):
+        assert tile.size == (256, 256) and mask.size == resized
+        assert np.array_equal(np.asarray(tile), np.asarray(whole.crop((x, y, x + 256, y + 256))))
+        want = np.zeros(resized[::-1], bool)
+        want[y : y + 256, x : x + 256] = True
+        assert np.array_equal(np.asarray(mask) > 127, want)
+
+
+def test_tiles_keep_within_the_given_mask():
+    """An attention mask for a tiled reference: each tile's mask is its box within it (a tile outside is empty)."""
+    from ipadapter_mlx.images import tile_reference
+
+    left = np.zeros((300, 600), np.uint8)
+    left[:, :300] = 255  # the reference's left half
+    _, masks = tile_reference(Image.new("RGB", (600, 300)), Image.fromarray(left))
+    first, second = (np.asarray(m) > 127 for m in masks)
+    assert first.sum() == 256 * 256 and not second.any()
+
+
+def test_tiles_are_their_images_and_masks(mlx_dir, adapter_repo):  # noqa: F811
+    """fit="tiles" generates exactly what the same tiles give as images with their masks (the masked-image path
+    is diffusers' ip_adapter_masks, tested above), with the image weight on every tile; not what one crop gives."""
+    from ipadapter_mlx.images import tile_reference
+
+    pipe = StableDiffusion(mlx_dir, dtype=mx.float32)
+    pipe.load_ip_adapter(str(adapter_repo / "models" / VARIANTS["plus"][0]))
+    wide = reference_image(6, (180, 60))
+    tiles, masks = tile_reference(wide)
+    kw = dict(steps=2, cfg=5.0, height=H, width=W, seed=4, scheduler="euler", return_array=True)
+    got = np.array(pipe.generate("a cat", image_prompts=[ImagePrompt(images=[wide], fit="tiles", weights=[0.8])], **kw))
+    by_hand = np.array(pipe.generate("a cat", image_prompts=[ImagePrompt(images=tiles, masks=masks,
+                                                                         weights=[0.8] * len(tiles))], **kw))
+    cropped = np.array(pipe.generate("a cat", image_prompts=[ImagePrompt(images=[wide], weights=[0.8])], **kw))
+    assert len(tiles) == 3 and np.array_equal(got, by_hand)
+    assert psnr(got, cropped) < 40
+    for prompt, message in [(ImagePrompt(images=[wide], fit="tiles", weights=[1, 2]), r"2 image weights for 1"),
+                            (ImagePrompt(images=[wide], fit="tiles", masks=[wide, wide]), r"2 masks for 1 images")]:
+        with pytest.raises(UserError, match=message):
+            pipe.generate("a cat", image_prompts=[prompt], **kw)
+
+
+def test_tiles_from_the_cli(cli, h94, tmp_path):  # noqa: F811
+    plus = str(h94[0] / "models" / VARIANTS["plus"][0])
+    reference_image(8, (120, 40)).save(tmp_path / "wide.png")
+    code, _, err = cli("generate", "--ip-adapter", plus, "--image", str(tmp_path / "wide.png"), "--image-fit", "tiles",
+                       "--output", str(tmp_path / "out.png"))
+    assert code == 0 and (tmp_path / "out.png").exists(), err
+    code, _, err = cli("embed", "--ip-adapter", plus, "--image", str(tmp_path / "wide.png"), "--image-fit", "tiles",
+                       "--output", str(tmp_path / "e.safetensors"), base=False)
+    assert code == 2 and "--image-fit tiles gives each tile a mask" in err and not (tmp_path / "e.safetensors").exists()
