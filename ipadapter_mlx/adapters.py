@@ -224,6 +224,11 @@ def tiled(ref: str, p: ImagePrompt) -> ImagePrompt:
     if p.features is not None or p.face_embeds is not None:
         raise UserError(f"IP-Adapter {ref}: tiles cut reference pictures; saved embeddings and face embeddings are "
                         "already encoded")
+    if len(p.images) != 1:  # ComfyUI tiles a batch position by position into one attention each: not this path
+        raise UserError(f"IP-Adapter {ref}: tiles take one reference image, got {len(p.images)} (give each image "
+                        "its own --ip-adapter entry)")
+    if p.composition_images:
+        raise UserError(f"IP-Adapter {ref}: tiles take no composition image (ComfyUI's tiled node neither)")
     if p.weights is not None and len(p.weights) != len(p.images):
         raise UserError(f"{len(p.weights)} image weights for {len(p.images)} images")
     if p.masks is not None and len(p.masks) != len(p.images):
@@ -234,4 +239,6 @@ def tiled(ref: str, p: ImagePrompt) -> ImagePrompt:
         images += tiles
         masks += tile_masks
         weights += [(p.weights or [1.0] * len(p.images))[n]] * len(tiles)
-    return replace(p, images=images, masks=masks, weights=weights if p.weights else None, fit="crop")
+    # the tiles are attended one by one, as masked images are (one image: no blend to make)
+    return replace(p, images=images, masks=masks, weights=weights if p.weights else None, fit="crop",
+                   combine="concat")

@@ -6,6 +6,7 @@ import pytest
 
 pytest.importorskip("torch", reason="parity test: needs the PyTorch reference (pip install torch==2.13.0 '.[test]')")
 
+import math
 import re
 import warnings
 
@@ -192,6 +193,11 @@ def test_masks_and_scaling_from_the_cli(cli, h94, tmp_path):  # noqa: F811
     ((450, 300), (384, 256), [(0, 0), (128, 0)]),  # 1.5:1: two tiles overlapping by 128 (ceil(384/256) = 2)
     ((1500, 300), (1024, 256), [(0, 0), (256, 0), (512, 0), (768, 0)]),  # 5:1: 1280 cut to 4 tiles
     ((300, 900), (256, 768), [(0, 0), (0, 256), (0, 512)]),  # tall 1:3
+    ((283, 280), (512, 512), [(0, 0), (256, 0), (0, 256), (256, 256)]),  # crop from x = round(1.5) = 2
+    ((650, 250), (665, 256), [(0, 0), (204, 0), (409, 0)]),  # overlap 51.5: starts int(204.5), int(409)
+    ((400, 300), (341, 256), [(0, 0), (85, 0)]),  # h/w = 0.75 exactly: not near-square (the bound is strict)
+    ((1024, 256), (1024, 256), [(0, 0), (256, 0), (512, 0), (768, 0)]),  # 4:1 exactly: no cut
+    ((1100, 256), (1024, 256), [(0, 0), (256, 0), (512, 0), (768, 0)]),  # past 4:1: 1100 cut to 1024 from 38
 ])
 def test_tiles_follow_comfyui(size, resized, boxes):
     """The tile grid of IPAdapterTiled (tile 256, overlap (n*256 - side) / (n - 1), at most 4), each tile the
@@ -202,14 +208,16 @@ def test_tiles_follow_comfyui(size, resized, boxes):
     ref = Image.fromarray(np.random.default_rng(7).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     tiles, masks = tile_reference(ref)
     w, h = size
-    if 0.75 < h / w < 1.33:  # the centre crop, as torchvision's CenterCrop rounds it
-        side = min(w, h)
-        ref = ref.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-        whole = ref.resize(resized, Image.LANCZOS)
-    else:
-        full = ref.resize((int(256 * w / h), 256) if h < w else (256, int(256 * h / w)), Image.LANCZOS)
-        left, top = (full.width - resized[0]) // 2, (full.height - resized[1]) // 2
-        whole = full.crop((left, top, left + resized[0], top + resized[1]))
+
+    def centre(image, cw, ch):  # torchvision's CenterCrop: int(round((size - crop) / 2.0))
+        left, top = int(round((image.width - cw) / 2.0)), int(round((image.height - ch) / 2.0))
+        return image.crop((left, top, left + cw, top + ch))
+
+    if 0.75 < h / w < 1.33:
+        whole = centre(ref, min(w, h), min(w, h)).resize(resized, Image.LANCZOS)
+    else:  # short side 256, long side int(256 x ratio), then the centre that the tiles cover
+        full = ref.resize((math.floor(256 * w / h), 256) if h < w else (256, math.floor(256 * h / w)), Image.LANCZOS)
+        whole = centre(full, *resized)
     assert len(tiles) == len(masks) == len(boxes)
     for tile, mask, (x, y) in zip(tiles, masks, boxes):
         assert tile.size == (256, 256) and mask.size == resized
@@ -217,6 +225,24 @@ def test_tiles_follow_comfyui(size, resized, boxes):
         want = np.zeros(resized[::-1], bool)
         want[y : y + 256, x : x + 256] = True
         assert np.array_equal(np.asarray(mask) > 127, want)
+
+
+def test_a_very_wide_reference_is_tiled_without_resizing_it_whole():
+    """1 x 20000: the 4 tiles of its centre from a box resize (256 x 5 million pixels are never made), equal to the
+    exact path's where that is affordable (a 1 x 80 strip: 2 levels at most, PIL's float coefficients)."""
+    from ipadapter_mlx import images
+
+    strip = Image.fromarray(np.random.default_rng(3).integers(0, 256, (20000, 1, 3), dtype=np.uint8))
+    tiles, masks = images.tile_reference(strip)
+    assert [t.size for t in tiles] == [(256, 256)] * 4 and masks[0].size == (256, 1024)
+    short = Image.fromarray(np.random.default_rng(4).integers(0, 256, (5, 400, 3), dtype=np.uint8))
+    exact, _ = images.tile_reference(short)
+    images.MAX_EXACT_ASPECT, saved = 1, images.MAX_EXACT_ASPECT
+    try:
+        boxed, _ = images.tile_reference(short)
+    finally:
+        images.MAX_EXACT_ASPECT = saved
+    assert max(np.abs(np.asarray(a, int) - np.asarray(b, int)).max() for a, b in zip(exact, boxed)) <= 2
 
 
 def test_tiles_keep_within_the_given_mask():
@@ -246,8 +272,14 @@ def test_tiles_are_their_images_and_masks(mlx_dir, adapter_repo):  # noqa: F811
     cropped = np.array(pipe.generate("a cat", image_prompts=[ImagePrompt(images=[wide], weights=[0.8])], **kw))
     assert len(tiles) == 3 and np.array_equal(got, by_hand)
     assert psnr(got, cropped) < 40
+    average = np.array(pipe.generate("a cat", image_prompts=[ImagePrompt(images=[wide], fit="tiles", weights=[0.8],
+                                                                         combine="average")], **kw))
+    assert np.array_equal(average, got)  # one image: nothing to blend, the tiles attended one by one as always
     for prompt, message in [(ImagePrompt(images=[wide], fit="tiles", weights=[1, 2]), r"2 image weights for 1"),
-                            (ImagePrompt(images=[wide], fit="tiles", masks=[wide, wide]), r"2 masks for 1 images")]:
+                            (ImagePrompt(images=[wide], fit="tiles", masks=[wide, wide]), r"2 masks for 1 images"),
+                            (ImagePrompt(images=[wide, wide], fit="tiles"), r"tiles take one reference image, got 2"),
+                            (ImagePrompt(images=[wide], fit="tiles", composition_images=[wide]),
+                             r"tiles take no composition image")]:
         with pytest.raises(UserError, match=message):
             pipe.generate("a cat", image_prompts=[prompt], **kw)
 
