@@ -30,12 +30,13 @@ def repo(torch_pipe, tmp_path_factory):
     # the tiny UNet has 6 transformers: style-transfer's tables are for 16 (SD 1.x) and 11 (SDXL)
     ("style_transfer.py", ["--prompt", "a cat", "--weight-type", "ease-out", "--start-at", "0.5"]),
     ("two_regions.py", ["--image", "{ref2}"]),
+    ("wide_reference.py", ["--prompt", "a street"]),
 ])
 def test_example_runs(script, args, repo, mlx_dir, tmp_path, monkeypatch):
     reference_image(1).save(tmp_path / "ref.png")
     reference_image(2, (32, 32)).save(tmp_path / "ref2.png")
     adapter = "plus" if script in ("text_and_image.py", "blend_references.py", "style_transfer.py",
-                                   "two_regions.py") else "base"
+                                   "two_regions.py", "wide_reference.py") else "base"
     argv = [script, "--model", str(mlx_dir), "--ip-adapter", str(repo / "models" / VARIANTS[adapter][0]),
             "--image", str(tmp_path / "ref.png"), "--steps", "2", "--output", str(tmp_path / "out.png")]
     argv += [a.format(ref2=tmp_path / "ref2.png") for a in args]
