@@ -7,8 +7,8 @@ SOURCE is one of
   an IP-Adapter: a preset (below), REPO:PATH on the Hub
                  (h94/IP-Adapter:models/ip-adapter-plus_sd15.safetensors), or a tencent-format
                  ip-adapter*.bin / .safetensors file
-  a ControlNet:  a preset (below), a diffusers ControlNet folder or Hub repo
-                 (lllyasviel/control_v11p_sd15_canny), or an original control_*.pth /
+  a ControlNet:  a preset (below), a diffusers ControlNet folder, Hub repo
+                 (lllyasviel/control_v11p_sd15_canny) or REPO:FOLDER, or an original control_*.pth /
                  .safetensors file (control_model.* keys), local or REPO:PATH
   a T2I-Adapter: a preset (below), a Hub repo id (TencentARC/t2i-adapter-canny-sdxl-1.0),
                  REPO:FOLDER, a diffusers folder (config.json + diffusion_pytorch_model.*), or a

@@ -256,7 +256,7 @@ def _add_controlnet_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("ControlNet (repeat --controlnet for several: residuals summed; options apply to the "
                              "one before them)")
     g.add_argument("--controlnet", action=_ControlOption, dest="controlnet", metavar="REF",
-                   help=f"preset ({', '.join(PRESETS)}), a Hub repo or diffusers folder, an original "
+                   help=f"preset ({', '.join(PRESETS)}), a Hub repo, REPO:FOLDER or diffusers folder, an original "
                         ".pth/.safetensors file or REPO:PATH, or a folder from `python -m convert`")
     g.add_argument("--control-image", action=_ControlOption, dest="control_image", metavar="FILE",
                    help="its control image (edges, depth, pose map ...), resized to the output size")

@@ -36,7 +36,6 @@ PRESETS = {
     "sdxl-canny": "diffusers/controlnet-canny-sdxl-1.0",
     "sdxl-depth": "diffusers/controlnet-depth-sdxl-1.0",
 }
-HUB_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 PREPROCESSORS = ("none", "canny", "tile", "inpaint")
 # What the CLI says when asked for a control image it cannot make itself.
 ELSEWHERE = ("depth and pose maps come from other models: e.g. controlnet_aux (pip install controlnet-aux: "
@@ -101,7 +100,7 @@ def convert_controlnet(ref: str, dst: Path, dtype: mx.Dtype | None = None, quant
 
 def _source(ref: str) -> tuple[str, Path]:
     """("folder" | "file" | "mlx", local path) of a preset, folder, file, REPO:PATH or Hub repo."""
-    from .hub import hub_file, is_repo_id, snapshot, split_hub_path
+    from .hub import SINGLE_FILE_SUFFIXES, hub_file, is_repo_id, model_files, split_hub_path
     from .loading import is_mlx_folder
 
     ref = PRESETS.get(ref, ref)
@@ -116,19 +115,13 @@ def _source(ref: str) -> tuple[str, Path]:
         return "folder", path
     if path.is_file():
         return "file", path
-    if hub := split_hub_path(ref):
+    hub = split_hub_path(ref) or ((ref, "") if is_repo_id(ref) else None)
+    if hub and Path(hub[1]).suffix in SINGLE_FILE_SUFFIXES:  # REPO:PATH to an original file
         return "file", hub_file(*hub)
-    if is_repo_id(ref):
-        folder = snapshot(ref, ["config.json"])
-        if not (folder / "config.json").is_file():
-            raise UserError(f"{ref} has no config.json: not a diffusers ControlNet repo")
-        for name in HUB_WEIGHTS:  # safetensors first; older repos have the .bin pickle only
-            folder = snapshot(ref, ["config.json", name])
-            if (folder / name).is_file():
-                return "folder", folder
-        raise UserError(f"{ref} has no ControlNet weights ({' or '.join(HUB_WEIGHTS)})")
-    raise UserError(f"ControlNet not found: {ref} is not a folder, a file, REPO:PATH, a Hub repo or a preset "
-                    f"({', '.join(PRESETS)})")
+    if hub:  # a diffusers ControlNet repo, or REPO:FOLDER within one
+        return "folder", model_files(*hub, "ControlNet")[1]
+    raise UserError(f"ControlNet not found: {ref} is not a folder, a file, REPO:PATH, REPO:FOLDER, a Hub repo or a "
+                    f"preset ({', '.join(PRESETS)})")
 
 
 def resolve_controlnet(ref: str, dtype: mx.Dtype | None = None, config: dict | None = None) -> Path:

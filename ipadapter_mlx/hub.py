@@ -138,6 +138,26 @@ def hub_file(repo: str, path: str) -> Path:
         return Path(hf_hub_download(repo, path))
 
 
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # the .bin: older repos
+
+
+def model_files(repo: str, sub: str, what: str, check: Callable[[Path], None] | None = None) -> tuple[Path, Path]:
+    """A diffusers model (config.json and one weights file, safetensors first) at the root of a Hub repo or in its
+    sub-folder `sub`: (the snapshot, the model's folder in it). `check` sees config.json before any weights are
+    downloaded."""
+    prefix, where = (f"{sub}/", f"{repo}:{sub}") if sub else ("", repo)
+    root = snapshot(repo, [f"{prefix}config.json"])
+    if not (root / prefix / "config.json").is_file():
+        raise UserError(f"{where} has no config.json: not a diffusers {what}")
+    if check:
+        check(root / prefix / "config.json")
+    for name in DIFFUSERS_WEIGHTS:
+        root = snapshot(repo, [f"{prefix}config.json", f"{prefix}{name}"])
+        if (root / prefix / name).is_file():
+            return root, root / prefix
+    raise UserError(f"{where} has no {what} weights ({' or '.join(DIFFUSERS_WEIGHTS)})")
+
+
 def names_a(ref: str, presets, is_folder: Callable[[Path], bool], is_file: Callable[[Path], bool]) -> bool:
     """For `python -m convert`: whether SOURCE names one kind of checkpoint (a ControlNet, a T2I-Adapter): one of
     its presets; a local folder or file, by the kind's own tests; REPO:PATH to a file (downloaded: whichever kind

@@ -26,7 +26,7 @@ from .cache import _dtype_name, _key, _local_fingerprint, cache_root
 from .denoiser import StepHook, UNetInput
 from .errors import UserError, finite
 from .folders import convert_once, write_mlx_folder
-from .hub import SINGLE_FILE_SUFFIXES, hub_file, is_repo_id, names_a, snapshot, split_hub_path
+from .hub import SINGLE_FILE_SUFFIXES, hub_file, is_repo_id, model_files, names_a, split_hub_path
 from .images import to_rgb
 from .loaded import LoadOrder
 from .loading import build, is_mlx_folder, load_component, read_json
@@ -51,8 +51,6 @@ PRESETS = {
     "t2i-seg-sd15": "TencentARC/t2iadapter_seg_sd14v1",
     "t2i-color-sd15": "TencentARC/t2iadapter_color_sd14v1",
 }
-# A diffusers model repo's weights, in order of preference (the .bin through the restricted unpickler).
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
 # -- finding and converting --------------------------------------------------------------------------------
@@ -66,22 +64,6 @@ def _config(path: Path, where: str) -> T2IAdapterConfig:
         return T2IAdapterConfig.from_dict(read_json(path))
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
-
-
-def _download(repo: str, sub: str, check: ConfigCheck | None = None) -> tuple[Path, Path]:
-    """The config and one weights file of a diffusers T2I-Adapter on the Hub (repo root or a sub-folder):
-    (the snapshot, the adapter's folder in it). `check` sees the config before any weights are downloaded."""
-    prefix, what = f"{sub}/" if sub else "", f"{repo}{':' + sub if sub else ''}"
-    root = snapshot(repo, [f"{prefix}config.json"])
-    if not (root / prefix / "config.json").is_file():
-        raise UserError(f"{what} has no config.json: not a diffusers T2I-Adapter")
-    if check:
-        check(_config(root / prefix / "config.json", what))
-    for name in WEIGHT_FILES:
-        root = snapshot(repo, [f"{prefix}config.json", f"{prefix}{name}"])
-        if (root / prefix / name).is_file():
-            return root, root / prefix
-    raise UserError(f"{repo}{':' + sub if sub else ''} has no T2I-Adapter weights ({' or '.join(WEIGHT_FILES)})")
 
 
 def convert_t2i_adapter(src: str | Path, dst: str | Path, dtype: mx.Dtype | None = None,
@@ -139,7 +121,7 @@ def t2i_source(ref: str, check: ConfigCheck | None = None) -> tuple[Path, str]:
     if Path(hub[1]).suffix in SINGLE_FILE_SUFFIXES:
         file = hub_file(*hub)
         return file, _local_fingerprint(file)  # the resolved path is the blob's: its content hash
-    root, folder = _download(*hub, check)
+    root, folder = model_files(*hub, "T2I-Adapter", (lambda c: check(_config(c, source))) if check else None)
     return folder, _key(*hub, root.name)  # root.name is the Hub commit
 
 

@@ -648,6 +648,32 @@ def test_original_file_from_the_hub(mlx_dir, tmp_path, monkeypatch):
         StableDiffusion(mlx_dir, mx.float32).load_controlnet("lllyasviel/ControlNet-v1-1:control_tiny.pth")
 
 
+def test_repo_sub_folder_from_the_hub(mlx_dir, sd_nets, tmp_path, monkeypatch, capsys):
+    """REPO:FOLDER: a diffusers ControlNet in a sub-folder of a Hub repo (offline, from the cache), loaded and
+    converted like a repo of its own; a repo without one says what it lacks."""
+    import shutil
+
+    from huggingface_hub import constants
+    from mlx.utils import tree_flatten
+
+    from convert.__main__ import main as convert
+    from test_cli import hub_cache
+
+    shutil.copytree(sd_nets / "net0", tmp_path / "repo" / "canny")
+    (tmp_path / "repo" / "README.md").write_text("several nets")
+    hub_cache(tmp_path / "hf", "tiny/nets", tmp_path / "repo")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    pipe = StableDiffusion(mlx_dir, mx.float32)
+    a, b = pipe.load_controlnet("tiny/nets:canny"), pipe.load_controlnet(str(sd_nets / "net0"))
+    weights = [dict(tree_flatten(pipe.controlnets.model(pipe.controlnets.loaded[i]).parameters())) for i in (a, b)]
+    assert weights[0].keys() == weights[1].keys() and all(mx.array_equal(weights[0][k], weights[1][k])
+                                                          for k in weights[0])
+    assert convert(["tiny/nets:canny", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "controlnet" / "model.safetensors").is_file()
+    with pytest.raises(UserError, match=r"tiny/nets has no config.json: not a diffusers ControlNet"):
+        pipe.load_controlnet("tiny/nets")
+
+
 def test_size_defaults_to_the_control_image(diffusers_dir, mlx_dir, sd_nets):
     """Text-to-image without height/width: the first control image's size rounded down to the VAE's factor, as
     diffusers' ControlNet pipeline defaults it (a 53x41 control image with this VAE's factor 2 -> 52x40); through
