@@ -346,8 +346,8 @@ class StableDiffusion:
     # -- ControlNets (controlnet.py holds them) ---------------------------------------------------------
 
     def load_controlnet(self, ref: str, config: dict | None = None) -> int:
-        """Add a ControlNet (preset, diffusers folder or Hub repo, original .pth/.safetensors file, REPO:PATH, REPO:FOLDER);
-        returns its index for `Control(index=...)`. Fails at once when it is for another model family.
+        """Add a ControlNet (preset, diffusers folder, Hub repo or REPO:FOLDER, original .pth/.safetensors file,
+        REPO:PATH); returns its index for `Control(index=...)`. Fails at once when it is for another model family.
         `config`: an original single file's diffusers config.json (dict), instead of inferring it."""
         return self.controlnets.load(ref, self.unet_config, config)
 
