@@ -229,16 +229,10 @@ def tiled(ref: str, p: ImagePrompt) -> ImagePrompt:
                         "its own --ip-adapter entry)")
     if p.composition_images:
         raise UserError(f"IP-Adapter {ref}: tiles take no composition image (ComfyUI's tiled node neither)")
-    if p.weights is not None and len(p.weights) != len(p.images):
-        raise UserError(f"{len(p.weights)} image weights for {len(p.images)} images")
-    if p.masks is not None and len(p.masks) != len(p.images):
-        raise UserError(f"IP-Adapter {ref}: {len(p.masks)} masks for {len(p.images)} images (give one per image)")
-    images, masks, weights = [], [], []
-    for n, image in enumerate(p.images):
-        tiles, tile_masks = tile_reference(image, p.masks[n] if p.masks else None)
-        images += tiles
-        masks += tile_masks
-        weights += [(p.weights or [1.0] * len(p.images))[n]] * len(tiles)
+    for what, given in (("image weights", p.weights), ("masks", p.masks)):
+        if given is not None and len(given) != 1:
+            raise UserError(f"IP-Adapter {ref}: {len(given)} {what} for the one tiled image")
+    tiles, masks = tile_reference(p.images[0], p.masks[0] if p.masks else None)
     # the tiles are attended one by one, as masked images are (one image: no blend to make)
-    return replace(p, images=images, masks=masks, weights=weights if p.weights else None, fit="crop",
+    return replace(p, images=tiles, masks=masks, weights=p.weights and p.weights * len(tiles), fit="crop",
                    combine="concat")

@@ -11,8 +11,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from .argparsing import Parser, show_log
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .batch import Ranks
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -652,7 +657,8 @@ def check_generate(args: argparse.Namespace) -> Checked:
         check_options(g.get("weight_type", "linear"), g.get("boost"), bool(g["composition_image"]))
         if "negative_content_scale" in g and g.get("negative_content_prompt") is None:
             raise UserError("--negative-content-scale needs a --negative-content-prompt")
-        for path in g["image"] + g["composition_image"] + g["face_image"] + ([g["negative_image"]] if g.get("negative_image") else []):
+        negative = [g["negative_image"]] if g.get("negative_image") else []
+        for path in g["image"] + g["composition_image"] + g["face_image"] + negative:
             open_image(path)
     control_groups = controlnet_groups(getattr(args, "control_args", None) or [])
     t2i = t2i_adapter.cli_requests(args)  # checks counts and opens the control images before loading anything
@@ -661,14 +667,14 @@ def check_generate(args: argparse.Namespace) -> Checked:
     if ranks is not None and args.seed is None:  # one random seed for both ranks (rank 0's), for the PNG too
         from .denoiser import CFGSplit
 
-        seed = int(CFGSplit(ranks.group).rank0s(mx.array([seed], dtype=mx.int32)).item())
+        seed = CFGSplit(ranks.group).seed(seed)
     if ranks is not None and ranks.rank != 0:  # rank 0 tells what happens; the other says only what goes wrong
         logging.getLogger("ipadapter_mlx").setLevel(logging.WARNING)
     dtype = getattr(mx, args.dtype) if args.dtype else default_dtype()
     return Checked(init, latents, groups, seed, dtype, t2i, mask, control_groups, ranks)
 
 
-def parallel_ranks(args: argparse.Namespace):
+def parallel_ranks(args: argparse.Namespace) -> "Ranks":
     """--parallel cfg: this process's place among exactly two ranks of `mlx.launch`, with guidance to split."""
     from .batch import Ranks
 

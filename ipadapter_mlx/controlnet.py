@@ -22,6 +22,7 @@ from PIL import Image
 from .config import ControlNetConfig, UNetConfig
 from .errors import UserError
 from .loaded import LoadOrder
+from .denoiser import batch_rows
 from .models.unet import Residuals
 
 PRESETS = {
@@ -66,7 +67,8 @@ def is_controlnet_folder(path: Path) -> bool:
 
 def is_controlnet(ref: str) -> bool:
     """Whether `python -m convert` should treat SOURCE as a ControlNet: a preset, a ControlNet folder or file,
-    REPO:PATH to such a file, or a Hub repo whose config.json names ControlNetModel (one small download)."""
+    REPO:PATH to such a file, or a Hub repo (or REPO:FOLDER) whose config.json names ControlNetModel (one small
+    download)."""
     from .hub import names_a
 
     return names_a(ref, PRESETS, is_controlnet_folder, is_controlnet_file)
@@ -99,8 +101,8 @@ def convert_controlnet(ref: str, dst: Path, dtype: mx.Dtype | None = None, quant
 
 
 def _source(ref: str) -> tuple[str, Path]:
-    """("folder" | "file" | "mlx", local path) of a preset, folder, file, REPO:PATH or Hub repo."""
-    from .hub import SINGLE_FILE_SUFFIXES, hub_file, is_repo_id, model_files, split_hub_path
+    """("folder" | "file" | "mlx", local path) of a preset, folder, file, REPO:PATH, REPO:FOLDER or Hub repo."""
+    from .hub import hub_file, is_repo_id, is_weights_file, model_files, split_hub_path
     from .loading import is_mlx_folder
 
     ref = PRESETS.get(ref, ref)
@@ -116,7 +118,7 @@ def _source(ref: str) -> tuple[str, Path]:
     if path.is_file():
         return "file", path
     hub = split_hub_path(ref) or ((ref, "") if is_repo_id(ref) else None)
-    if hub and Path(hub[1]).suffix in SINGLE_FILE_SUFFIXES:  # REPO:PATH to an original file
+    if hub and is_weights_file(hub[1]):  # REPO:PATH to an original file
         return "file", hub_file(*hub)
     if hub:  # a diffusers ControlNet repo, or REPO:FOLDER within one
         return "folder", model_files(*hub, "ControlNet")[1]
@@ -391,8 +393,7 @@ class ControlNetSet(LoadOrder[LoadedControlNet]):
             if step.residuals is None:
                 return replace(step, residuals=total_res)
             # what other hooks added for the whole batch, cut to the kept rows the nets' residuals have
-            cut = lambda a: a[lo:hi] if a.shape[0] == batch else a  # noqa: E731
-            return replace(step, residuals=step.residuals.map(cut) + total_res)
+            return replace(step, residuals=step.residuals.map(batch_rows(batch, slice(lo, hi))) + total_res)
 
         return add_residuals
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import mlx.core as mx
+import numpy as np
 
 from .conditioning import Conditioning, StepConditioning
 from .errors import UserError
@@ -37,10 +38,15 @@ class UNetInput:
     def rows(self, rows: slice) -> "UNetInput":
         """The same input for some rows of the batch (a tensor of one row, broadcast to every row, or of the kept
         rows already, stays whole)."""
-        batch = self.x.shape[0]
-        take = lambda a: a[rows] if a.shape[0] == batch else a  # noqa: E731
+        take = batch_rows(self.x.shape[0], rows)
         return UNetInput(self.x[rows], self.t[rows], self.cond.rows(take),
                          self.residuals.map(take) if self.residuals is not None else None, rows)
+
+
+def batch_rows(batch: int, rows: slice) -> Callable[[mx.array], mx.array]:
+    """A tensor -> its `rows` when it holds the whole batch; any other (one row broadcast to every row, or rows
+    already cut) as it is."""
+    return lambda a: a[rows] if a.shape[0] == batch else a
 
 
 @dataclass
@@ -63,10 +69,15 @@ class CFGSplit:
         return mx.distributed.all_gather(half, group=self.group, stream=mx.cpu)
 
     def rank0s(self, x: mx.array) -> mx.array:
-        """Rank 0's x on both ranks (a random seed, the starting latents: computed on different machines they
-        could differ in the last bits, and the halves must belong to one picture)."""
+        """Rank 0's x on both ranks (the starting latents: computed on different machines they could differ in
+        the last bits, and the halves must belong to one picture)."""
         mine = x if self.group.rank() == 0 else mx.zeros_like(x)
         return mx.distributed.all_sum(mine, group=self.group, stream=mx.cpu)
+
+    def seed(self, seed: int | None = None) -> int:
+        """Rank 0's seed on both ranks: `seed`, or a random one (each rank would draw its own)."""
+        seed = int(np.random.randint(0, 2**31 - 1)) if seed is None else seed
+        return int(self.rank0s(mx.array([seed], dtype=mx.int32)).item())
 
 
 # (the UNet's input, step index, sigma) -> the input to use instead

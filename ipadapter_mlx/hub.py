@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 from .errors import UserError
 
@@ -24,9 +24,14 @@ WEIGHT_PATTERNS = {  # text_encoder_2: SDXL only
 }
 
 
+def is_weights_file(path: str) -> bool:
+    """Whether a name is a single weights file's (.safetensors, .ckpt, .bin, .pt, .pth; any case)."""
+    return Path(path).suffix.lower() in SINGLE_FILE_SUFFIXES
+
+
 def is_repo_id(ref: str) -> bool:
     """`org/name`, and not something meant as a local path (`./x`, `../x`, `/x`, `~/x`, `x.safetensors`)."""
-    if ref.startswith(("./", "../", "/", "~")) or Path(ref).suffix.lower() in SINGLE_FILE_SUFFIXES:
+    if ref.startswith(("./", "../", "/", "~")) or is_weights_file(ref):
         return False
     return bool(REPO_ID.match(ref))
 
@@ -158,7 +163,8 @@ def model_files(repo: str, sub: str, what: str, check: Callable[[Path], None] | 
     raise UserError(f"{where} has no {what} weights ({' or '.join(DIFFUSERS_WEIGHTS)})")
 
 
-def names_a(ref: str, presets, is_folder: Callable[[Path], bool], is_file: Callable[[Path], bool]) -> bool:
+def names_a(ref: str, presets: Collection[str], is_folder: Callable[[Path], bool],
+            is_file: Callable[[Path], bool]) -> bool:
     """For `python -m convert`: whether SOURCE names one kind of checkpoint (a ControlNet, a T2I-Adapter): one of
     its presets; a local folder or file, by the kind's own tests; REPO:PATH to a file (downloaded: whichever kind
     it is, converting needs it); a Hub repo or REPO:FOLDER by its config.json alone (a pipeline repo has none at
@@ -173,7 +179,7 @@ def names_a(ref: str, presets, is_folder: Callable[[Path], bool], is_file: Calla
     repo, sub = split_hub_path(ref) or ((ref, "") if is_repo_id(ref) else (None, ""))
     if repo is None:
         return False
-    if Path(sub).suffix in SINGLE_FILE_SUFFIXES:
+    if is_weights_file(sub):
         return is_file(hub_file(repo, sub))
     config = f"{sub}/config.json" if sub else "config.json"
     try:

@@ -199,12 +199,12 @@ def name_index(component: str, model: nn.Module) -> dict[str, str]:
     kohya name (path with '.' -> '_'), and the same two for an alias: for the UNet its name in the original
     LDM layout (SDXL kohya files), from keymaps' config-derived table; for a text encoder its name without
     `text_model.`. Names two modules would share are left out."""
-    from .checkpoints.keymaps import rename, unet_original_to_diffusers
+    from .checkpoints.keymaps import renamer, unet_original_to_diffusers
 
     paths = [p for p, m in model.named_modules() if fusable(m)]
     if component == "unet":
-        inverse = [(dst, src) for src, dst in unet_original_to_diffusers(model.config)]
-        aliases = [(rename(p, inverse), p) for p in paths]
+        to_original = renamer([(dst, src) for src, dst in unet_original_to_diffusers(model.config)])
+        aliases = [(to_original(p), p) for p in paths]
     else:  # transformers 5 names CLIP's modules without the `text_model.` level that files written before keep
         aliases = [(p.removeprefix("text_model."), p) for p in paths]
     index: dict[str, str] = {}

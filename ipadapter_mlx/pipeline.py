@@ -508,7 +508,7 @@ class StableDiffusion:
             raise UserError(f"seed must be a whole number in 0..2**64-1, got {seed!r}")
         split = CFGSplit(parallel_cfg) if parallel_cfg is not None else None
         if split is not None and seed is None and noise is None:  # one random seed for both ranks: rank 0's
-            seed = int(split.rank0s(mx.array([np.random.randint(0, 2**31 - 1)], dtype=mx.int32)).item())
+            seed = split.seed()
         noise = noise or seeded_noise(seed)
         f = self.vae_scale_factor
 

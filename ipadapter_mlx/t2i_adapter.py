@@ -1,9 +1,9 @@
 """T2I-Adapters: the light structural control (~80 MB) beside IP-Adapter image prompts.
 
 Finding one (preset, Hub repo, `REPO:FOLDER`, diffusers folder, single file or `REPO:PATH` to one, converted
-folder) and converting it once into the cache; checking that its features fit the UNet (an SD 1.5 adapter on SDXL is refused, naming both); and, per
-generation, a denoiser hook that adds its features inside the UNet's down blocks exactly as diffusers'
-StableDiffusion(XL)AdapterPipeline does: computed once from the control image, times
+folder) and converting it once into the cache; checking that its features fit the UNet (an SD 1.5 adapter on
+SDXL is refused, naming both); and, per generation, a denoiser hook that adds its features inside the UNet's down
+blocks exactly as diffusers' StableDiffusion(XL)AdapterPipeline does: computed once from the control image, times
 `adapter_conditioning_scale`, the same for every image of the CFG batch, at step i while i < int(N * factor).
 Several adapters add their features (diffusers' MultiAdapter with adapter_weights = the scales), and combine with
 ControlNets the same way (Residuals.__add__).
@@ -26,7 +26,7 @@ from .cache import _dtype_name, _key, _local_fingerprint, cache_root
 from .denoiser import StepHook, UNetInput
 from .errors import UserError, finite
 from .folders import convert_once, write_mlx_folder
-from .hub import SINGLE_FILE_SUFFIXES, hub_file, is_repo_id, model_files, names_a, split_hub_path
+from .hub import hub_file, is_repo_id, is_weights_file, model_files, names_a, split_hub_path
 from .images import to_rgb
 from .loaded import LoadOrder
 from .loading import build, is_mlx_folder, load_component, read_json
@@ -118,7 +118,7 @@ def t2i_source(ref: str, check: ConfigCheck | None = None) -> tuple[Path, str]:
     if hub is None:
         raise UserError(f"T2I-Adapter not found: {ref} is not a folder, a file, a Hub repo id, REPO:FOLDER, "
                         f"REPO:PATH or a preset ({', '.join(PRESETS)})")
-    if Path(hub[1]).suffix in SINGLE_FILE_SUFFIXES:
+    if is_weights_file(hub[1]):
         file = hub_file(*hub)
         return file, _local_fingerprint(file)  # the resolved path is the blob's: its content hash
     root, folder = model_files(*hub, "T2I-Adapter", (lambda c: check(_config(c, source))) if check else None)

@@ -40,15 +40,15 @@ def read_component(folder: Path, name: str) -> dict:
 def original_checkpoint(folder: Path) -> dict:
     """The diffusers folder's weights under original (LDM) names, as model sites distribute them."""
     cfg = {n: json.loads((folder / n / "config.json").read_text()) for n in ("unet", "vae")}
-    unet_inv = [(d, o) for o, d in keymaps.unet_original_to_diffusers(UNetConfig.from_dict(cfg["unet"]))]
-    vae_inv = [(d, o) for o, d in keymaps.vae_original_to_diffusers(VAEConfig.from_dict(cfg["vae"]))]
+    unet_inv = keymaps.renamer([(d, o) for o, d in keymaps.unet_original_to_diffusers(UNetConfig.from_dict(cfg["unet"]))])
+    vae_inv = keymaps.renamer([(d, o) for o, d in keymaps.vae_original_to_diffusers(VAEConfig.from_dict(cfg["vae"]))])
     ckpt = {}
     for k, v in read_component(folder, "unet").items():
-        ckpt[keymaps.UNET_PREFIX + keymaps.rename(k, unet_inv)] = v
+        ckpt[keymaps.UNET_PREFIX + unet_inv(k)] = v
     for k, v in read_component(folder, "vae").items():
         if ".attentions." in k and k.endswith("weight") and v.ndim == 2:
             v = v[:, :, None, None]  # original VAE attention projections are 1x1 convs
-        ckpt[keymaps.VAE_PREFIX + keymaps.rename(k, vae_inv)] = v
+        ckpt[keymaps.VAE_PREFIX + vae_inv(k)] = v
     for k, v in read_component(folder, "text_encoder").items():
         ckpt[keymaps.TEXT_PREFIX + keymaps.clip_text_key(k)] = v
     ckpt["alphas_cumprod"] = torch.linspace(1, 0, 1000)  # training buffers real files carry

@@ -275,8 +275,8 @@ def test_tiles_are_their_images_and_masks(mlx_dir, adapter_repo):  # noqa: F811
     average = np.array(pipe.generate("a cat", image_prompts=[ImagePrompt(images=[wide], fit="tiles", weights=[0.8],
                                                                          combine="average")], **kw))
     assert np.array_equal(average, got)  # one image: nothing to blend, the tiles attended one by one as always
-    for prompt, message in [(ImagePrompt(images=[wide], fit="tiles", weights=[1, 2]), r"2 image weights for 1"),
-                            (ImagePrompt(images=[wide], fit="tiles", masks=[wide, wide]), r"2 masks for 1 images"),
+    for prompt, message in [(ImagePrompt(images=[wide], fit="tiles", weights=[1, 2]), r"2 image weights for the one tiled image"),
+                            (ImagePrompt(images=[wide], fit="tiles", masks=[wide, wide]), r"2 masks for the one tiled image"),
                             (ImagePrompt(images=[wide, wide], fit="tiles"), r"tiles take one reference image, got 2"),
                             (ImagePrompt(images=[wide], fit="tiles", composition_images=[wide]),
                              r"tiles take no composition image")]:

@@ -214,7 +214,7 @@ def original_sdxl_checkpoint(folder: Path) -> dict:
             continue
         elif k.startswith("text_model.encoder.layers."):
             i, rest = k.split(".")[3], k.split(".", 4)[4]
-            ckpt[f"{p}transformer.resblocks.{i}.{keymaps.rename(rest, layer)}"] = v
+            ckpt[f"{p}transformer.resblocks.{i}.{keymaps.renamer(layer)(rest)}"] = v
     ckpt[p + "logit_scale"] = torch.tensor(4.6)
     return ckpt
 

@@ -143,8 +143,9 @@ def features(model, image: torch.Tensor, path) -> tuple[float, object]:
     ("full", [16, 24, 40, 40], 2, 3, ".pth"),  # t2iadapter_depth_sd15v2.pth's layout in small
     ("full", [16, 24, 40, 40], 1, 1, ".safetensors"),  # grey (canny, sketch); one block a level
     ("full", [16, 16, 40], 2, 3, ".pth"),  # no width change at level 1: 2 blocks a level still
+    ("full", [16, 24, 40, 40], 4, 3, ".pth"),  # 4 blocks a level: read as 4 levels, not 8 of 2
     ("light", [16, 24, 40, 40], 4, 3, ".pth"),  # t2iadapter_color_sd14v1.pth's
-], ids=["full", "full-grey-1-block", "full-same-width", "light"])
+], ids=["full", "full-grey-1-block", "full-same-width", "full-4-blocks", "light"])
 def test_original_file_matches_tencentarc(kind, channels, blocks, image, suffix, tmp_path):
     model = original(kind, channels, blocks, image, 8)
     path = save(model.state_dict(), tmp_path / f"t2iadapter_{kind}{suffix}")
@@ -178,19 +179,21 @@ def test_diffusers_weights_as_one_file(config, suffix, tmp_path):
 
 
 def _full_state() -> dict:
-    return original("full", [32, 64], 2, 3, 2).state_dict()  # fits the tiny SD 1.x model: its own errors show
+    # fits the tiny SD 1.x model, so each file's own error shows; one block a level (with 2, four levels of one
+    # would fit the names as well, and four levels are preferred: what the real UNets take)
+    return original("full", [32, 64], 1, 3, 2).state_dict()
 
 
 @pytest.mark.parametrize("edit,message", [
     (lambda s: {"style_embedding": torch.zeros(1, 8, 4), "ln_pre.weight": torch.zeros(4)},
      r"TencentARC's style adapter .* use an IP-Adapter"),
     (lambda s: {**s, "body.0.skep.weight": torch.zeros(32, 32, 1, 1)}, r"sk=False or use_conv=True"),
-    (lambda s: {k: v for k, v in s.items() if not k.startswith("body.2.")}, r"residual blocks numbered \[0, 1, 3\]"),
+    (lambda s: {**s, "body.3.block1.weight": torch.zeros(64, 64, 3, 3)}, r"residual blocks numbered \[0, 1, 3\]"),
     (lambda s: {**s, "conv_in.weight": torch.zeros(32, 5, 3, 3)}, r"takes 5 channels; .* 3 x r\^2 \(RGB\) or r\^2"),
     (lambda s: {**s, "body.0.in_conv.weight": torch.zeros(32, 32, 1, 1), "body.0.in_conv.bias": torch.zeros(32)},
      r"an in_conv on the first residual block \(sk=False\)"),
-    (lambda s: {**s, "body.1.block2.weight": torch.zeros(32, 32, 3, 3)},
-     r"body.0.resnets.1.block2.weight is \(32, 32, 3, 3\) in the file, .* expects \(32, 32\)"),
+    (lambda s: {**s, "body.0.block2.weight": torch.zeros(32, 32, 3, 3)},
+     r"body.0.resnets.0.block2.weight is \(32, 32, 3, 3\) in the file, .* expects \(32, 32\)"),
     (lambda s: {"unet.conv_in.weight": torch.zeros(4, 4, 3, 3)}, r"not a T2I-Adapter \(no conv_in, body"),
 ], ids=["style", "skep", "gap", "channels", "first-in-conv", "3x3-block2", "not-an-adapter"])
 def test_bad_single_files_are_one_clear_error(mlx_dir, tmp_path, edit, message):
@@ -297,7 +300,7 @@ def test_wrong_family_is_refused_before_anything_is_written(xl, tmp_path):  # no
     from ipadapter_mlx.cache import cache_root
 
     before = set((cache_root() / "converted").glob("t2i-adapter-*"))
-    path = save(original("full", [32, 64], 2, 3, 2).state_dict(), tmp_path / "t2iadapter_sd15.pth")
+    path = save(original("full", [32, 64], 1, 3, 2).state_dict(), tmp_path / "t2iadapter_sd15.pth")
     with pytest.raises(UserError, match=r"made for SD 1.x/2.x .* this model is SDXL"):
         StableDiffusion(xl[1], mx.float32).load_t2i_adapter(str(path))
     assert set((cache_root() / "converted").glob("t2i-adapter-*")) == before
@@ -316,7 +319,7 @@ def test_original_file_from_cli_convert_and_hub(mlx_dir, tmp_path, monkeypatch, 
     from test_cli import hub_cache
 
     (tmp_path / "repo" / "models").mkdir(parents=True)
-    path = save(original("full", [32, 64], 2, 3, 2, seed=5).state_dict(),
+    path = save(original("full", [32, 64], 1, 3, 2, seed=5).state_dict(),
                 tmp_path / "repo" / "models" / "t2iadapter_canny_sd15v2.pth")
     control_image(9, (48, 32)).save(tmp_path / "edges.png")
     code = main(["generate", "--model", str(mlx_dir), "--prompt", "a cat", "--steps", "2", "--seed", "3",

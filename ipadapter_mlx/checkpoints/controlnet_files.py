@@ -117,5 +117,5 @@ def convert_controlnet_file(path: str | Path, dst: str | Path, dtype: mx.Dtype |
         config = controlnet_config_dict(infer_controlnet_config(weights, path), f"the config inferred from {path}")
     model = build("controlnet", config)
     pairs = controlnet_original_to_diffusers(model.config)
-    fitted = fit_weights(model, weights, lambda k: keymaps.rename(k, pairs), what=str(path), dtype=dtype)
+    fitted = fit_weights(model, weights, keymaps.renamer(pairs), what=str(path), dtype=dtype)
     return _write(Path(dst), config, fitted, str(path), quantize)

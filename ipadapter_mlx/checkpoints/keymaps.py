@@ -131,19 +131,13 @@ def clip_vision_key(key: str) -> str:
     return "vision_model." + key
 
 
-def rename(key: str, pairs: list[tuple[str, str]]) -> str:
-    """Replace the longest matching prefix (whole dotted components only); unmatched keys stay as they are."""
-    best = None
-    for src, dst in pairs:
-        if (key == src or key.startswith(src + ".")) and (best is None or len(src) > len(best[0])):
-            best = (src, dst)
-    return key if best is None else best[1] + key[len(best[0]):]
-
-
 def renamer(pairs: list[tuple[str, str]]) -> Callable[[str], str]:
-    """rename for many keys: the pairs in a dict, each key's dotted prefixes looked up longest first (a file's
-    keys times the table's pairs would grow with the square of a crafted file's size)."""
+    """key -> key with its longest matching prefix (whole dotted components only) replaced; unmatched keys stay as
+    they are. The pairs go into a dict and each key's dotted prefixes are looked up longest first, so renaming a
+    file's keys costs the keys, not keys x pairs (a crafted file's keys can make a table as long as itself)."""
     table = dict(pairs)
+    if len(table) != len(pairs):  # a table is data written here: two entries for one prefix is a bug in it
+        raise ValueError("a key table names one source prefix twice")
 
     def apply(key: str) -> str:
         parts = key.split(".")

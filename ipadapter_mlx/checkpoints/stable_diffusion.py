@@ -68,7 +68,7 @@ def diffusers_rename(component: str) -> Callable[[str], str]:
     for p in ("encoder", "decoder"):
         pairs += [(f"{p}.mid_block.attentions.0.{a}", f"{p}.mid_block.attentions.0.{b}")
                   for a, b in keymaps.DIFFUSERS_DEPRECATED_VAE_ATTENTION.items()]
-    return lambda k: keymaps.rename(k, pairs)
+    return keymaps.renamer(pairs)
 
 
 def quantized(component: str, config: dict, weights: dict[str, mx.array], quantize: tuple[int, int] | None):
@@ -234,7 +234,7 @@ def infer_text_config(w: dict[str, mx.array]) -> dict:
 
 def openclip_to_transformers(w: dict[str, mx.array]) -> dict[str, mx.array]:
     """OpenCLIP's text transformer names and layout -> transformers' CLIPTextModelWithProjection."""
-    out = {}
+    out, layer = {}, keymaps.renamer(list(keymaps.OPENCLIP_LAYER.items()))
     for k, v in w.items():
         if k in keymaps.OPENCLIP_TOP:
             out[keymaps.OPENCLIP_TOP[k]] = v.T if k == "text_projection" else v
@@ -246,7 +246,7 @@ def openclip_to_transformers(w: dict[str, mx.array]) -> dict[str, mx.array]:
                 for name, part in zip(("q_proj", "k_proj", "v_proj"), mx.split(v, 3, axis=0)):
                     out[f"{prefix}self_attn.{name}.{kind}"] = part
             else:
-                out[prefix + keymaps.rename(rest, list(keymaps.OPENCLIP_LAYER.items()))] = v
+                out[prefix + layer(rest)] = v
         elif k not in keymaps.OPENCLIP_IGNORED:
             out[k] = v  # reported as left over by the strict fit
     return out
@@ -324,7 +324,7 @@ def convert_single_file(
         scheduler = SDXL_SCHEDULER if sdxl else SD1_SCHEDULER
     unet_pairs = keymaps.unet_original_to_diffusers(UNetConfig.from_dict(configs["unet"]))
     vae_pairs = keymaps.vae_original_to_diffusers(VAEConfig.from_dict(configs["vae"]))
-    renames = {"unet": lambda k: keymaps.rename(k, unet_pairs), "vae": lambda k: keymaps.rename(k, vae_pairs)}
+    renames = {"unet": keymaps.renamer(unet_pairs), "vae": keymaps.renamer(vae_pairs)}
     components = {}
     for name in [*text_names, "unet", "vae"]:
         log.info("converting %s ...", name)

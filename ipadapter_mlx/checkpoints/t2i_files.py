@@ -71,6 +71,15 @@ def _counted(indices: list[int], what: str, where: str, most: int) -> int:
     return len(indices)
 
 
+def _blocks_per_level(n: int, widening: list[int]) -> int:
+    """Blocks a level, for n blocks whose width changes at `widening` (a level's first block). Levels of equal
+    width leave no trace, so several readings can fit: four levels, what SD 1.x's and SDXL's UNets take (every
+    published adapter), when that fits; else the fewest levels that do."""
+    fits = [b for b in range(1, n + 1) if n % b == 0 and all(i % b == 0 for i in widening)]
+    four = [b for b in fits if n // b == 4]
+    return four[0] if four else max(fits)
+
+
 def _unshuffled(channels_in: int, where: str) -> tuple[int, int]:
     """(image channels, unshuffle factor) from the first convolution's inputs: 3 r^2 (RGB) or r^2 (grey)."""
     for image in (3, 1):
@@ -98,8 +107,7 @@ def to_diffusers(w: dict[str, mx.array], where: str) -> dict[str, mx.array]:
         n = _counted(_indices(w, r"body\.(\d+)\.block1\.weight$"), "residual blocks", where,
                      MAX_LEVELS * MAX_RES_BLOCKS)
         widening = _indices(w, r"body\.(\d+)\.in_conv\.weight$")  # a level's first block, where widths change
-        # Levels of equal width leave no trace: TencentARC's 2 blocks a level wherever the file allows it
-        blocks = 2 if all(i % 2 == 0 for i in [n, *widening]) else math.gcd(n, *widening)
+        blocks = _blocks_per_level(n, widening)
         if 0 in widening:
             raise UserError(f"{where}: an in_conv on the first residual block (sk=False); only the published layout "
                             "(sk=True) is supported")

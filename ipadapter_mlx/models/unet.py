@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -237,7 +238,7 @@ class Residuals:
             return [p + q for p, q in zip(a, b, strict=True)] if isinstance(a, list) else a + b
         return Residuals(add(self.down, other.down), add(self.mid, other.mid), add(self.intrablock, other.intrablock))
 
-    def map(self, fn) -> "Residuals":
+    def map(self, fn: Callable[[mx.array], mx.array]) -> "Residuals":
         """fn applied to every tensor (parallel cfg cuts each to this rank's rows)."""
         each = lambda a: None if a is None else [fn(v) for v in a] if isinstance(a, list) else fn(a)  # noqa: E731
         return Residuals(each(self.down), each(self.mid), each(self.intrablock))
