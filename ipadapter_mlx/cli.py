@@ -10,7 +10,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from .argparsing import Parser, show_log
@@ -614,7 +613,7 @@ class Checked:
     t2i: list[tuple]  # t2i_adapter.cli_requests
     mask: object = None  # PIL image or None: inpainting (or outpainting's border)
     control_groups: list[dict] = field(default_factory=list)  # one dict per --controlnet (controlnet_groups)
-    ranks: object = None  # batch.Ranks with --parallel cfg: the two ranks that share the guidance batch
+    ranks: "Ranks | None" = None  # with --parallel cfg: the two ranks that share the guidance batch
 
 
 def check_generate(args: argparse.Namespace) -> Checked:
@@ -667,7 +666,7 @@ def check_generate(args: argparse.Namespace) -> Checked:
     if ranks is not None and args.seed is None:  # one random seed for both ranks (rank 0's), for the PNG too
         from .denoiser import CFGSplit
 
-        seed = CFGSplit(ranks.group).seed(seed)
+        seed = CFGSplit(ranks.group).seed()
     if ranks is not None and ranks.rank != 0:  # rank 0 tells what happens; the other says only what goes wrong
         logging.getLogger("ipadapter_mlx").setLevel(logging.WARNING)
     dtype = getattr(mx, args.dtype) if args.dtype else default_dtype()

@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image
 
 from .config import ControlNetConfig, UNetConfig
+from .denoiser import batch_rows
 from .errors import UserError
 from .loaded import LoadOrder
-from .denoiser import batch_rows
 from .models.unet import Residuals
 
 PRESETS = {

@@ -74,10 +74,10 @@ class CFGSplit:
         mine = x if self.group.rank() == 0 else mx.zeros_like(x)
         return mx.distributed.all_sum(mine, group=self.group, stream=mx.cpu)
 
-    def seed(self, seed: int | None = None) -> int:
-        """Rank 0's seed on both ranks: `seed`, or a random one (each rank would draw its own)."""
-        seed = int(np.random.randint(0, 2**31 - 1)) if seed is None else seed
-        return int(self.rank0s(mx.array([seed], dtype=mx.int32)).item())
+    def seed(self) -> int:
+        """A random seed, rank 0's on both ranks (each rank would draw its own)."""
+        mine = mx.array([np.random.randint(0, 2**31 - 1)], dtype=mx.int32)
+        return int(self.rank0s(mine).item())
 
 
 # (the UNet's input, step index, sigma) -> the input to use instead

@@ -129,22 +129,21 @@ def tile_reference(image: Image.Image, mask: Image.Image | None = None) -> tuple
     ComfyUI's optional sharpening is not done. Returns (tiles, masks)."""
     image = to_rgb(image)
     w, h = image.size
-    grey = (to_rgb(mask).convert("L") if mask is not None else Image.new("L", (w, h), 255)).resize((w, h),
-                                                                                                Image.BICUBIC)
+    grey = to_rgb(mask).convert("L").resize((w, h), Image.BICUBIC) if mask is not None else Image.new("L", (w, h), 255)
     if 0.75 < h / w < 1.33:
         side = min(w, h)
         image, grey, size = _centre_crop(image, side, side), _centre_crop(grey, side, side), (2 * TILE, 2 * TILE)
     else:
         size = (int(TILE * w / h), TILE) if h < w else (TILE, int(TILE * h / w))
-    if h / w > MAX_TILES or h / w < 1 / MAX_TILES:  # resize only the centre that the cut to 4 tiles keeps
+    if h / w > MAX_TILES or h / w < 1 / MAX_TILES:  # cut to the centre 4 tiles
         crop = (MAX_TILES * TILE, TILE) if h < w else (TILE, MAX_TILES * TILE)
-        left, top = int(round((size[0] - crop[0]) / 2)), int(round((size[1] - crop[1]) / 2))
-        sx, sy = w / size[0], h / size[1]
-        box = (left * sx, top * sy, (left + crop[0]) * sx, (top + crop[1]) * sy)
         if max(size) <= MAX_EXACT_ASPECT * TILE:  # as ComfyUI: the whole reference resized, then cut
             image, grey = (_centre_crop(a.resize(size, f), *crop) for a, f in ((image, Image.LANCZOS),
                                                                                 (grey, Image.BICUBIC)))
         else:  # 256 x 5 million for a 1 x 20000 reference: the same source pixels, resampled for the kept part
+            left, top = int(round((size[0] - crop[0]) / 2)), int(round((size[1] - crop[1]) / 2))
+            sx, sy = w / size[0], h / size[1]
+            box = (left * sx, top * sy, (left + crop[0]) * sx, (top + crop[1]) * sy)
             image, grey = image.resize(crop, Image.LANCZOS, box=box), grey.resize(crop, Image.BICUBIC, box=box)
     else:
         image, grey = image.resize(size, Image.LANCZOS), grey.resize(size, Image.BICUBIC)

@@ -229,13 +229,14 @@ def test_tiles_follow_comfyui(size, resized, boxes):
 
 def test_a_very_wide_reference_is_tiled_without_resizing_it_whole():
     """1 x 20000: the 4 tiles of its centre from a box resize (256 x 5 million pixels are never made), equal to the
-    exact path's where that is affordable (a 1 x 80 strip: 2 levels at most, PIL's float coefficients)."""
+    exact path's where that is affordable (a 5 x 300 strip, resized whole to 15360 x 256): 2 levels at most, PIL's
+    float coefficients."""
     from ipadapter_mlx import images
 
     strip = Image.fromarray(np.random.default_rng(3).integers(0, 256, (20000, 1, 3), dtype=np.uint8))
     tiles, masks = images.tile_reference(strip)
     assert [t.size for t in tiles] == [(256, 256)] * 4 and masks[0].size == (256, 1024)
-    short = Image.fromarray(np.random.default_rng(4).integers(0, 256, (5, 400, 3), dtype=np.uint8))
+    short = Image.fromarray(np.random.default_rng(4).integers(0, 256, (5, 300, 3), dtype=np.uint8))  # 15360 long
     exact, _ = images.tile_reference(short)
     images.MAX_EXACT_ASPECT, saved = 1, images.MAX_EXACT_ASPECT
     try:

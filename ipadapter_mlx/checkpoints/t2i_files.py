@@ -107,10 +107,10 @@ def to_diffusers(w: dict[str, mx.array], where: str) -> dict[str, mx.array]:
         n = _counted(_indices(w, r"body\.(\d+)\.block1\.weight$"), "residual blocks", where,
                      MAX_LEVELS * MAX_RES_BLOCKS)
         widening = _indices(w, r"body\.(\d+)\.in_conv\.weight$")  # a level's first block, where widths change
-        blocks = _blocks_per_level(n, widening)
         if 0 in widening:
             raise UserError(f"{where}: an in_conv on the first residual block (sk=False); only the published layout "
                             "(sk=True) is supported")
+        blocks = _blocks_per_level(n, widening)
         if n // blocks > MAX_LEVELS:
             raise UserError(f"{where}: {n // blocks} levels of {blocks} residual blocks; a T2I-Adapter has at most "
                             f"{MAX_LEVELS}")
